@@ -1,0 +1,27 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian packages: Fashion-MNIST for the offline demo and data tests, Open MPI for the
+# two-process CPU `accelerate launch` test.
+APT_PACKAGES := dataset-fashion-mnist openmpi-bin
+
+.PHONY: setup system-deps demo test
+setup: $(VENV)/.installed system-deps
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,tensorboard]"
+	touch $@
+
+system-deps:
+	@if ! [ -d /usr/share/datasets/fashion-mnist ] || ! command -v mpirun >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null \
+	  || echo "warning: could not install $(APT_PACKAGES); the demo falls back to the Hub and the MPI test is skipped"; \
+	fi
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest

@@ -1,0 +1,19 @@
+"""SiNGER ViT feature distillation, Hugging Face native."""
+
+from .architectures import ARCHITECTURES, resolve_vit
+from .modeling import DistillationConfig, DistillationModel, DistillationOutput, map_layers
+from .tuner import SingerConfig, SingerLayer, SingerModel, nullspace_basis, nullspace_directions
+
+__all__ = [
+    "ARCHITECTURES",
+    "DistillationConfig",
+    "DistillationModel",
+    "DistillationOutput",
+    "SingerConfig",
+    "SingerLayer",
+    "SingerModel",
+    "map_layers",
+    "nullspace_basis",
+    "nullspace_directions",
+    "resolve_vit",
+]

@@ -1,0 +1,282 @@
+"""`DistillationModel`: a frozen ViT teacher, an HF student, projectors and the distillation losses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import peft
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .architectures import ResolvedViT, resolve_vit
+from .losses import feature_mse, gram_loss, outlier_loss
+from .tuner import SingerConfig
+
+METHODS = ("singer", "fitnet", "vitkd")
+
+# Loss weights each method uses when the config leaves them as None (SPEC §6, §8).
+DEFAULT_WEIGHTS = {
+    "singer": {"kd": 1.0, "outlier": 0.01, "info": 1.0},
+    "fitnet": {"kd": 10.0},
+    "vitkd": {"mimic": 1.0, "generation": 1.0},
+}
+
+
+@dataclass
+class DistillationConfig:
+    """What to distil and how. `None` fields take the method's defaults, scaled to the teacher's depth."""
+
+    method: Literal["singer", "fitnet", "vitkd"] = "singer"
+    """"singer", or a baseline: "fitnet" (raw-feature MSE) or "vitkd" (mimic shallow layers, generate the last)."""
+    teacher_layers: list[int] | None = None
+    """Distilled teacher blocks 𝓛, the last one "final". Default: singer [¾L−1, L−1] (ViT-L: [17, 23]);
+    fitnet [½L−1, ¾L−1, L−1]; vitkd [0, 1, L−1]. Students get one block each by Hungarian assignment."""
+    rank: int = 64
+    """SiNGER adapter rank r."""
+    null_threshold: float = 0.05
+    """Singular-value threshold τ of the nullspace."""
+    adapter_init: Literal["nullspace", "random"] = "nullspace"
+    """"nullspace" (the method) or "random" (the paper's ablation)."""
+    adapter_seed: int = 0
+    """Seed of the adapters' random rows."""
+    outlier_quantile: float = 0.97
+    """q: tokens with a norm above their image's q-quantile of patch norms are outliers."""
+    kd_weight: float | None = None
+    """λ_KD (singer 1.0; fitnet's λ, 10.0; vitkd's mimic weight, 1.0)."""
+    outlier_weight: float | None = None
+    """λ_out (singer, 0.01)."""
+    info_weight: float | None = None
+    """λ_info (singer, 1.0); 0 is the paper's "no information preservation" ablation."""
+    generation_weight: float | None = None
+    """Weight of ViTKD's generation loss (1.0)."""
+    mask_ratio: float = 0.5
+    """Fraction of student patch tokens ViTKD masks before generation."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
+        if self.teacher_layers is not None:
+            layers = [int(layer) for layer in self.teacher_layers]
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"teacher_layers: duplicate layers in {layers}; each block can be distilled once")
+            if not layers:
+                raise ValueError("teacher_layers: give at least one teacher block, or None for the default")
+            self.teacher_layers = sorted(layers)
+        if not 0 < self.outlier_quantile < 1:
+            raise ValueError(f"outlier_quantile: must be in (0, 1), got {self.outlier_quantile}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {self.rank}")
+        if self.null_threshold < 0:
+            raise ValueError(f"null_threshold: must be >= 0, got {self.null_threshold}")
+
+    def weights(self) -> dict[str, float]:
+        """The loss weights of this config's method, defaults filled in."""
+        given = {
+            "kd": self.kd_weight,
+            "mimic": self.kd_weight,
+            "outlier": self.outlier_weight,
+            "info": self.info_weight,
+            "generation": self.generation_weight,
+        }
+        return {name: default if given[name] is None else given[name] for name, default in DEFAULT_WEIGHTS[self.method].items()}
+
+    def layers_for(self, teacher_depth: int) -> list[int]:
+        """`teacher_layers`, or the method's default for a teacher of this depth."""
+        if self.teacher_layers is not None:
+            return list(self.teacher_layers)
+        last = teacher_depth - 1
+        three_quarters = int(0.75 * teacher_depth + 0.5) - 1
+        defaults = {
+            "singer": [three_quarters, last],
+            "fitnet": [int(0.5 * teacher_depth + 0.5) - 1, three_quarters, last],
+            "vitkd": [0, 1, last],
+        }[self.method]
+        return sorted({max(layer, 0) for layer in defaults})
+
+    def singer_config(self, teacher_depth: int) -> SingerConfig:
+        return SingerConfig(
+            layers=self.layers_for(teacher_depth),
+            rank=self.rank,
+            null_threshold=self.null_threshold,
+            init=self.adapter_init,
+            seed=self.adapter_seed,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int) -> list[int]:
+    """Student block for each teacher block: Hungarian assignment on |l/L_T − j/(L_S−1)| (SPEC §3).
+
+    Kept as the official code does it, quirk included: for equal depths the last student block can
+    go unused (12→12 maps [5, 11] to [5, 10]).
+    """
+    if len(teacher_layers) > student_depth:
+        raise ValueError(
+            f"teacher_layers: {len(teacher_layers)} teacher layers cannot map one-to-one onto a "
+            f"{student_depth}-block student; give at most {student_depth}"
+        )
+    teacher_position = torch.tensor(teacher_layers, dtype=torch.float64) / teacher_depth
+    student_position = torch.arange(student_depth, dtype=torch.float64) / max(student_depth - 1, 1)
+    cost = (teacher_position[:, None] - student_position[None, :]).abs().numpy()
+    rows, columns = linear_sum_assignment(cost)
+    return [int(column) for _, column in sorted(zip(rows, columns))]
+
+
+@dataclass
+class DistillationOutput(ModelOutput):
+    """`loss`: the weighted total to minimise; `losses`: each term, unweighted, as the method sums it."""
+
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+
+
+class DistillationModel(nn.Module):
+    """Teacher (frozen, eval mode), student, projectors, and for SiNGER the teacher's adapters.
+
+    `forward(pixel_values)` runs the teacher once without gradients, the student with them, and
+    returns the method's losses. Gradients reach the adapters through the frozen teacher block l+1
+    of the information-preservation loss; the teacher's own weights never get any.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationConfig | None = None):
+        super().__init__()
+        self.config = config = config or DistillationConfig()
+        teacher_vit = resolve_vit(teacher, "teacher")
+        student_vit = resolve_vit(student, "student")
+        _check_compatible(teacher_vit, student_vit)
+        self.teacher_layers = config.layers_for(teacher_vit.depth)
+        if self.teacher_layers[-1] >= teacher_vit.depth:
+            raise ValueError(
+                f"teacher_layers: block {self.teacher_layers[-1]} is out of range for a {teacher_vit.depth}-block "
+                f"teacher (valid: 0..{teacher_vit.depth - 1})"
+            )
+        if self.teacher_layers[0] < 0:
+            raise ValueError(f"teacher_layers: block indices must be >= 0, got {self.teacher_layers}")
+        self.student_layers = map_layers(self.teacher_layers, teacher_vit.depth, student_vit.depth)
+        self.weights = config.weights()
+
+        if config.method == "singer":
+            if not isinstance(teacher, peft.PeftModel):
+                teacher = peft.get_peft_model(teacher, config.singer_config(teacher_vit.depth))
+            elif teacher.peft_config[teacher.active_adapter].layers != self.teacher_layers:
+                raise ValueError(
+                    f"teacher_layers: {self.teacher_layers} differ from the teacher's SiNGER adapters on "
+                    f"{teacher.peft_config[teacher.active_adapter].layers}"
+                )
+            teacher_vit = resolve_vit(teacher, "teacher")
+        self.teacher = teacher.requires_grad_(False) if config.method != "singer" else teacher
+        self.student = student
+        self._teacher_vit, self._student_vit = teacher_vit, student_vit
+
+        distilled = self.teacher_layers if config.method != "vitkd" else self.teacher_layers[:-1]
+        self.projectors = nn.ModuleList(nn.Linear(student_vit.width, teacher_vit.width) for _ in distilled)
+        if config.method == "vitkd":
+            width, side = teacher_vit.width, teacher_vit.image_size // teacher_vit.patch_size
+            self.generation_projector = nn.Linear(student_vit.width, width)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            self.generator = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
+            )
+            self._patch_grid = side
+        self.teacher.eval()
+
+    # -- nn.Module -------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a fixed target: no dropout, no drop-path
+        return self
+
+    @property
+    def adapters(self) -> dict[int, nn.Module]:
+        """SiNGER adapter layers by teacher block (empty for the baselines)."""
+        return self.teacher.base_model.singer_layers if self.config.method == "singer" else {}
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:
+        self._check_pixel_values(pixel_values)
+        with torch.no_grad():
+            teacher_features = self._teacher_vit.block_outputs(pixel_values)
+        student_features = self._student_vit.block_outputs(pixel_values)
+        losses = getattr(self, f"_{self.config.method}_losses")(teacher_features, student_features)
+        loss = sum(self.weights[name] * value for name, value in losses.items())
+        return DistillationOutput(loss=loss, losses=losses)
+
+    def _singer_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
+        prefix = self._teacher_vit.num_prefix_tokens
+        adapters = self.adapters
+        kd, outlier, info = [], [], []
+        reference = None  # the last refined intermediate feature: the final layer's Gram reference
+        for index, (layer, student_layer) in enumerate(zip(self.teacher_layers, self.student_layers)):
+            feature = teacher_features[layer]
+            refined = adapters[layer].refine(feature)
+            kd.append(self._kd(index, student_features[student_layer], refined))
+            outlier.append(outlier_loss(refined[:, prefix:], self.config.outlier_quantile))
+            if layer == self.teacher_layers[-1]:
+                # One distilled layer: the Gram reference is that layer's unrefined feature (SPEC §7).
+                reference = feature if reference is None else reference
+                info.append(gram_loss(refined[:, prefix:], reference[:, prefix:]))
+            else:
+                # Block l+1 on F^l is F^{l+1}, already computed by the teacher forward.
+                info.append(feature_mse(self._teacher_vit.run_block(layer + 1, refined), teacher_features[layer + 1]))
+                reference = refined
+        count = len(self.teacher_layers)
+        return {"kd": sum(kd) / count, "outlier": sum(outlier) / count, "info": sum(info) / count}
+
+    def _fitnet_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
+        pairs = zip(self.teacher_layers, self.student_layers)
+        return {"kd": sum(self._kd(i, student_features[s], teacher_features[t]) for i, (t, s) in enumerate(pairs))}
+
+    def _vitkd_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
+        pairs = list(zip(self.teacher_layers, self.student_layers))
+        mimic = sum(self._kd(i, student_features[s], teacher_features[t]) for i, (t, s) in enumerate(pairs[:-1]))
+        teacher_layer, student_layer = pairs[-1]
+        patches = self.generation_projector(student_features[student_layer][:, self._student_vit.num_prefix_tokens :])
+        batch, count, width = patches.shape
+        masked = torch.rand(batch, count, device=patches.device) < self.config.mask_ratio
+        patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        grid = patches.transpose(1, 2).reshape(batch, width, self._patch_grid, self._patch_grid)
+        generated = self.generator(grid).flatten(2).transpose(1, 2)
+        target = teacher_features[teacher_layer][:, self._teacher_vit.num_prefix_tokens :]
+        generation = feature_mse(generated, target, token_mask=masked)
+        return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}
+
+    def _kd(self, index: int, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        student_tokens, teacher_tokens = self._aligned(student_feature, teacher_feature)
+        return feature_mse(self.projectors[index](student_tokens), teacher_tokens)
+
+    def _aligned(self, student_feature, teacher_feature):
+        """All tokens when both models have the same prefix tokens; else CLS and patches only."""
+        student_prefix, teacher_prefix = self._student_vit.num_prefix_tokens, self._teacher_vit.num_prefix_tokens
+        if student_prefix == teacher_prefix:
+            return student_feature, teacher_feature
+        keep = lambda feature, prefix: torch.cat([feature[:, :1], feature[:, prefix:]], dim=1)  # noqa: E731
+        return keep(student_feature, student_prefix), keep(teacher_feature, teacher_prefix)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vit = self._teacher_vit
+        expected = (vit.num_channels, vit.image_size, vit.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
+
+
+def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:
+    if teacher.image_size != student.image_size:
+        raise ValueError(
+            f"student: image size {student.image_size} differs from the teacher's {teacher.image_size}; "
+            "both must read the same images"
+        )
+    if teacher.num_patches != student.num_patches:
+        raise ValueError(
+            f"student: patch size {student.patch_size} gives {student.num_patches} patches, the teacher's "
+            f"{teacher.patch_size} gives {teacher.num_patches}; the patch grids must match"
+        )
+    if teacher.num_channels != student.num_channels:
+        raise ValueError(f"student: {student.num_channels} input channels, the teacher has {teacher.num_channels}")

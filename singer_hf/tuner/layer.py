@@ -1,0 +1,104 @@
+"""The SiNGER adapter layer and its nullspace initialisation."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def _random_unit_rows(count: int, dim: int, generator: torch.Generator | None) -> torch.Tensor:
+    rows = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def nullspace_directions(matrix: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Left singular vectors uᵢᵀ of `matrix` with σᵢ < `threshold`, in descending-σ order (float64).
+
+    For M = (W_fc2 W_fc1)ᵀ these are the token directions x with x·M ≈ 0: what the next block's
+    MLP (linearised) does not see.
+    """
+    u, sigma, _ = torch.linalg.svd(matrix.detach().to(torch.float64).cpu())
+    return u[:, sigma < threshold].T
+
+
+def nullspace_basis(
+    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The r×D basis N of SiNGER's adapter for a D×D matrix M (float64 SVD, returned as float32).
+
+    The first min(r, |K|) rows are nullspace directions (`nullspace_directions`); the rest are
+    random unit-norm rows drawn from `generator`, with a warning when none were found.
+    """
+    return basis_with_count(matrix, rank, threshold, generator)[0]
+
+
+def basis_with_count(
+    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
+    """`nullspace_basis` and how many of its rows are nullspace directions (one SVD)."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix: must be square D×D, got shape {tuple(matrix.shape)}")
+    if rank < 1 or rank > matrix.shape[0]:
+        raise ValueError(f"rank: must be in [1, {matrix.shape[0]}] for a {matrix.shape[0]}-wide teacher, got {rank}")
+    directions = nullspace_directions(matrix, threshold)[:rank]
+    if len(directions) == 0:
+        warnings.warn(
+            f"no singular value below null_threshold={threshold}; the adapter starts from {rank} random directions",
+            stacklevel=3,
+        )
+    padding = _random_unit_rows(rank - len(directions), matrix.shape[0], generator)
+    return torch.cat([directions, padding]).to(torch.float32), len(directions)
+
+
+class SingerLayer(nn.Module, BaseTunerLayer):
+    """Wraps one teacher block; owns that block's adapters (W_d: D×r, W_u: r×D per adapter name).
+
+    `forward` is the block's own forward, unchanged. `refine(F)` applies the active adapters to the
+    patch tokens of the block's output F; prefix tokens (CLS, registers) are returned as they are.
+    """
+
+    adapter_layer_names = ("singer_down", "singer_up")
+    other_param_names = ("num_prefix_tokens", "null_directions")
+
+    def __init__(self, base_layer: nn.Module, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.num_prefix_tokens = num_prefix_tokens
+        self.singer_down = nn.ParameterDict({})
+        self.singer_up = nn.ParameterDict({})
+        self.null_directions: dict[str, int] = {}
+        """How many basis rows of each adapter came from the nullspace (the rest are random)."""
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, basis: torch.Tensor, null_directions: int) -> None:
+        weight = self.get_base_layer().parameters().__next__()
+        basis = basis.to(device=weight.device)
+        self.singer_down[adapter_name] = nn.Parameter(basis.T.contiguous())
+        self.singer_up[adapter_name] = nn.Parameter(basis.clone())
+        self.null_directions[adapter_name] = null_directions
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+    def refine(self, features: torch.Tensor) -> torch.Tensor:
+        """F̂ = concat(prefix, X + Σ_active (X W_d) W_u) with X the patch tokens of `features` (B×N×D)."""
+        if self.disable_adapters:
+            return features
+        prefix, patches = features.split([self.num_prefix_tokens, features.shape[1] - self.num_prefix_tokens], 1)
+        refined = patches
+        for name in self.active_adapters:
+            if name in self.singer_down:
+                down, up = self.singer_down[name], self.singer_up[name]
+                refined = refined + (patches @ down.to(patches.dtype)) @ up.to(patches.dtype)
+        return torch.cat([prefix, refined], dim=1)
+
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError("SiNGER adapters are a side branch of the teacher and have nothing to merge")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("SiNGER adapters are a side branch of the teacher and have nothing to merge")

@@ -1,0 +1,156 @@
+"""DistillationModel: nullspace property, gradients, layer mapping, architectures, bad input."""
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import IMAGE, TEACHER_FACTORIES, make_vit
+
+from singer_hf import DistillationConfig, DistillationModel, SingerConfig, map_layers
+
+
+def _teacher_with_known_nullspace(null_dims=8, width=32, seed=0):
+    """Block 2's MLP ignores an 8-dim, zero-mean subspace Q: W_fc1 ← W_fc1 (I − QQᵀ).
+
+    Block 2's attention output is zeroed and its pre-MLP LayerNorm made (nearly) linear with a large
+    eps, so the block computes its MLP branch on a rescaled input: the setting in which SPEC §4's
+    linearisation x ↦ x·M is exact up to the activation.
+    """
+    teacher = make_vit(width, 4, seed=seed).eval()
+    generator = torch.Generator().manual_seed(seed)
+    centered = torch.randn(width, null_dims, generator=generator)
+    centered -= centered.mean(0, keepdim=True)  # orthogonal to the all-ones vector LayerNorm removes
+    q, _ = torch.linalg.qr(centered)
+    block = teacher.layers[2]
+    with torch.no_grad():
+        block.mlp.fc1.weight.copy_(block.mlp.fc1.weight @ (torch.eye(width) - q @ q.T))
+        block.attention.o_proj.weight.zero_()
+        block.attention.o_proj.bias.zero_()
+    block.layernorm_after.eps = 1e6
+    return teacher
+
+
+def _block_update_change(block, feature, delta):
+    """How much the block's computed update (output − input) moves when its input moves by `delta`."""
+    update = lambda x: block(x) - x  # noqa: E731
+    return (update(feature + delta) - update(feature)).norm()
+
+
+def test_nullspace_init_barely_changes_the_next_block(images):
+    deltas = {}
+    for init in ("nullspace", "random"):
+        teacher = _teacher_with_known_nullspace()
+        model = peft.get_peft_model(teacher, SingerConfig(layers=[1, 3], rank=8, null_threshold=1e-3, init=init))
+        layer = model.base_model.singer_layers[1]
+        assert layer.null_directions["default"] == (8 if init == "nullspace" else 0)
+        with torch.no_grad():
+            feature = teacher.layers[1](teacher.layers[0](teacher.embeddings(images)))
+            deltas[init] = layer.refine(feature) - feature
+    feature, block = feature.detach(), teacher.layers[2]
+    # The random perturbation rescaled to the nullspace one's per-token norms.
+    null_delta = deltas["nullspace"]
+    random_delta = deltas["random"] * null_delta.norm(dim=-1, keepdim=True) / deltas["random"].norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    random_delta[:, 0] = 0
+    with torch.no_grad():
+        ratio = _block_update_change(block, feature, null_delta) / _block_update_change(block, feature, random_delta)
+    print(f"nullspace-vs-random change of block l+1's update, same perturbation norm: {ratio.item():.4f}")
+    assert null_delta[:, 1:].norm() > 0.1 * feature[:, 1:].norm()  # a real perturbation, not a no-op
+    assert ratio < 0.1
+
+
+def test_gradients_reach_student_projectors_and_adapters_only(images):
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[2, 5], rank=8)).train()
+    model(pixel_values=images).loss.backward()
+    for name, param in model.named_parameters():
+        if name.startswith("teacher.") and "singer_" not in name:
+            assert not param.requires_grad and param.grad is None, name
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = {"student.": 0, "projectors.": 0, "singer_": 0}
+    for name, param in trainable.items():
+        # The student's final norm is not distilled (features are read before it), so it gets none.
+        assert param.grad is not None or name.startswith("student.layernorm."), name
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+        for key in groups:
+            groups[key] += key in name and param.grad is not None and param.grad.abs().sum().item() > 0
+    assert all(count > 0 for count in groups.values()), groups
+    assert not model.teacher.training and model.student.training
+
+
+def test_hungarian_mapping_matches_the_official_assignment():
+    assert map_layers([17, 23], 24, 12) == [8, 11]
+    assert map_layers([11, 17, 23], 24, 12) == [5, 8, 11]
+    assert map_layers([5, 11], 12, 12) == [5, 10]  # the official quirk, kept
+    assert DistillationConfig().layers_for(24) == [17, 23]
+    assert DistillationConfig(method="fitnet").layers_for(24) == [11, 17, 23]
+    assert DistillationConfig().layers_for(1) == [0]
+
+
+@pytest.mark.parametrize("family", sorted(TEACHER_FACTORIES))
+@pytest.mark.parametrize("method", ["singer", "fitnet", "vitkd"])
+def test_every_family_trains_with_every_method(family, method, images):
+    model = DistillationModel(
+        TEACHER_FACTORIES[family](), make_vit(32, 4, seed=1), DistillationConfig(method=method, rank=4, null_threshold=1.0)
+    )
+    output = model(pixel_values=images)
+    assert torch.isfinite(output.loss) and output.loss > 0
+    output.loss.backward()
+    assert all(p.grad is not None for p in model.student.layers.parameters())  # every block is distilled
+
+
+@pytest.mark.parametrize("family", ["deit", "clip_vision_model", "timm_wrapper"])
+def test_other_families_work_as_students(family, images):
+    student = TEACHER_FACTORIES[family]()
+    model = DistillationModel(make_vit(), student, DistillationConfig(rank=4))
+    model(pixel_values=images).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def _model(**overrides):
+    teacher = overrides.pop("teacher", None) or make_vit()
+    student = overrides.pop("student", None) or make_vit(32, 4, seed=1)
+    return DistillationModel(teacher, student, DistillationConfig(**overrides))
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (lambda: _model(student=transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=48, patch_size=8))), "student: image size"),
+        (lambda: _model(student=transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=4))), "student: patch size"),
+        (lambda: _model(teacher_layers=[2, 6]), "teacher_layers: block 6 is out of range"),
+        (lambda: _model(teacher_layers=[-1, 5], method="fitnet"), "teacher_layers: block indices must be >= 0"),
+        (lambda: _model(teacher_layers=[2, 2, 5]), "teacher_layers: duplicate"),
+        (lambda: _model(rank=49), "rank: must be in \\[1, 48\\]"),
+        (lambda: _model(rank=0), "rank: must be >= 1"),
+        (lambda: _model(null_threshold=-0.1), "null_threshold: must be >= 0"),
+        (lambda: _model(outlier_quantile=1.0), "outlier_quantile: must be in \\(0, 1\\)"),
+        (lambda: _model(outlier_quantile=0.0), "outlier_quantile"),
+        (lambda: _model(method="crd"), "method: must be one of"),
+        (lambda: _model(teacher=transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))), "teacher: unsupported model type 'bert'.*supported: clip_vision_model, deit"),
+        (lambda: _model(student=torch.nn.Linear(3, 3)), "student: unsupported model type None"),
+        (lambda: _model(teacher_layers=[0, 1, 2, 3, 4]), "teacher_layers: 5 teacher layers cannot map one-to-one onto a 4-block student"),
+        (lambda: SingerConfig(layers=[3, 3]), "layers: duplicate"),
+        (lambda: SingerConfig(layers=[]), "layers: give at least one"),
+        (lambda: SingerConfig(layers=[1], init="zeros"), "init: must be one of"),
+        (lambda: peft.get_peft_model(make_vit(), SingerConfig(layers=[1, 9])), "layers: block index 9 is out of range for a 6-block teacher"),
+    ],
+)
+def test_bad_configuration_raises_one_clear_error(build, argument):
+    with pytest.raises(ValueError, match=argument) as error:
+        build()
+    assert "\n" not in str(error.value)
+
+
+def test_single_distilled_layer_is_legal(images):
+    model = _model(teacher_layers=[5], rank=8)
+    assert model.student_layers == [3]
+    assert torch.isfinite(model(pixel_values=images).losses["info"])
+
+
+@pytest.mark.parametrize(
+    "pixel_values",
+    [torch.randn(3, IMAGE, IMAGE), torch.randn(2, 1, IMAGE, IMAGE), torch.randn(2, 3, IMAGE + 8, IMAGE), [[0.0]]],
+)
+def test_bad_pixel_values_raise(pixel_values):
+    model = _model(rank=4)
+    with pytest.raises(ValueError, match=f"pixel_values: expected B×3×{IMAGE}×{IMAGE} images, got"):
+        model(pixel_values=pixel_values)

@@ -1,0 +1,143 @@
+"""The losses equal SPEC §5's formulas, computed here independently of the package."""
+
+import numpy as np
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_vit
+
+from singer_hf import DistillationConfig, DistillationModel, SingerConfig
+from singer_hf.losses import outlier_loss
+
+
+def _perturb_adapters(model):
+    with torch.no_grad():
+        for layer in model.adapters.values():
+            layer.singer_up["default"].mul_(3.0).add_(0.1 * torch.randn_like(layer.singer_up["default"]))
+
+
+def _spec_outlier(refined_patches, q):
+    terms = []
+    for norms in refined_patches.norm(dim=-1):
+        threshold = np.quantile(norms.detach().numpy(), q)  # numpy's default is linear interpolation
+        terms += [(n - threshold) ** 2 for n in norms if n > threshold]
+    return torch.stack(terms).mean() if terms else torch.tensor(0.0)
+
+
+def _spec_gram(a, b):
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    return ((torch.einsum("bpd,bqd->bpq", a, a) - torch.einsum("bpd,bqd->bpq", b, b)) ** 2).mean()
+
+
+def _refine(layer, feature):
+    x = feature[:, 1:]
+    return torch.cat([feature[:, :1], x + x @ layer.singer_down["default"] @ layer.singer_up["default"]], 1)
+
+
+@pytest.mark.parametrize("layers", [[2, 5], [1, 3, 5], [5]])
+def test_singer_losses_match_the_spec(layers, images):
+    torch.manual_seed(0)
+    model = DistillationModel(make_vit(48, 6, seed=0), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=layers, rank=8))
+    _perturb_adapters(model)
+    output = model(pixel_values=images)
+
+    teacher, student = model.teacher.get_base_model(), model.student
+    teacher_hidden = teacher(pixel_values=images, output_hidden_states=True).hidden_states
+    student_hidden = student(pixel_values=images, output_hidden_states=True).hidden_states
+    kd, outlier, info, previous = [], [], [], None
+    for index, (layer, student_layer) in enumerate(zip(layers, model.student_layers)):
+        feature = teacher_hidden[layer + 1]
+        refined = _refine(model.adapters[layer], feature)
+        kd.append(((model.projectors[index](student_hidden[student_layer + 1]) - refined) ** 2).mean())
+        outlier.append(_spec_outlier(refined[:, 1:], 0.97))
+        if layer == layers[-1]:
+            reference = previous if previous is not None else feature
+            info.append(_spec_gram(refined[:, 1:], reference[:, 1:]))
+        else:
+            next_block = teacher.layers[layer + 1]
+            info.append(((next_block(refined) - teacher_hidden[layer + 2]) ** 2).mean())
+            previous = refined
+    expected = {name: torch.stack(values).mean() for name, values in (("kd", kd), ("outlier", outlier), ("info", info))}
+    for name, value in expected.items():
+        torch.testing.assert_close(output.losses[name], value, rtol=1e-4, atol=1e-7)
+    assert expected["outlier"] > 0
+    torch.testing.assert_close(output.loss, expected["kd"] + 0.01 * expected["outlier"] + expected["info"], rtol=1e-4, atol=1e-7)
+
+
+def test_outlier_loss_uses_a_strict_per_image_quantile():
+    # Image 0: norms 1,1,1,1,5 → t = 1 (q = 0.5); only the 5 is above it: (5 − 1)² over one token.
+    # Image 1: all norms equal → no outlier. Pooled mean over S = 16.
+    patches = torch.zeros(2, 5, 3)
+    patches[0, :, 0] = torch.tensor([1.0, 1, 1, 1, 5])
+    patches[1, :, 1] = 2.0
+    torch.testing.assert_close(outlier_loss(patches, 0.5), torch.tensor(16.0))
+    assert outlier_loss(patches[1:], 0.5).item() == 0.0
+    # t is interpolated linearly: norms 0..4, q = 0.9 → t = 3.6; (4 − 3.6)² = 0.16.
+    ramp = torch.zeros(1, 5, 2)
+    ramp[0, :, 0] = torch.arange(5.0)
+    torch.testing.assert_close(outlier_loss(ramp, 0.9), torch.tensor(0.16))
+
+
+def test_ablations_and_loss_weights(images):
+    base = dict(teacher_layers=[2, 5], rank=8)
+    no_info = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(info_weight=0.0, **base))
+    output = no_info(pixel_values=images)
+    torch.testing.assert_close(output.loss, output.losses["kd"] + 0.01 * output.losses["outlier"])
+    random = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(adapter_init="random", **base))
+    assert all(layer.null_directions["default"] == 0 for layer in random.adapters.values())
+    assert random.teacher.peft_config["default"].init == "random"
+
+
+def test_fitnet_is_lambda_times_the_sum_over_layers(images):
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(method="fitnet"))
+    assert model.teacher_layers == [2, 4, 5]
+    output = model(pixel_values=images)
+    teacher_hidden = model.teacher(pixel_values=images, output_hidden_states=True).hidden_states
+    student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states
+    expected = sum(
+        ((model.projectors[i](student_hidden[s + 1]) - teacher_hidden[t + 1]) ** 2).mean()
+        for i, (t, s) in enumerate(zip(model.teacher_layers, model.student_layers))
+    )
+    torch.testing.assert_close(output.losses["kd"], expected)
+    torch.testing.assert_close(output.loss, 10.0 * expected)
+
+
+def test_vitkd_generation_is_scored_on_masked_tokens_only(images):
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(method="vitkd"))
+    assert model.teacher_layers == [0, 1, 5] and model.student_layers == [0, 1, 3]
+    torch.manual_seed(3)
+    output = model(pixel_values=images)
+    torch.manual_seed(3)
+    masked = torch.rand(2, 16) < 0.5
+    student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states
+    teacher_hidden = model.teacher(pixel_values=images, output_hidden_states=True).hidden_states
+    tokens = model.generation_projector(student_hidden[4][:, 1:])
+    tokens = torch.where(masked[..., None], model.mask_token, tokens)
+    generated = model.generator(tokens.transpose(1, 2).reshape(2, 48, 4, 4)).flatten(2).transpose(1, 2)
+    errors = ((generated - teacher_hidden[6][:, 1:]) ** 2).mean(-1)
+    torch.testing.assert_close(output.losses["generation"], errors[masked].mean())
+    output.loss.backward()
+    assert model.mask_token.grad is not None and model.generator[0].weight.grad.abs().sum() > 0
+
+
+def test_prefix_tokens_align_by_cls_and_patches(images):
+    from conftest import TEACHER_FACTORIES
+
+    teacher = TEACHER_FACTORIES["dinov2_with_registers"]()
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[5], rank=4))
+    output = model(pixel_values=images)
+    teacher_hidden = model.teacher.get_base_model()(pixel_values=images, output_hidden_states=True).hidden_states
+    refined = model.adapters[5].refine(teacher_hidden[6])
+    assert torch.equal(refined[:, :5], teacher_hidden[6][:, :5])  # CLS and registers untouched
+    student = model.student(pixel_values=images, output_hidden_states=True).hidden_states[model.student_layers[0] + 1]
+    target = torch.cat([refined[:, :1], refined[:, 5:]], 1)  # registers have no student counterpart
+    torch.testing.assert_close(output.losses["kd"], ((model.projectors[0](student) - target) ** 2).mean())
+
+
+def test_peft_teacher_can_be_passed_in(images):
+    teacher = peft.get_peft_model(make_vit(), SingerConfig(layers=[4, 5], rank=4))
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5]))
+    assert model.teacher is teacher and sorted(model.adapters) == [4, 5]
+    with pytest.raises(ValueError, match="teacher_layers"):
+        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[3, 5]))

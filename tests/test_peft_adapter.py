@@ -1,0 +1,119 @@
+"""SiNGER as a PEFT method: registration, injection, save/load, nullspace initialisation."""
+
+import importlib.metadata
+import json
+
+import peft
+import pytest
+import torch
+from conftest import TEACHER_FACTORIES, make_vit
+from packaging.version import Version
+from peft.utils import PeftType
+
+import singer_hf
+from singer_hf import SingerConfig, SingerLayer, nullspace_basis
+from singer_hf.tuner.registration import register
+
+
+def test_registration_is_idempotent_and_on_a_pinned_peft():
+    register()  # a second import-time registration must not raise
+    assert PeftType("SINGER") is PeftType.SINGER
+    assert "SINGER" in [member.value for member in PeftType]
+    assert Version("0.21") <= Version(importlib.metadata.version("peft")) < Version("0.22")
+
+
+def test_get_peft_model_wraps_the_distilled_blocks_only():
+    model = peft.get_peft_model(make_vit(), SingerConfig(layers=[4, 2], rank=8))
+    assert sorted(model.base_model.singer_layers) == [2, 4]
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all("singer_" in name for name in trainable)
+    assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 48 * 8  # W_d and W_u, two layers
+
+
+@pytest.mark.parametrize("family", sorted(TEACHER_FACTORIES))
+def test_adapter_leaves_teacher_outputs_unchanged(family, images):
+    teacher = TEACHER_FACTORIES[family]().eval()
+    resolved = singer_hf.resolve_vit(teacher)
+    before = [f.clone() for f in resolved.block_outputs(images)]
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[3, 5], rank=4, null_threshold=1.0))
+    after = singer_hf.resolve_vit(model).block_outputs(images)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # ...while the side branch does change the patch tokens it refines.
+    refined = model.base_model.singer_layers[3].refine(after[3])
+    assert not torch.allclose(refined, after[3])
+
+
+def test_save_and_load_round_trip(tmp_path, images):
+    config = SingerConfig(layers=[2, 5], rank=6, null_threshold=0.3, init="nullspace", seed=7)
+    model = peft.get_peft_model(make_vit(seed=3), config)
+    with torch.no_grad():  # move away from the deterministic init so loading must really read the file
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SINGER"
+
+    loaded_config = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded_config, SingerConfig)
+    for field in ("layers", "rank", "null_threshold", "init", "seed", "target_modules"):
+        assert getattr(loaded_config, field) == getattr(config, field)
+
+    loaded = peft.PeftModel.from_pretrained(make_vit(seed=3), tmp_path)
+    saved_state = {k: v for k, v in model.state_dict().items() if "singer_" in k}
+    loaded_state = loaded.state_dict()
+    assert len(saved_state) == 4
+    assert all(torch.equal(value, loaded_state[key]) for key, value in saved_state.items())
+    features = singer_hf.resolve_vit(loaded).block_outputs(images)[2]
+    assert torch.equal(
+        loaded.base_model.singer_layers[2].refine(features), model.base_model.singer_layers[2].refine(features)
+    )
+
+
+def test_refine_touches_patch_tokens_only(images):
+    teacher = TEACHER_FACTORIES["dinov2_with_registers"]()
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[4], rank=4, init="random"))
+    layer = model.base_model.singer_layers[4]
+    assert layer.num_prefix_tokens == 5  # CLS + 4 registers
+    features = torch.randn(2, 5 + 16, 48)
+    refined = layer.refine(features)
+    assert torch.equal(refined[:, :5], features[:, :5])
+    x = features[:, 5:]
+    expected = x + (x @ layer.singer_down["default"]) @ layer.singer_up["default"]
+    torch.testing.assert_close(refined[:, 5:], expected)
+
+
+def test_nullspace_basis_follows_the_spec():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    sigma = torch.tensor([5.0, 4, 3, 2, 1, 0.9, 0.5, 0.3, 0.2, 0.1, 0.04, 0.03, 0.02, 0.01, 0.005, 0.001], dtype=torch.float64)
+    matrix = q @ torch.diag(sigma) @ torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0].T
+    # 6 values below τ = 0.05: with r = 4 the basis is the first four of them (descending σ).
+    basis = nullspace_basis(matrix, rank=4, threshold=0.05)
+    expected = q[:, 10:14].T.float()
+    assert torch.allclose(basis.abs(), expected.abs(), atol=1e-5)
+    # r = 8 > |K| = 6: the six directions, then two seeded random unit rows.
+    first = nullspace_basis(matrix, rank=8, threshold=0.05, generator=torch.Generator().manual_seed(1))
+    second = nullspace_basis(matrix, rank=8, threshold=0.05, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, second)
+    assert torch.allclose(first[:6].abs(), q[:, 10:16].T.float().abs(), atol=1e-5)
+    assert torch.allclose(first.norm(dim=1), torch.ones(8))
+    # τ is absolute: 0.035 keeps the five values 0.03 … 0.001.
+    assert singer_hf.nullspace_directions(matrix, 0.035).shape[0] == 5
+    with pytest.warns(UserWarning, match="no singular value below"):
+        nullspace_basis(matrix, rank=2, threshold=1e-6)
+
+
+def test_random_padding_is_seeded_per_layer():
+    make = lambda seed: peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 4], rank=4, init="random", seed=seed))  # noqa: E731
+    a, b, c = make(0).base_model.singer_layers, make(0).base_model.singer_layers, make(1).base_model.singer_layers
+    assert torch.equal(a[2].singer_up["default"], b[2].singer_up["default"])
+    assert not torch.equal(a[2].singer_up["default"], a[4].singer_up["default"])
+    assert not torch.equal(a[2].singer_up["default"], c[2].singer_up["default"])
+
+
+def test_nullspace_init_counts_the_directions_it_found():
+    teacher = make_vit()
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[2, 5], rank=8, null_threshold=1e9))
+    assert all(layer.null_directions["default"] == 8 for layer in model.base_model.singer_layers.values())
+    assert isinstance(model.base_model.singer_layers[2], SingerLayer)

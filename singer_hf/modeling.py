@@ -145,6 +145,10 @@ class DistillationModel(nn.Module):
     of the information-preservation loss; the teacher's own weights never get any.
     """
 
+    # Each loss is a per-batch mean; the Trainer must divide it by the accumulation steps itself
+    # (transformers 5 would otherwise assume `**kwargs` means "normalised by num_items_in_batch").
+    accepts_loss_kwargs = False
+
     def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationConfig | None = None):
         super().__init__()
         self.config = config = config or DistillationConfig()

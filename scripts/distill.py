@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Distil a ViT teacher into a ViT student with SiNGER (or the FitNet / ViTKD baselines).
+
+    python scripts/distill.py configs/vit_l_to_vit_t_singer.yaml            # a recipe
+    python scripts/distill.py configs/demo.yaml --max_steps 50               # a recipe, overridden
+    accelerate launch --config_file accelerate_configs/multi_gpu_ddp_bf16.yaml scripts/distill.py RECIPE
+
+Arguments are the three dataclasses below plus `transformers.TrainingArguments`; a YAML or JSON
+file given first supplies defaults that later command-line flags override. The result is a plain
+Hugging Face student folder that `AutoModel.from_pretrained` loads without this package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+import yaml
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+
+from singer_hf import DistillationModel, resolve_vit
+from singer_hf.data import (
+    ImageTransform,
+    PixelValuesCollator,
+    build_transforms,
+    image_processor_stats,
+    load_image_dataset,
+    split_for_process,
+    with_image_transform,
+)
+from singer_hf.model_card import write_student_card
+from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainer, SingerTrainingArguments
+
+logger = logging.getLogger("singer_hf.distill")
+
+# ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
+# patch size and resolution, like the paper's from-scratch students.
+STUDENT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+@dataclass
+class ModelArguments:
+    teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
+    student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
+    student_size: str | None = field(
+        default=None, metadata={"help": f"Or a new ViT student trained from scratch: one of {sorted(STUDENT_SIZES)}."}
+    )
+    student_config_overrides: str | None = field(
+        default=None, metadata={"help": 'Changes to a from-scratch student config, e.g. "num_hidden_layers=6,hidden_size=96".'}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for the models (off by default)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(metadata={"help": "HF dataset: Hub id, local folder, or a local Parquet/Arrow/JSONL file."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to distil on."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        text = Path(argv[0]).read_text()
+        defaults = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        argv = _as_flags(defaults) + argv[1:]  # flags given later on the command line win
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def _as_flags(values: dict) -> list[str]:
+    flags = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flags += [f"--{name}", json.dumps(value)]
+        elif isinstance(value, list):
+            flags += [f"--{name}", *map(str, value)]
+        elif value is not None:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def load_student(model_args: ModelArguments, teacher):
+    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
+        raise ValueError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    if model_args.student_name_or_path is not None:
+        return AutoModel.from_pretrained(model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    if model_args.student_size not in STUDENT_SIZES:
+        raise ValueError(f"student_size: must be one of {sorted(STUDENT_SIZES)}, got {model_args.student_size!r}")
+    hidden, heads = STUDENT_SIZES[model_args.student_size]
+    geometry = resolve_vit(teacher, "teacher")
+    config = transformers.ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=12,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=geometry.image_size,
+        patch_size=geometry.patch_size,
+        num_channels=geometry.num_channels,
+        layer_norm_eps=1e-6,
+    )
+    if model_args.student_config_overrides:
+        config.update_from_string(model_args.student_config_overrides)
+    return transformers.ViTModel(config)
+
+
+def load_training_data(data_args: DataArguments, training_args: SingerTrainingArguments, image_processor, image_size):
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
+    dataset = load_image_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config,
+        data_args.train_split,
+        data_args.image_column,
+        streaming=data_args.streaming,
+        shuffle_buffer=data_args.shuffle_buffer,
+        seed=training_args.seed,
+    )
+    if data_args.max_train_samples is not None:
+        count = data_args.max_train_samples
+        dataset = dataset.take(count) if data_args.streaming else dataset.select(range(min(count, len(dataset))))
+    if data_args.streaming:
+        # Each process reads its own share instead of the main process dispatching every batch.
+        dataset = split_for_process(dataset, training_args.process_index, training_args.world_size)
+    mean, std, _ = image_processor_stats(image_processor)
+    transforms = build_transforms(mean, std, image_size, train=True)
+    return with_image_transform(dataset, ImageTransform(transforms, data_args.image_column))
+
+
+def describe(model: DistillationModel, model_args: ModelArguments, data_args: DataArguments) -> str:
+    teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
+    count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
+    adapters = sum(count(layer) for layer in model.adapters.values())
+    student_name = model_args.student_name_or_path or f"ViT-{model_args.student_size} from scratch"
+    lines = [
+        f"Teacher: {model_args.teacher_name_or_path} ({teacher.backbone.config.model_type}, {teacher.depth} blocks, "
+        f"width {teacher.width}, {teacher.num_prefix_tokens} prefix tokens, {teacher.image_size}px/{teacher.patch_size})",
+        f"Student: {student_name} ({student.backbone.config.model_type}, {student.depth} blocks, width {student.width})",
+        f"Method: {model.config.method}; teacher → student blocks: "
+        + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
+    ]
+    for layer, adapter in model.adapters.items():
+        found = adapter.null_directions["default"]
+        rank = adapter.singer_down["default"].shape[1]
+        source = layer if layer == model.teacher_layers[-1] else layer + 1
+        lines.append(
+            f"  adapter on block {layer}: {found}/{rank} nullspace directions below τ={model.config.null_threshold} "
+            f"(block {source}'s MLP), {rank - found} random"
+        )
+    lines.append(
+        f"Trainable parameters: student {count(model.student):,}, projectors/heads "
+        f"{count(model) - count(model.student) - adapters:,}, adapters {adapters:,}; teacher frozen {count(model.teacher, False):,}"
+    )
+    lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    teacher = AutoModel.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(
+        model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    student = load_student(model_args, teacher)
+    model = DistillationModel(teacher, student, training_args.distillation_config())
+    logger.info("SiNGER distillation\n%s", describe(model, model_args, data_args))
+
+    image_size = resolve_vit(teacher).image_size
+    train_dataset = load_training_data(data_args, training_args, image_processor, image_size)
+    if data_args.streaming:
+        training_args.accelerator_config.dispatch_batches = False
+    trainer = SingerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=PixelValuesCollator(),
+        processing_class=image_processor,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        output = Path(training_args.output_dir)
+        write_student_card(
+            output,
+            teacher_name=model_args.teacher_name_or_path,
+            dataset_name=data_args.dataset_name,
+            distillation=json.loads((output / DISTILLATION_DIR / CONFIG_FILE).read_text()),
+            training=training_args.to_dict(),
+        )
+    last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
+    losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
+    if training_args.should_log:
+        output = Path(training_args.output_dir).resolve()
+        print(
+            f"\nDone: {result.global_step} steps, last logged losses {losses}\n"
+            f"Student saved to {output} (adapters and projectors in {output / 'distillation'}).\n"
+            f"Load it with:\n"
+            f"    from transformers import AutoModel, AutoImageProcessor\n"
+            f'    model = AutoModel.from_pretrained("{output}")\n'
+            f'    processor = AutoImageProcessor.from_pretrained("{output}")'
+        )
+    return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`SingerTrainer`: a `transformers.Trainer` for `DistillationModel`, and its arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .modeling import DistillationConfig, DistillationModel
+
+logger = logging.get_logger(__name__)
+
+DISTILLATION_DIR = "distillation"
+"""Subfolder of a saved student holding the research artefacts: adapters (PEFT format), projectors."""
+HEADS_FILE = "heads.safetensors"
+CONFIG_FILE = "distillation_config.json"
+
+
+@dataclass
+class SingerTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the distillation method's fields (see `DistillationConfig`).
+
+    Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
+    lr·1e-4 after a 5 % warm-up.
+    """
+
+    method: str = field(default="singer", metadata={"help": "singer, fitnet or vitkd."})
+    teacher_layers: list[int] | None = field(
+        default=None, metadata={"help": "Distilled teacher blocks; default: the method's, scaled to the teacher's depth."}
+    )
+    rank: int = field(default=64, metadata={"help": "SiNGER adapter rank."})
+    null_threshold: float = field(default=0.05, metadata={"help": "Singular-value threshold of the nullspace."})
+    adapter_init: str = field(default="nullspace", metadata={"help": "nullspace, or random (ablation)."})
+    adapter_seed: int = field(default=0, metadata={"help": "Seed of the adapters' random rows."})
+    outlier_quantile: float = field(default=0.97, metadata={"help": "Per-image norm quantile above which tokens are outliers."})
+    kd_weight: float | None = field(default=None, metadata={"help": "λ_KD (singer 1, fitnet 10, vitkd mimic 1)."})
+    outlier_weight: float | None = field(default=None, metadata={"help": "λ_out (singer 0.01)."})
+    info_weight: float | None = field(default=None, metadata={"help": "λ_info (singer 1; 0 is the ablation)."})
+    generation_weight: float | None = field(default=None, metadata={"help": "ViTKD generation weight (1)."})
+    mask_ratio: float = field(default=0.5, metadata={"help": "ViTKD mask ratio."})
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 1e-4}, metadata={"help": "Cosine floor: lr·1e-4."}
+    )
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
+    save_safetensors: bool = True
+
+    def distillation_config(self) -> DistillationConfig:
+        names = {f.name for f in fields(DistillationConfig)}
+        values = {name: getattr(self, name) for name in names}
+        return DistillationConfig(**values)
+
+
+class SingerTrainer(Trainer):
+    """Trains a `DistillationModel`; saves the student as a plain Hugging Face model.
+
+    - Each loss term is logged as `loss_<name>` (e.g. `loss_kd`, `loss_outlier`, `loss_info`),
+      averaged over the logging interval and the processes, with one host sync per log, not per step;
+      `skipped_images` counts the undecodable images dropped so far.
+    - `save_model` writes the student (config, safetensors, image processor) at the top of the
+      folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
+      format), projectors and distillation config go to `distillation/`. The teacher is never saved.
+    """
+
+    def __init__(self, model: DistillationModel, args: SingerTrainingArguments, **kwargs):
+        if not isinstance(model, DistillationModel):
+            raise ValueError(f"model: SingerTrainer trains a singer_hf.DistillationModel, got {type(model).__name__}")
+        super().__init__(model=model, args=args, **kwargs)
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name, value in outputs.losses.items():
+                running = self._loss_sums.get(name)
+                self._loss_sums[name] = value.detach() if running is None else running + value.detach()
+            self._loss_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._loss_sums and "loss" in logs:
+            names = list(self._loss_sums)
+            values = [self._loss_sums[name] for name in names]
+            skipped = getattr(self.data_collator, "skipped", None)  # undecodable images so far, this process
+            if skipped is not None:
+                values.append(torch.tensor(float(skipped), device=values[0].device))
+            totals = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()  # the one host sync
+            for name, total in zip(names, totals):
+                logs[f"loss_{name}"] = round(total / (self._loss_steps * self.accelerator.num_processes), 6)
+            if skipped is not None:
+                logs["skipped_images"] = int(totals[-1])
+            self._loss_sums, self._loss_steps = {}, 0
+        super().log(logs, start_time)
+
+    # -- saving and resuming -----------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model: DistillationModel = self.accelerator.unwrap_model(self.model)
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        student, adapters, heads = {}, {}, {}
+        for key, value in state_dict.items():
+            if key.startswith("student."):
+                student[key.removeprefix("student.")] = value
+            elif key.startswith("teacher."):
+                if "singer_" in key:  # the frozen teacher's own weights are never written
+                    adapters[key.removeprefix("teacher.")] = value
+            else:
+                heads[key] = value
+        os.makedirs(output_dir, exist_ok=True)
+        model.student.save_pretrained(output_dir, state_dict=student, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        research_dir = os.path.join(output_dir, DISTILLATION_DIR)
+        os.makedirs(research_dir, exist_ok=True)
+        if isinstance(model.teacher, peft.PeftModel):
+            model.teacher.save_pretrained(research_dir, state_dict=adapters)
+        save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(research_dir, HEADS_FILE))
+        summary = {
+            **model.config.to_dict(),
+            "teacher_layers": model.teacher_layers,
+            "student_layers": model.student_layers,
+        }
+        with open(os.path.join(research_dir, CONFIG_FILE), "w") as file:
+            json.dump(summary, file, indent=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model: DistillationModel = self.accelerator.unwrap_model(model or self.model)
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} holds no saved student (config.json)")
+        # save_pretrained may write the Hub's key layout; from_pretrained is what maps it back.
+        saved_student = type(model.student).from_pretrained(resume_from_checkpoint)
+        missing, _ = model.student.load_state_dict(saved_student.state_dict(), strict=False)  # extra heads may differ
+        if missing:
+            raise ValueError(f"resume_from_checkpoint: the saved student lacks {missing[:5]}")
+        research_dir = os.path.join(resume_from_checkpoint, DISTILLATION_DIR)
+        if isinstance(model.teacher, peft.PeftModel):
+            adapters = peft.utils.load_peft_weights(research_dir)
+            result = peft.set_peft_model_state_dict(model.teacher, adapters)
+            if result.unexpected_keys:
+                raise ValueError(f"resume_from_checkpoint: unexpected adapter weights {result.unexpected_keys}")
+        heads = load_file(os.path.join(research_dir, HEADS_FILE))
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        stray = [k for k in missing if not k.startswith(("student.", "teacher."))]
+        if unexpected or stray:
+            raise ValueError(f"resume_from_checkpoint: heads do not match the model (missing {stray}, unexpected {unexpected})")

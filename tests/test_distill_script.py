@@ -1,0 +1,115 @@
+"""scripts/distill.py end to end on a tiny teacher and a local Parquet dataset."""
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import transformers
+from conftest import IMAGE, PATCH, make_vit
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "distill.py"
+STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
+
+
+@pytest.fixture(scope="module")
+def distill():
+    spec = importlib.util.spec_from_file_location("distill_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    teacher = make_vit(seed=0)
+    teacher.save_pretrained(root / "teacher")
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "teacher")
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(48):
+        buffer = io.BytesIO()
+        mode = ("RGB", "L", "RGBA")[index % 3]
+        PIL.Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert(mode).save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    images[5] = {"bytes": b"not an image", "path": None}  # undecodable: skipped and counted, not a crash
+    data = datasets.Dataset.from_dict({"img": images, "label": list(range(48))}).cast_column("img", datasets.Image())
+    data.to_parquet(str(root / "data.parquet"))
+    return root
+
+
+def _argv(workspace, output, *extra):
+    return [
+        "--teacher_name_or_path", str(workspace / "teacher"), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(workspace / "data.parquet"),
+        "--image_column", "img", "--output_dir", str(output), "--per_device_train_batch_size", "8",
+        "--rank", "4", "--logging_steps", "2", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_distill_script_end_to_end(distill, workspace, tmp_path, streaming):
+    output = tmp_path / "student"
+    flags = ["--streaming", "true", "--max_steps", "4"] if streaming else ["--num_train_epochs", "1"]
+    result = distill.main(_argv(workspace, output, *flags))
+    assert result["metrics"]["train_runtime"] > 0
+    assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
+    logs = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert max(entry.get("skipped_images", 0) for entry in logs) == 1  # the corrupt image, counted once
+    student = transformers.AutoModel.from_pretrained(output)
+    assert student.config.hidden_size == 32 and student.config.image_size == IMAGE
+    card = (output / "README.md").read_text()
+    assert "singer" in card and str(workspace) not in card  # no local absolute paths in the card
+    assert (output / "distillation" / "adapter_model.safetensors").is_file()
+
+
+def test_config_file_and_overrides(distill, workspace, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: fitnet\nteacher_layers: [1, 5]\nrank: 4\nkd_weight: 3.0\ndataset_name: {workspace / 'data.parquet'}\n")
+    model_args, data_args, training_args = distill.parse_arguments(
+        [str(recipe), "--teacher_name_or_path", "t", "--student_size", "tiny", "--output_dir", str(tmp_path), "--kd_weight", "5"]
+    )
+    config = training_args.distillation_config()
+    assert (config.method, config.teacher_layers, config.kd_weight) == ("fitnet", [1, 5], 5.0)
+    assert training_args.lr_scheduler_type == "cosine_with_min_lr" and training_args.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image_column", "picture", "--max_steps", "1"], r"image_column='picture' is not a column.*available: \['img', 'label'\]"),
+        (["--streaming", "true"], "max_steps: a streamed dataset has no length"),
+        (["--method", "crd", "--max_steps", "1"], "method: must be one of"),
+        (["--student_size", "huge", "--max_steps", "1"], "student_size: must be one of"),
+    ],
+)
+def test_bad_script_input(distill, workspace, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        distill.main(_argv(workspace, tmp_path / "out", *extra))
+
+
+def test_missing_dataset_path(distill, workspace, tmp_path):
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index(str(workspace / "data.parquet"))] = str(workspace / "missing.parquet")
+    with pytest.raises(ValueError, match="dataset_name=.*does not exist"):
+        distill.main(argv)
+
+
+def test_teacher_student_resolution_mismatch(distill, workspace, tmp_path):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                    image_size=2 * IMAGE, patch_size=PATCH)
+    torch.manual_seed(0)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "student")
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--student_size") : argv.index("--student_size") + 4] = ["--student_name_or_path", str(tmp_path / "student")]
+    with pytest.raises(ValueError, match="student: image size 64 differs from the teacher's 32"):
+        distill.main(argv)

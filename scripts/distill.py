@@ -29,7 +29,6 @@ from singer_hf.data import (
     build_transforms,
     image_processor_stats,
     load_image_dataset,
-    split_for_process,
     with_image_transform,
 )
 from singer_hf.model_card import write_student_card
@@ -126,9 +125,6 @@ def load_training_data(data_args: DataArguments, training_args: SingerTrainingAr
     if data_args.max_train_samples is not None:
         count = data_args.max_train_samples
         dataset = dataset.take(count) if data_args.streaming else dataset.select(range(min(count, len(dataset))))
-    if data_args.streaming:
-        # Each process reads its own share instead of the main process dispatching every batch.
-        dataset = split_for_process(dataset, training_args.process_index, training_args.world_size)
     mean, std, _ = image_processor_stats(image_processor)
     transforms = build_transforms(mean, std, image_size, train=True)
     return with_image_transform(dataset, ImageTransform(transforms, data_args.image_column))
@@ -180,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = resolve_vit(teacher).image_size
     train_dataset = load_training_data(data_args, training_args, image_processor, image_size)
     if data_args.streaming:
+        # Each process reads its own share of the stream instead of the main process reading and
+        # dispatching every batch. Accelerate splits a `datasets` stream by files when it has at
+        # least one shard per process (what `split_dataset_by_node` does), by batches otherwise; a
+        # split here as well would split twice and drop data (tests/test_multiprocess.py).
         training_args.accelerator_config.dispatch_batches = False
     trainer = SingerTrainer(
         model=model,

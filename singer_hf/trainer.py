@@ -105,6 +105,8 @@ class SingerTrainer(Trainer):
 
     # -- saving and resuming -----------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # Trainer.save_model calls _save on every process
+            return
         output_dir = output_dir or self.args.output_dir
         model: DistillationModel = self.accelerator.unwrap_model(self.model)
         state_dict = model.state_dict() if state_dict is None else state_dict

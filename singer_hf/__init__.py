@@ -2,6 +2,7 @@
 
 from .architectures import ARCHITECTURES, resolve_vit
 from .modeling import DistillationConfig, DistillationModel, DistillationOutput, map_layers
+from .trainer import SingerTrainer, SingerTrainingArguments
 from .tuner import SingerConfig, SingerLayer, SingerModel, nullspace_basis, nullspace_directions
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "SingerConfig",
     "SingerLayer",
     "SingerModel",
+    "SingerTrainer",
+    "SingerTrainingArguments",
     "map_layers",
     "nullspace_basis",
     "nullspace_directions",

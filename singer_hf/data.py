@@ -1,0 +1,278 @@
+"""Data side of distillation: load an image dataset (local, Hub, streaming), turn it into ``pixel_values``.
+
+Distillation is unsupervised, so everything here is about images; labels only ride along when a
+label column is named (the demo teacher is trained with them).
+
+Undecodable images are a fact of life in web-scale datasets. Rather than let PIL raise deep
+inside a DataLoader worker hours into a run, the image column is read undecoded
+(``Image(decode=False)``), decoded in :class:`ImageTransform` where a failure can be caught, and
+the example is marked with ``pixel_values=None``; :class:`PixelValuesCollator` then drops it and
+counts it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Same names, spelling included, as the Hub copy, so both sources give identical features.
+FASHION_MNIST_LABELS = [
+    "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+_IDX_FILES = {"train": "train", "test": "t10k"}
+_IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+# Builders for a single local file; a directory is handed to ``load_dataset``, which infers its format.
+_FILE_BUILDERS = {
+    ".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tar": "webdataset",
+}  # fmt: skip
+
+
+def _read_idx(path: Path, kind: str) -> np.ndarray:
+    """Reads one gzipped idx file (big-endian header: magic, counts, then uint8 payload)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise ValueError(f"{path} has idx magic number {magic}, expected {_IDX_MAGIC[kind]} for {kind}")
+    if kind == "labels":
+        return np.frombuffer(raw, np.uint8, offset=8)
+    count, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows, cols)
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | Path = FASHION_MNIST_DIR) -> datasets.Dataset:
+    """Fashion-MNIST as ``image`` (grayscale PIL) and ``label`` (ClassLabel) columns.
+
+    Reads the idx files that Debian's ``dataset-fashion-mnist`` ships, so the demo runs offline;
+    without them it falls back to the Hub copy ``zalando-datasets/fashion_mnist``.
+    """
+    if split not in _IDX_FILES:
+        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; expected one of {sorted(_IDX_FILES)}")
+    prefix = Path(data_dir) / _IDX_FILES[split]
+    images_path = prefix.with_name(f"{prefix.name}-images-idx3-ubyte.gz")
+    labels_path = prefix.with_name(f"{prefix.name}-labels-idx1-ubyte.gz")
+    if not (images_path.is_file() and labels_path.is_file()):
+        try:
+            return datasets.load_dataset("zalando-datasets/fashion_mnist", split=split)
+        except OSError as exc:  # ConnectionError and the Hub's offline errors are OSErrors
+            raise FileNotFoundError(
+                f"Fashion-MNIST idx files are not in data_dir={str(data_dir)!r} and the Hub copy "
+                f"zalando-datasets/fashion_mnist could not be loaded ({exc}); install the Debian package "
+                "dataset-fashion-mnist or go online"
+            ) from exc
+
+    images, labels = _read_idx(images_path, "images"), _read_idx(labels_path, "labels")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    # Stored as binary PGM: the idx payload behind a short header, so no PNG compression of 70k images.
+    header = f"P5 {images.shape[2]} {images.shape[1]} 255\n".encode()
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=FASHION_MNIST_LABELS))
+    return datasets.Dataset.from_dict(
+        {"image": [{"bytes": header + image.tobytes(), "path": None} for image in images], "label": labels},
+        features=features,
+        split=split,
+    )
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode to RGB. 16/32-bit integer modes are rescaled from 16 bits, since ``convert`` would clip them at 255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        image = PIL.Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / 257.0, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def build_transforms(image_mean, image_std, image_size: int, train: bool) -> v2.Compose:
+    """PIL image (any mode) -> normalized float tensor of shape 3 x image_size x image_size.
+
+    Train: the usual RandomResizedCrop + flip; eval: resize by 256/224 then center crop, the
+    convention ImageNet-pretrained teachers were evaluated with.
+    """
+    if train:
+        geometry = [v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, PIL.Image.Image),
+            *geometry,
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(image_mean), std=list(image_std)),
+        ]
+    )
+
+
+def image_processor_stats(image_processor) -> tuple[list[float], list[float], int]:
+    """(mean, std, size) a model expects, read from its HF image processor.
+
+    When the processor center-crops (DINOv2, CLIP, DeiT), the model sees ``crop_size``, not ``size``.
+    """
+    size = image_processor.size
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        size = image_processor.crop_size
+    if not isinstance(size, int):  # a dict, or a SizeDict in transformers 5
+        size = size.get("height") or size.get("shortest_edge")
+    if not size:
+        raise ValueError(
+            f"image_processor.size={image_processor.size!r} has neither 'height' nor 'shortest_edge'; cannot pick an image size"
+        )
+    return list(image_processor.image_mean), list(image_processor.image_std), int(size)
+
+
+def load_image_dataset(
+    name_or_path: str,
+    config_name: str | None,
+    split: str,
+    image_column: str,
+    streaming: bool,
+    shuffle_buffer: int = 10_000,
+    seed: int = 0,
+    data_files=None,
+    trust_remote_code: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """``datasets.load_dataset`` for a Hub name, a local directory, or a single local data file.
+
+    A path-looking name that does not exist is an error here rather than a confusing Hub lookup.
+    Streaming datasets are shuffled through a ``shuffle_buffer``-example buffer (0 disables it, e.g.
+    for evaluation); map-style ones are left to the Trainer's sampler.
+    """
+    if trust_remote_code:
+        raise ValueError(
+            "trust_remote_code=True is not supported: datasets>=4 dropped loading scripts; use a dataset stored as "
+            "Parquet, Arrow, JSON Lines or an image folder"
+        )
+    path = Path(name_or_path).expanduser()
+    kwargs: dict[str, Any] = dict(name=config_name, split=split, streaming=streaming, data_files=data_files)
+    source = name_or_path
+    if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix.lower() in _FILE_BUILDERS or path.exists():
+        if not path.exists():
+            raise ValueError(f"dataset_name={name_or_path!r} looks like a local path, but the path does not exist")
+        if path.is_file():
+            if data_files is not None:
+                raise ValueError(f"data_files={data_files!r} cannot be combined with dataset_name={name_or_path!r}, a file")
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ValueError(
+                    f"dataset_name={name_or_path!r} is a file of unsupported type; expected a directory or one of "
+                    f"{sorted(_FILE_BUILDERS)}"
+                )
+            # The file is whichever split was asked for ("validation", "train[:100]", ...).
+            kwargs["data_files"] = {split.partition("[")[0]: str(path)}
+            source = builder
+        else:
+            source = str(path)
+    dataset = datasets.load_dataset(source, **kwargs)
+
+    columns = dataset.column_names
+    if columns is None:  # streaming from a format without a schema: look at one example
+        columns = list(next(iter(dataset), {}))
+    if image_column not in columns:
+        raise ValueError(f"image_column={image_column!r} is not a column of {name_or_path!r}; available: {columns}")
+    if streaming and shuffle_buffer:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return dataset
+
+
+def split_for_process(dataset, rank: int, world_size: int):
+    """This process's share of ``dataset``: a contiguous chunk (map-style), whole shards when
+    they divide evenly, else every ``world_size``-th example (streaming)."""
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+
+class ImageTransform:
+    """Batched ``{image_column: [...]} -> {"pixel_values": [tensor | None], ["labels": [...]]}``.
+
+    An image that cannot be decoded becomes ``None`` (logged, and counted in ``skipped`` for this
+    process) instead of an exception; :class:`PixelValuesCollator` drops it. Apply it with
+    :func:`with_image_transform`.
+    """
+
+    def __init__(self, transforms, image_column: str = "image", label_column: str | None = None):
+        self.transforms = transforms
+        self.image_column = image_column
+        self.label_column = label_column
+        self.skipped = 0
+        self._decoder = datasets.Image()
+
+    def _decode(self, value) -> PIL.Image.Image | None:
+        if isinstance(value, str):
+            value = {"path": value, "bytes": None}
+        elif isinstance(value, (bytes, bytearray)):
+            value = {"path": None, "bytes": bytes(value)}
+        try:
+            image = self._decoder.decode_example(value)  # bytes, local or remote path; applies EXIF rotation
+            return to_rgb(image)  # forces a full decode, so a truncated file fails here too
+        except Exception as exc:  # PIL reports corrupt data with many exception types (OSError, SyntaxError, ...)
+            self.skipped += 1
+            logger.warning("Skipping undecodable image in column %r (%s: %s)", self.image_column, type(exc).__name__, exc)
+            return None
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images = [self._decode(value) for value in batch[self.image_column]]
+        out = {"pixel_values": [None if image is None else self.transforms(image) for image in images]}
+        if self.label_column is not None:
+            out["labels"] = batch[self.label_column]
+        return out
+
+
+def with_image_transform(dataset, transform: ImageTransform):
+    """Lazily applies ``transform``: ``with_transform`` for map-style, ``map`` for streaming
+    (IterableDataset has no ``with_transform``).
+
+    The image column is first cast to ``Image(decode=False)`` so decoding happens inside the
+    transform, where a corrupt image can be caught. With a map-style dataset under the Trainer,
+    set ``remove_unused_columns=False``: otherwise it drops the image column before the transform sees it.
+    """
+    column = transform.image_column
+    if isinstance((dataset.features or {}).get(column), datasets.Image):
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
+    return dataset.with_transform(transform)
+
+
+class PixelValuesCollator:
+    """Stacks ``pixel_values`` (and ``labels``), dropping the examples :class:`ImageTransform` marked undecodable.
+
+    ``skipped`` is the total dropped so far, across DataLoader worker processes (the counter lives in
+    shared memory), so the trainer can log it.
+    """
+
+    def __init__(self):
+        # A spawn-context lock can be shared with workers started by fork, spawn and forkserver alike.
+        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        kept = [example for example in examples if example["pixel_values"] is not None]
+        if len(kept) < len(examples):
+            with self._skipped.get_lock():
+                self._skipped.value += len(examples) - len(kept)
+        if not kept:
+            raise ValueError(
+                f"all {len(examples)} images of a batch were undecodable; check image_column and the dataset's image data"
+            )
+        batch = {"pixel_values": torch.stack([example["pixel_values"] for example in kept])}
+        if "labels" in kept[0]:
+            batch["labels"] = torch.tensor([example["labels"] for example in kept])
+        return batch

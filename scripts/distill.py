@@ -29,6 +29,7 @@ from singer_hf.data import (
     build_transforms,
     image_processor_stats,
     load_image_dataset,
+    student_image_processor,
     with_image_transform,
 )
 from singer_hf.model_card import write_student_card
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=train_dataset,
         data_collator=PixelValuesCollator(),
-        processing_class=image_processor,
+        processing_class=student_image_processor(image_processor),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

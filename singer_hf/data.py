@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+import transformers
 from datasets.distributed import split_dataset_by_node
 from torchvision.transforms import v2
 
@@ -123,7 +124,12 @@ def image_processor_stats(image_processor) -> tuple[list[float], list[float], in
     """(mean, std, size) a model expects, read from its HF image processor.
 
     When the processor center-crops (DINOv2, CLIP, DeiT), the model sees ``crop_size``, not ``size``.
+    timm checkpoints (``TimmWrapperImageProcessor``, e.g. the paper's teachers) keep all three in
+    their ``data_config``.
     """
+    data_config = getattr(image_processor, "data_config", None)
+    if data_config is not None:
+        return list(data_config["mean"]), list(data_config["std"]), int(data_config["input_size"][-1])
     size = image_processor.size
     if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
         size = image_processor.crop_size
@@ -134,6 +140,18 @@ def image_processor_stats(image_processor) -> tuple[list[float], list[float], in
             f"image_processor.size={image_processor.size!r} has neither 'height' nor 'shortest_edge'; cannot pick an image size"
         )
     return list(image_processor.image_mean), list(image_processor.image_std), int(size)
+
+
+def student_image_processor(teacher_processor):
+    """The processor saved with the student: the teacher's, since the student learnt on its inputs.
+
+    A timm teacher's processor lives in its model's config.json and cannot be saved on its own, so
+    an HF `ViTImageProcessor` with the same statistics and size stands in for it.
+    """
+    if getattr(teacher_processor, "data_config", None) is None:
+        return teacher_processor
+    mean, std, size = image_processor_stats(teacher_processor)
+    return transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
 
 
 def load_image_dataset(

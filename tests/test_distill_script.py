@@ -113,3 +113,24 @@ def test_teacher_student_resolution_mismatch(distill, workspace, tmp_path):
     argv[argv.index("--student_size") : argv.index("--student_size") + 4] = ["--student_name_or_path", str(tmp_path / "student")]
     with pytest.raises(ValueError, match="student: image size 64 differs from the teacher's 32"):
         distill.main(argv)
+
+
+def test_timm_teacher_end_to_end(distill, workspace, tmp_path):
+    """The paper's teachers are timm checkpoints: AutoModel gives a TimmWrapperModel, and the
+    image processor keeps its statistics in timm's data_config."""
+    # A timm checkpoint keeps its preprocessing in config.json's pretrained_cfg.
+    pretrained_cfg = dict(input_size=(3, IMAGE, IMAGE), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0)
+    transformers.TimmWrapperModel(
+        transformers.TimmWrapperConfig(
+            architecture="vit_tiny_patch16_224",
+            pretrained_cfg=pretrained_cfg,
+            model_args=dict(img_size=IMAGE, patch_size=PATCH, embed_dim=48, depth=6, num_heads=2),
+        )
+    ).save_pretrained(tmp_path / "timm_teacher")
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "2")
+    argv[argv.index(str(workspace / "teacher"))] = str(tmp_path / "timm_teacher")
+    result = distill.main(argv)
+    assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
+    assert transformers.AutoModel.from_pretrained(tmp_path / "out").config.image_size == IMAGE
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert list(processor.image_std) == [0.25] * 3 and processor.size["height"] == IMAGE

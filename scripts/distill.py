@@ -138,7 +138,7 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
     student_name = model_args.student_name_or_path or f"ViT-{model_args.student_size} from scratch"
     lines = [
         f"Teacher: {model_args.teacher_name_or_path} ({teacher.backbone.config.model_type}, {teacher.depth} blocks, "
-        f"width {teacher.width}, {teacher.num_prefix_tokens} prefix tokens, {teacher.image_size}px/{teacher.patch_size})",
+        f"width {teacher.width}, prefix tokens {teacher.num_prefix_tokens}, {teacher.image_size}px, patch {teacher.patch_size})",
         f"Student: {student_name} ({student.backbone.config.model_type}, {student.depth} blocks, width {student.width})",
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),

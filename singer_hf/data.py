@@ -23,7 +23,6 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
-from datasets.distributed import split_dataset_by_node
 from torchvision.transforms import v2
 
 logger = logging.getLogger(__name__)
@@ -206,12 +205,6 @@ def load_image_dataset(
     if streaming and shuffle_buffer:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return dataset
-
-
-def split_for_process(dataset, rank: int, world_size: int):
-    """This process's share of ``dataset``: a contiguous chunk (map-style), whole shards when
-    they divide evenly, else every ``world_size``-th example (streaming)."""
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
 class ImageTransform:

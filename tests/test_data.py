@@ -19,7 +19,6 @@ from singer_hf.data import (
     image_processor_stats,
     load_fashion_mnist,
     load_image_dataset,
-    split_for_process,
     with_image_transform,
 )
 
@@ -141,14 +140,6 @@ def test_unsupported_local_file_type(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=r"dataset_name=.*'\.parquet'"):
         load_image_dataset(str(path), None, "train", "image", streaming=False)
-
-
-@pytest.mark.parametrize("streaming", [False, True])
-def test_split_for_process_partitions_the_dataset(parquet_path, streaming):
-    dataset = load_image_dataset(str(parquet_path), None, "train", "image", streaming=streaming, shuffle_buffer=4)
-    parts = [[row["idx"] for row in split_for_process(dataset, rank, 2).select_columns(["idx"])] for rank in range(2)]
-    assert all(parts) and not set(parts[0]) & set(parts[1])
-    assert sorted(parts[0] + parts[1]) == list(range(len(MODES) + 1))
 
 
 def test_image_processor_stats_uses_the_size_the_model_sees():

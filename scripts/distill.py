@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=PixelValuesCollator(),
         processing_class=student_image_processor(image_processor),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and checkpoint.lower() == "true":
+        checkpoint = True  # the Trainer resumes from the last checkpoint in output_dir
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

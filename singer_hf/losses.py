@@ -29,6 +29,7 @@ def outlier_loss(patches: torch.Tensor, quantile: float) -> torch.Tensor:
 
 def gram_loss(patches: torch.Tensor, reference_patches: torch.Tensor) -> torch.Tensor:
     """MSE between the cosine Gram matrices (B×P×P) of two token sets: relational geometry."""
-    a = F.normalize(patches, dim=-1)
-    b = F.normalize(reference_patches, dim=-1)
+    # float32 even under bf16 autocast: cosines near 1 would round to steps of ~0.004 in bf16.
+    a = F.normalize(patches.float(), dim=-1)
+    b = F.normalize(reference_patches.float(), dim=-1)
     return feature_mse(a @ a.transpose(1, 2), b @ b.transpose(1, 2))

@@ -169,13 +169,14 @@ class DistillationModel(nn.Module):
         if config.method == "singer":
             if not isinstance(teacher, peft.PeftModel):
                 teacher = peft.get_peft_model(teacher, config.singer_config(teacher_vit.depth))
-            elif teacher.peft_config[teacher.active_adapter].layers != self.teacher_layers:
-                raise ValueError(
-                    f"teacher_layers: {self.teacher_layers} differ from the teacher's SiNGER adapters on "
-                    f"{teacher.peft_config[teacher.active_adapter].layers}"
-                )
+            else:
+                _check_adapters_match(teacher, self.teacher_layers, config.rank)
             teacher_vit = resolve_vit(teacher, "teacher")
-        self.teacher = teacher.requires_grad_(False) if config.method != "singer" else teacher
+        # Only the active SiNGER adapters train; a PeftModel loaded for inference has them frozen.
+        teacher.requires_grad_(False)
+        if config.method == "singer":
+            teacher.base_model.set_requires_grad(teacher.active_adapter, True)
+        self.teacher = teacher
         self.student = student
         self._teacher_vit, self._student_vit = teacher_vit, student_vit
 
@@ -269,6 +270,16 @@ class DistillationModel(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
+
+
+def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int) -> None:
+    adapter = teacher.peft_config[teacher.active_adapter]
+    if not isinstance(adapter, SingerConfig):
+        raise ValueError(f"teacher: its active adapter is {adapter.peft_type}, not SiNGER; pass the plain teacher instead")
+    if adapter.layers != layers:
+        raise ValueError(f"teacher_layers: {layers} differ from the teacher's SiNGER adapters on {adapter.layers}")
+    if adapter.rank != rank:
+        raise ValueError(f"rank: {rank} differs from the teacher's SiNGER adapters of rank {adapter.rank}")
 
 
 def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:

@@ -75,6 +75,8 @@ class SingerTrainer(Trainer):
     def __init__(self, model: DistillationModel, args: SingerTrainingArguments, **kwargs):
         if not isinstance(model, DistillationModel):
             raise ValueError(f"model: SingerTrainer trains a singer_hf.DistillationModel, got {type(model).__name__}")
+        if args.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end: distillation has no evaluation metric to pick a best checkpoint by")
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0
@@ -97,7 +99,7 @@ class SingerTrainer(Trainer):
                 values.append(torch.tensor(float(skipped), device=values[0].device))
             totals = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()  # the one host sync
             for name, total in zip(names, totals):
-                logs[f"loss_{name}"] = round(total / (self._loss_steps * self.accelerator.num_processes), 6)
+                logs[f"loss_{name}"] = total / (self._loss_steps * self.accelerator.num_processes)
             if skipped is not None:
                 logs["skipped_images"] = int(totals[-1])
             self._loss_sums, self._loss_steps = {}, 0

@@ -134,3 +134,17 @@ def test_timm_teacher_end_to_end(distill, workspace, tmp_path):
     assert transformers.AutoModel.from_pretrained(tmp_path / "out").config.image_size == IMAGE
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
     assert list(processor.image_std) == [0.25] * 3 and processor.size["height"] == IMAGE
+
+
+def test_resume_from_the_last_checkpoint(distill, workspace, tmp_path):
+    output = tmp_path / "student"
+    argv = _argv(workspace, output, "--max_steps", "2")
+    argv[argv.index("--save_strategy") + 1] = "steps"
+    distill.main([*argv, "--save_steps", "2"])
+    checkpoint_state = output / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(checkpoint_state.read_text())
+    state["log_history"].insert(0, {"step": 0, "marker": "from checkpoint-2"})  # only a resumed run carries it on
+    checkpoint_state.write_text(json.dumps(state))
+    distill.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["log_history"][0].get("marker") == "from checkpoint-2"

@@ -135,9 +135,14 @@ def test_prefix_tokens_align_by_cls_and_patches(images):
     torch.testing.assert_close(output.losses["kd"], ((model.projectors[0](student) - target) ** 2).mean())
 
 
-def test_peft_teacher_can_be_passed_in(images):
-    teacher = peft.get_peft_model(make_vit(), SingerConfig(layers=[4, 5], rank=4))
-    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5]))
+def test_peft_teacher_can_be_passed_in(tmp_path, images):
+    peft.get_peft_model(make_vit(), SingerConfig(layers=[4, 5], rank=4)).save_pretrained(tmp_path)
+    teacher = peft.PeftModel.from_pretrained(make_vit(), tmp_path)  # loaded for inference: adapters frozen
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5], rank=4))
     assert model.teacher is teacher and sorted(model.adapters) == [4, 5]
+    trainable = [name for name, param in model.teacher.named_parameters() if param.requires_grad]
+    assert len(trainable) == 4 and all("singer_" in name for name in trainable)
     with pytest.raises(ValueError, match="teacher_layers"):
-        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[3, 5]))
+        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[3, 5], rank=4))
+    with pytest.raises(ValueError, match="rank: 8 differs from the teacher's SiNGER adapters of rank 4"):
+        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5], rank=8))

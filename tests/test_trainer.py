@@ -162,6 +162,9 @@ def test_singer_run_saves_adapters_in_peft_format_and_never_the_teacher(tmp_path
     assert total_bytes < teacher_bytes  # the teacher is never written
 
 
-def test_trainer_rejects_other_models(tmp_path):
+def test_trainer_rejects_other_models_and_best_model_selection(tmp_path):
     with pytest.raises(ValueError, match="model: SingerTrainer trains a singer_hf.DistillationModel"):
         SingerTrainer(model=make_vit(), args=_args(tmp_path))
+    args = _args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    with pytest.raises(ValueError, match="load_best_model_at_end: distillation has no evaluation metric"):
+        SingerTrainer(model=_model(), args=args)

@@ -177,6 +177,8 @@ class DistillationModel(nn.Module):
         if config.method == "singer":
             teacher.base_model.set_requires_grad(teacher.active_adapter, True)
         self.teacher = teacher
+        # Resolved once: looking them up walks the teacher's blocks, which a training step need not repeat.
+        self._adapters = teacher.base_model.singer_layers if config.method == "singer" else {}
         self.student = student
         self._teacher_vit, self._student_vit = teacher_vit, student_vit
 
@@ -201,7 +203,7 @@ class DistillationModel(nn.Module):
     @property
     def adapters(self) -> dict[int, nn.Module]:
         """SiNGER adapter layers by teacher block (empty for the baselines)."""
-        return self.teacher.base_model.singer_layers if self.config.method == "singer" else {}
+        return self._adapters
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:

@@ -23,6 +23,7 @@ import yaml
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
 
 from singer_hf import DistillationModel, resolve_vit
+from singer_hf.architectures import load_backbone
 from singer_hf.data import (
     ImageTransform,
     PixelValuesCollator,
@@ -40,6 +41,7 @@ logger = logging.getLogger("singer_hf.distill")
 # ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
 # patch size and resolution, like the paper's from-scratch students.
 STUDENT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+METHOD_NAMES = {"singer": "SiNGER", "fitnet": "FitNet", "vitkd": "ViTKD"}
 
 
 @dataclass
@@ -60,10 +62,14 @@ class DataArguments:
     dataset_name: str = field(metadata={"help": "HF dataset: Hub id, local folder, or a local Parquet/Arrow/JSONL file."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split to distil on."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split to report the distillation loss on (with --eval_strategy steps/epoch)."}
+    )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only the first N examples."})
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
@@ -87,11 +93,20 @@ def _as_flags(values: dict) -> list[str]:
     return flags
 
 
-def load_student(model_args: ModelArguments, teacher):
+def load_student(model_args: ModelArguments, teacher, image_size: int):
+    """The student, built for `image_size` images: the size the teacher's image processor produces,
+    which is saved with the student."""
     if (model_args.student_name_or_path is None) == (model_args.student_size is None):
         raise ValueError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
     if model_args.student_name_or_path is not None:
-        return AutoModel.from_pretrained(model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        student = AutoModel.from_pretrained(model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        built_for = resolve_vit(student, "student_name_or_path").image_size
+        if built_for != image_size:
+            raise ValueError(
+                f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
+                f"processor gives {image_size}px; the saved student and its processor must agree"
+            )
+        return student
     if model_args.student_size not in STUDENT_SIZES:
         raise ValueError(f"student_size: must be one of {sorted(STUDENT_SIZES)}, got {model_args.student_size!r}")
     hidden, heads = STUDENT_SIZES[model_args.student_size]
@@ -101,33 +116,40 @@ def load_student(model_args: ModelArguments, teacher):
         num_hidden_layers=12,
         num_attention_heads=heads,
         intermediate_size=4 * hidden,
-        image_size=geometry.image_size,
+        image_size=image_size,
         patch_size=geometry.patch_size,
         num_channels=geometry.num_channels,
         layer_norm_eps=1e-6,
     )
     if model_args.student_config_overrides:
         config.update_from_string(model_args.student_config_overrides)
+        if config.image_size != image_size:
+            raise ValueError(
+                f"student_config_overrides: image_size={config.image_size} differs from the {image_size}px the "
+                "teacher's image processor gives; the saved student and its processor must agree"
+            )
     return transformers.ViTModel(config)
 
 
-def load_training_data(data_args: DataArguments, training_args: SingerTrainingArguments, image_processor, image_size):
+def load_split(data_args: DataArguments, training_args: SingerTrainingArguments, split: str, image_processor, train: bool):
+    """One split as `pixel_values` at the image processor's size: augmented for training, resized and
+    centre-cropped for evaluation."""
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
     dataset = load_image_dataset(
         data_args.dataset_name,
         data_args.dataset_config,
-        data_args.train_split,
+        split,
         data_args.image_column,
         streaming=data_args.streaming,
-        shuffle_buffer=data_args.shuffle_buffer,
+        shuffle_buffer=data_args.shuffle_buffer if train else 0,
         seed=training_args.seed,
     )
-    if data_args.max_train_samples is not None:
-        count = data_args.max_train_samples
+    count = data_args.max_train_samples if train else data_args.max_eval_samples
+    if count is not None:
         dataset = dataset.take(count) if data_args.streaming else dataset.select(range(min(count, len(dataset))))
-    mean, std, _ = image_processor_stats(image_processor)
-    transforms = build_transforms(mean, std, image_size, train=True)
+    mean, std, image_size = image_processor_stats(image_processor)
+    transforms = build_transforms(mean, std, image_size, train=train)
     return with_image_transform(dataset, ImageTransform(transforms, data_args.image_column))
 
 
@@ -136,10 +158,11 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
     adapters = sum(count(layer) for layer in model.adapters.values())
     student_name = model_args.student_name_or_path or f"ViT-{model_args.student_size} from scratch"
+    resized = f", run at {model.image_size}px" if teacher.image_size != model.image_size else ""
     lines = [
-        f"Teacher: {model_args.teacher_name_or_path} ({teacher.backbone.config.model_type}, {teacher.depth} blocks, "
-        f"width {teacher.width}, prefix tokens {teacher.num_prefix_tokens}, {teacher.image_size}px, patch {teacher.patch_size})",
-        f"Student: {student_name} ({student.backbone.config.model_type}, {student.depth} blocks, width {student.width})",
+        f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
+        f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
+        f"Student: {student_name} ({student.model_type}, {student.depth} blocks, width {student.width}, {model.image_size}px)",
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
@@ -153,7 +176,9 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
         )
     lines.append(
         f"Trainable parameters: student {count(model.student):,}, projectors/heads "
-        f"{count(model) - count(model.student) - adapters:,}, adapters {adapters:,}; teacher frozen {count(model.teacher, False):,}"
+        f"{count(model) - count(model.student) - adapters:,}"
+        + (f", adapters {adapters:,}" if model.adapters else "")
+        + f"; teacher frozen {count(model.teacher, False):,}"
     )
     lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
     return "\n".join(lines)
@@ -166,16 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
 
-    teacher = AutoModel.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    teacher = load_backbone(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(
         model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
-    student = load_student(model_args, teacher)
+    image_size = image_processor_stats(image_processor)[2]
+    student = load_student(model_args, teacher, image_size)
     model = DistillationModel(teacher, student, training_args.distillation_config())
-    logger.info("SiNGER distillation\n%s", describe(model, model_args, data_args))
+    logger.info("%s distillation\n%s", METHOD_NAMES[model.config.method], describe(model, model_args, data_args))
 
-    image_size = resolve_vit(teacher).image_size
-    train_dataset = load_training_data(data_args, training_args, image_processor, image_size)
+    train_dataset = load_split(data_args, training_args, data_args.train_split, image_processor, train=True)
+    eval_dataset = None
+    if data_args.eval_split is not None:
+        eval_dataset = load_split(data_args, training_args, data_args.eval_split, image_processor, train=False)
     if data_args.streaming:
         # Each process reads its own share of the stream instead of the main process reading and
         # dispatching every batch. Accelerate splits a `datasets` stream by files when it has at
@@ -186,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=PixelValuesCollator(),
         processing_class=student_image_processor(image_processor),
     )
@@ -210,9 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
     if training_args.should_log:
         output = Path(training_args.output_dir).resolve()
+        artefacts = "adapters and projectors" if model.adapters else "projectors and heads"
         print(
             f"\nDone: {result.global_step} steps, last logged losses {losses}\n"
-            f"Student saved to {output} (adapters and projectors in {output / 'distillation'}).\n"
+            f"Student saved to {output} ({artefacts} in {output / DISTILLATION_DIR}).\n"
             f"Load it with:\n"
             f"    from transformers import AutoModel, AutoImageProcessor\n"
             f'    model = AutoModel.from_pretrained("{output}")\n'

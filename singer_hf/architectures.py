@@ -1,8 +1,8 @@
 """Per-architecture facts SiNGER needs, in one table.
 
-A new ViT family is one entry in `ARCHITECTURES`: where its blocks live, how many prefix tokens
-(CLS, distillation token, registers) precede the patch tokens, and how to read every block's output.
-Everything else in the package goes through `resolve_vit`.
+A new ViT family is one entry in `ARCHITECTURES`: where its blocks live, which prefix tokens (CLS,
+distillation token, registers) precede the patch tokens, how to read every block's output and how to
+run one block. Everything else in the package goes through `resolve_vit`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,26 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
 
-def _hf_block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # hidden_states[0] is the embedding output; hidden_states[l + 1] is block l before the final norm.
-    return backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states[1:]
+def _hf_block_outputs(interpolation_flag: bool = True):
+    """Reads `hidden_states`; at another image size than the model's, `interpolation_flag` says whether
+    its forward must be asked to interpolate the position embeddings (DINOv2's always does)."""
+
+    def block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs = {}
+        if interpolation_flag and pixel_values.shape[-1] != backbone.config.image_size:
+            kwargs["interpolate_pos_encoding"] = True
+        # hidden_states[0] is the embedding output; hidden_states[l + 1] is block l before the final norm.
+        return backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states[1:]
+
+    return block_outputs
 
 
 def _timm_block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # TimmWrapperModel's hidden states are B×C×H×W maps without the CLS token, so run the timm
-    # model's own stem and blocks to read token features with their prefix tokens.
+    # TimmWrapperModel's hidden states are B×C×H×W maps without the prefix tokens, so run the timm
+    # model's own stem and blocks to read token features with them.
     vit = backbone.timm_model
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))
     outputs = []
@@ -29,6 +39,15 @@ def _timm_block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tupl
         x = block(x)
         outputs.append(x)
     return tuple(outputs)
+
+
+def _hf_run_block(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    # The attention mask passed positionally as None: CLIP's and SigLIP's blocks require it, the others default it.
+    return block(hidden_states, None)
+
+
+def _timm_run_block(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return block(hidden_states)  # timm releases differ in what else a block's forward takes
 
 
 def _hf_geometry(backbone: nn.Module) -> tuple[int, int, int]:
@@ -43,6 +62,25 @@ def _timm_geometry(backbone: nn.Module) -> tuple[int, int, int]:
     return int(embed.img_size[0]), int(embed.patch_size[0]), int(embed.proj.in_channels)
 
 
+def _timm_set_input_size(backbone: nn.Module, image_size: int) -> None:
+    backbone.timm_model.set_input_size(img_size=(image_size, image_size))  # resamples the position embeddings
+
+
+def _check_timm_model(backbone: nn.Module) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = backbone.timm_model
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(
+            f"model: timm {type(vit).__name__} ({backbone.config.architecture}) is not supported; timm models must be "
+            "VisionTransformer (vit_*, deit*_, ...) with absolute position embeddings; EVA, rotary and hybrid models are not"
+        )
+
+
+def _hf_width(backbone: nn.Module) -> int:
+    return int(backbone.config.hidden_size)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Where one ViT family keeps what SiNGER reads."""
@@ -50,73 +88,135 @@ class Architecture:
     blocks: str
     """Dotted path from the backbone to the `nn.ModuleList` of transformer blocks."""
     num_prefix_tokens: Callable[[nn.Module], int]
-    """Tokens before the patch tokens (CLS, distillation token, registers); the adapter leaves them alone."""
+    """Tokens before the patch tokens (CLS, distillation token, registers), 0 when there are none."""
+    has_class_token: Callable[[nn.Module], bool] = lambda backbone: True
+    """Whether the first token is a CLS token (KD compares CLS to CLS only when both models have one)."""
     fc1: str = "mlp.fc1"
     """Path inside a block to the MLP's first linear layer (H×D weight)."""
     fc2: str = "mlp.fc2"
     """Path inside a block to the MLP's second linear layer (D×H weight)."""
-    block_outputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = field(default=_hf_block_outputs)
-    """Every block's output (B×N×D, before the final norm) for a batch of images."""
+    block_outputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = field(default=_hf_block_outputs())
+    """Every block's output (B×N×D, before the final norm) for a batch of images of any supported size."""
+    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(default=_hf_run_block)
+    """One block's output for B×N×D hidden states."""
     geometry: Callable[[nn.Module], tuple[int, int, int]] = field(default=_hf_geometry)
     """(image size, patch size, input channels) the model was built for."""
+    width: Callable[[nn.Module], int] = field(default=_hf_width)
+    """Token width D."""
+    set_input_size: Callable[[nn.Module, int], None] | None = None
+    """Makes the model run at another image size; None: its forward interpolates position embeddings itself."""
+    load_kwargs: dict = field(default_factory=dict)
+    """`from_pretrained` arguments that leave out what distillation never runs (ViT's pooler), so
+    loading a classification checkpoint reports nothing missing."""
+    check: Callable[[nn.Module], None] | None = None
+    """Raises a one-line ValueError for a model of this family that the code cannot run."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1),
-    "deit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 2),  # CLS + distillation token
-    "dinov2": Architecture(blocks="encoder.layer", num_prefix_tokens=lambda m: 1),
+    "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1, load_kwargs={"add_pooling_layer": False}),
+    "deit": Architecture(  # CLS + distillation token
+        blocks="layers", num_prefix_tokens=lambda m: 2, load_kwargs={"add_pooling_layer": False}
+    ),
+    "dinov2": Architecture(
+        blocks="encoder.layer", num_prefix_tokens=lambda m: 1, block_outputs=_hf_block_outputs(interpolation_flag=False)
+    ),
     "dinov2_with_registers": Architecture(
-        blocks="encoder.layer", num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
+        blocks="encoder.layer",
+        num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
+        block_outputs=_hf_block_outputs(interpolation_flag=False),
     ),
     "clip_vision_model": Architecture(blocks="encoder.layers", num_prefix_tokens=lambda m: 1),
+    "siglip_vision_model": Architecture(
+        blocks="encoder.layers", num_prefix_tokens=lambda m: 0, has_class_token=lambda m: False
+    ),
     "timm_wrapper": Architecture(
         blocks="timm_model.blocks",
         num_prefix_tokens=lambda m: int(m.timm_model.num_prefix_tokens),
+        has_class_token=lambda m: m.timm_model.cls_token is not None,
         block_outputs=_timm_block_outputs,
+        run_block=_timm_run_block,
         geometry=_timm_geometry,
+        width=lambda m: int(m.timm_model.embed_dim),
+        set_input_size=_timm_set_input_size,
+        check=_check_timm_model,
     ),
 }
+
+VISION_TOWERS: dict[str, str] = {"clip": "vision_model", "siglip": "vision_model"}
+"""Vision-language models (`AutoModel` on a CLIP checkpoint gives `CLIPModel`): the attribute holding
+the vision model, whose own `ARCHITECTURES` entry applies."""
+
+
+SUPPORTED_MODEL_TYPES = tuple(sorted([*ARCHITECTURES, *VISION_TOWERS]))
 
 
 @dataclass(frozen=True)
 class ResolvedViT:
-    """A model bound to its table entry: the backbone (no task head) and its facts."""
+    """A model bound to its table entry: the backbone (no task head, vision tower only) and its facts."""
 
     backbone: nn.Module
     architecture: Architecture
     blocks: nn.ModuleList
     num_prefix_tokens: int
+    has_class_token: bool
     image_size: int
+    """The size the model was built for (its position embeddings)."""
     patch_size: int
     num_channels: int
+    width: int
+
+    @property
+    def model_type(self) -> str:
+        return model_type_of(self.backbone)
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
 
-    @property
-    def width(self) -> int:
-        return self.mlp_weights(0)[0].shape[1]
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
     def block_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.architecture.block_outputs(self.backbone, pixel_values)
 
     def run_block(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Passed positionally as None: CLIP's block requires an attention mask, the others default it.
-        output = self.blocks[index](hidden_states, None)
+        output = self.architecture.run_block(self.blocks[index], hidden_states)
         return output[0] if isinstance(output, tuple) else output
 
     def mlp_weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_fc1: H×D, W_fc2: D×H) of block `index`, unwrapping a PEFT layer around the block."""
+        """(W_fc1: H×D, W_fc2: D×H) of block `index`, unwrapping a PEFT layer around the block.
+
+        Raises a one-line ValueError when the block's MLP is not fc1 → activation → fc2 (gated SwiGLU
+        MLPs, fused parallel blocks): SiNGER's nullspace is defined for that MLP only.
+        """
         block = self.blocks[index]
         block = getattr(block, "base_layer", block)
-        fc1 = block.get_submodule(self.architecture.fc1)
-        fc2 = block.get_submodule(self.architecture.fc2)
+        fc1 = _submodule_or_none(block, self.architecture.fc1)
+        fc2 = _submodule_or_none(block, self.architecture.fc2)
+        plain = (
+            isinstance(fc1, nn.Linear)
+            and isinstance(fc2, nn.Linear)
+            and fc1.out_features == fc2.in_features
+            and fc1.in_features == fc2.out_features == self.width
+        )
+        if not plain:
+            mlp = getattr(block, "mlp", None)
+            raise ValueError(
+                f"teacher: block {index} of this {self.model_type} model has a {type(mlp).__name__ if mlp else type(block).__name__} "
+                f"MLP, not {self.architecture.fc1} → activation → {self.architecture.fc2}; SiNGER's nullspace adapter needs "
+                "that plain two-layer MLP (gated SwiGLU MLPs and fused parallel blocks are not supported; "
+                "--method fitnet or vitkd need no MLP)"
+            )
         return fc1.weight, fc2.weight
+
+    def run_at(self, image_size: int) -> None:
+        """Prepare the model to read `image_size` images (its forward interpolates, or the family resizes it)."""
+        if image_size != self.image_size and self.architecture.set_input_size is not None:
+            self.architecture.set_input_size(self.backbone, image_size)
+
+
+def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -125,11 +225,22 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The model without its task head: `ViTForImageClassification` → its `ViTModel`."""
+    """The model without its task head (`ViTForImageClassification` → its `ViTModel`) or text tower
+    (`CLIPModel` → its `CLIPVisionModel`)."""
     model = getattr(model, "get_base_model", lambda: model)()  # a PeftModel → the wrapped model
+    if model_type_of(model) in VISION_TOWERS:
+        return backbone_of(getattr(model, VISION_TOWERS[model_type_of(model)]))
     if model_type_of(model) == "timm_wrapper":
         return model  # the wrapper itself reads the timm model; its base_model is the raw timm module
     return getattr(model, "base_model", model)
+
+
+def load_backbone(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+    """`AutoModel.from_pretrained`, without the parts of the family that distillation never runs."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    entry = ARCHITECTURES.get(config.model_type)
+    kwargs = entry.load_kwargs if entry is not None else {}
+    return AutoModel.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def resolve_vit(model: nn.Module, argument: str = "model") -> ResolvedViT:
@@ -139,16 +250,23 @@ def resolve_vit(model: nn.Module, argument: str = "model") -> ResolvedViT:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"{argument}: unsupported model type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     architecture = ARCHITECTURES[model_type]
+    if architecture.check is not None:
+        try:
+            architecture.check(backbone)
+        except ValueError as error:
+            raise ValueError(str(error).replace("model:", f"{argument}:", 1)) from None
     image_size, patch_size, num_channels = architecture.geometry(backbone)
     return ResolvedViT(
         backbone=backbone,
         architecture=architecture,
         blocks=backbone.get_submodule(architecture.blocks),
         num_prefix_tokens=architecture.num_prefix_tokens(backbone),
+        has_class_token=architecture.has_class_token(backbone),
         image_size=image_size,
         patch_size=patch_size,
         num_channels=num_channels,
+        width=architecture.width(backbone),
     )

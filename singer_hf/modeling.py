@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -11,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import ResolvedViT, resolve_vit
+from .architectures import ResolvedViT, backbone_of, resolve_vit
 from .losses import feature_mse, gram_loss, outlier_loss
 from .tuner import SingerConfig
 
@@ -107,8 +108,13 @@ class DistillationConfig:
             seed=self.adapter_seed,
         )
 
+    # The parts of `PretrainedConfig` that the Trainer and its logging callbacks (tensorboard, wandb,
+    # mlflow, ...) read from `model.config`.
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int) -> list[int]:
@@ -152,9 +158,15 @@ class DistillationModel(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationConfig | None = None):
         super().__init__()
         self.config = config = config or DistillationConfig()
+        if not isinstance(teacher, peft.PeftModel):
+            teacher = backbone_of(teacher)  # no task head, no text tower: only what distillation reads
         teacher_vit = resolve_vit(teacher, "teacher")
         student_vit = resolve_vit(student, "student")
         _check_compatible(teacher_vit, student_vit)
+        # Images come at the student's size (the saved student and its processor must agree); the
+        # teacher reads them at that size too, interpolating its position embeddings if built for another.
+        self.image_size = student_vit.image_size
+        teacher_vit.run_at(self.image_size)
         self.teacher_layers = config.layers_for(teacher_vit.depth)
         if self.teacher_layers[-1] >= teacher_vit.depth:
             raise ValueError(
@@ -185,7 +197,7 @@ class DistillationModel(nn.Module):
         distilled = self.teacher_layers if config.method != "vitkd" else self.teacher_layers[:-1]
         self.projectors = nn.ModuleList(nn.Linear(student_vit.width, teacher_vit.width) for _ in distilled)
         if config.method == "vitkd":
-            width, side = teacher_vit.width, teacher_vit.image_size // teacher_vit.patch_size
+            width, side = teacher_vit.width, self.image_size // teacher_vit.patch_size
             self.generation_projector = nn.Linear(student_vit.width, width)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
             self.generator = nn.Sequential(
@@ -194,11 +206,24 @@ class DistillationModel(nn.Module):
             self._patch_grid = side
         self.teacher.eval()
 
-    # -- nn.Module -------------------------------------------------------------------------------
+    # -- nn.Module and the Trainer's model protocol -----------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the teacher is a fixed target: no dropout, no drop-path
         return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        """Checkpoint the student's blocks (`--activation_checkpointing`); the teacher keeps no activations anyway."""
+        if not getattr(self.student, "supports_gradient_checkpointing", False):
+            raise ValueError(f"activation_checkpointing: {type(self.student).__name__} students do not support it")
+        self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.student.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.student, "is_activation_checkpointing", False))
 
     @property
     def adapters(self) -> dict[int, nn.Module]:
@@ -259,16 +284,22 @@ class DistillationModel(nn.Module):
         return feature_mse(self.projectors[index](student_tokens), teacher_tokens)
 
     def _aligned(self, student_feature, teacher_feature):
-        """All tokens when both models have the same prefix tokens; else CLS and patches only."""
-        student_prefix, teacher_prefix = self._student_vit.num_prefix_tokens, self._teacher_vit.num_prefix_tokens
-        if student_prefix == teacher_prefix:
+        """All tokens when both models have the same prefix tokens; else the patches, after the CLS
+        token when both have one (registers and distillation tokens have no counterpart)."""
+        student, teacher = self._student_vit, self._teacher_vit
+        same_prefix = (student.num_prefix_tokens, student.has_class_token) == (teacher.num_prefix_tokens, teacher.has_class_token)
+        if same_prefix:
             return student_feature, teacher_feature
-        keep = lambda feature, prefix: torch.cat([feature[:, :1], feature[:, prefix:]], dim=1)  # noqa: E731
-        return keep(student_feature, student_prefix), keep(teacher_feature, teacher_prefix)
+        cls = 1 if student.has_class_token and teacher.has_class_token else 0
+
+        def keep(feature, vit):
+            return torch.cat([feature[:, :cls], feature[:, vit.num_prefix_tokens :]], dim=1)
+
+        return keep(student_feature, student), keep(teacher_feature, teacher)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vit = self._teacher_vit
-        expected = (vit.num_channels, vit.image_size, vit.image_size)
+        expected = (vit.num_channels, self.image_size, self.image_size)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
@@ -285,15 +316,12 @@ def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int)
 
 
 def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:
-    if teacher.image_size != student.image_size:
+    if teacher.patch_size != student.patch_size:
         raise ValueError(
-            f"student: image size {student.image_size} differs from the teacher's {teacher.image_size}; "
-            "both must read the same images"
+            f"student: patch size {student.patch_size} differs from the teacher's {teacher.patch_size}; "
+            "the patch grids must match"
         )
-    if teacher.num_patches != student.num_patches:
-        raise ValueError(
-            f"student: patch size {student.patch_size} gives {student.num_patches} patches, the teacher's "
-            f"{teacher.patch_size} gives {teacher.num_patches}; the patch grids must match"
-        )
+    if student.image_size % student.patch_size:
+        raise ValueError(f"student: image size {student.image_size} is not a multiple of its patch size {student.patch_size}")
     if teacher.num_channels != student.num_channels:
         raise ValueError(f"student: {student.num_channels} input channels, the teacher has {teacher.num_channels}")

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field, fields
 import peft
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from .modeling import DistillationConfig, DistillationModel
@@ -27,7 +29,7 @@ class SingerTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the distillation method's fields (see `DistillationConfig`).
 
     Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
-    lr·1e-4 after a 5 % warm-up.
+    lr·1e-4 after a 5 % warm-up, no gradient clipping.
     """
 
     method: str = field(default="singer", metadata={"help": "singer, fitnet or vitkd."})
@@ -52,8 +54,16 @@ class SingerTrainingArguments(TrainingArguments):
         default_factory=lambda: {"min_lr_rate": 1e-4}, metadata={"help": "Cosine floor: lr·1e-4."}
     )
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
+
+    def __post_init__(self):
+        # Several processes launched (torchrun, `accelerate launch`) on a machine without an
+        # accelerator: they are CPU ranks. Without this each would train alone and write the output.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            self.use_cpu = True
+        super().__post_init__()
 
     def distillation_config(self) -> DistillationConfig:
         names = {f.name for f in fields(DistillationConfig)}
@@ -61,12 +71,18 @@ class SingerTrainingArguments(TrainingArguments):
         return DistillationConfig(**values)
 
 
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 class SingerTrainer(Trainer):
     """Trains a `DistillationModel`; saves the student as a plain Hugging Face model.
 
     - Each loss term is logged as `loss_<name>` (e.g. `loss_kd`, `loss_outlier`, `loss_info`),
       averaged over the logging interval and the processes, with one host sync per log, not per step;
-      `skipped_images` counts the undecodable images dropped so far.
+      `skipped_images` counts the undecodable images dropped so far. `evaluate()` reports `eval_loss`
+      and `eval_loss_<name>` the same way.
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
@@ -76,33 +92,51 @@ class SingerTrainer(Trainer):
         if not isinstance(model, DistillationModel):
             raise ValueError(f"model: SingerTrainer trains a singer_hf.DistillationModel, got {type(model).__name__}")
         if args.load_best_model_at_end:
-            raise ValueError("load_best_model_at_end: distillation has no evaluation metric to pick a best checkpoint by")
+            raise ValueError(
+                "load_best_model_at_end: not supported; the eval loss measures agreement with the teacher, not the "
+                "student's quality (probe the saved checkpoints instead)"
+            )
         super().__init__(model=model, args=args, **kwargs)
-        self._loss_sums: dict[str, torch.Tensor] = {}
-        self._loss_steps = 0
+        self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._loss_steps = {"train": 0, "eval": 0}
+
+    def _accumulate(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
+        sums = self._loss_sums[phase]
+        for name, value in losses.items():
+            sums[name] = value.detach() if name not in sums else sums[name] + value.detach()
+        self._loss_steps[phase] += 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
-            for name, value in outputs.losses.items():
-                running = self._loss_sums.get(name)
-                self._loss_sums[name] = value.detach() if running is None else running + value.detach()
-            self._loss_steps += 1
+            self._accumulate("train", outputs.losses)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The distillation loss on a batch (there are no labels or logits to return)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        self._accumulate("eval", outputs.losses)
+        return outputs.loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._loss_sums and "loss" in logs:
-            names = list(self._loss_sums)
-            values = [self._loss_sums[name] for name in names]
-            skipped = getattr(self.data_collator, "skipped", None)  # undecodable images so far, this process
-            if skipped is not None:
+        # Mutating `logs` in place also puts the terms into the metrics that `evaluate()` returns.
+        eval_loss = next((key for key in logs if key.endswith("_loss")), None)
+        phase, prefix = ("train", "loss") if "loss" in logs else ("eval", eval_loss)
+        if prefix is not None and self._loss_sums[phase]:
+            sums = self._loss_sums[phase]
+            names = list(sums)
+            values = [sums[name] for name in names]
+            skipped = getattr(self.data_collator, "skipped", None) if phase == "train" else None
+            if skipped is not None:  # undecodable images so far, this process
                 values.append(torch.tensor(float(skipped), device=values[0].device))
             totals = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()  # the one host sync
             for name, total in zip(names, totals):
-                logs[f"loss_{name}"] = total / (self._loss_steps * self.accelerator.num_processes)
+                logs[f"{prefix}_{name}"] = total / (self._loss_steps[phase] * self.accelerator.num_processes)
             if skipped is not None:
                 logs["skipped_images"] = int(totals[-1])
-            self._loss_sums, self._loss_steps = {}, 0
+            self._loss_sums[phase], self._loss_steps[phase] = {}, 0
         super().log(logs, start_time)
 
     # -- saving and resuming -----------------------------------------------------------------------
@@ -125,6 +159,7 @@ class SingerTrainer(Trainer):
         model.student.save_pretrained(output_dir, state_dict=student, safe_serialization=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer._save does
         research_dir = os.path.join(output_dir, DISTILLATION_DIR)
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):
@@ -137,24 +172,60 @@ class SingerTrainer(Trainer):
         }
         with open(os.path.join(research_dir, CONFIG_FILE), "w") as file:
             json.dump(summary, file, indent=2)
+        with open(os.path.join(research_dir, "README.md"), "w") as file:  # replaces PEFT's blank card
+            file.write(_research_readme(model))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a checkpoint written by `_save` into the (possibly wrapped or sharded) model.
+
+        The saved parts are assembled into one full state dict and handed to torch's
+        `set_model_state_dict`, which loads into plain, DDP and FSDP2-sharded modules alike.
+        """
         model: DistillationModel = self.accelerator.unwrap_model(model or self.model)
         if not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} holds no saved student (config.json)")
         # save_pretrained may write the Hub's key layout; from_pretrained is what maps it back.
-        saved_student = type(model.student).from_pretrained(resume_from_checkpoint)
-        missing, _ = model.student.load_state_dict(saved_student.state_dict(), strict=False)  # extra heads may differ
-        if missing:
+        saved_student = type(model.student).from_pretrained(resume_from_checkpoint, use_safetensors=True)
+        expected = {key.removeprefix("student.") for key in model.state_dict() if key.startswith("student.")}
+        student = {key: value for key, value in saved_student.state_dict().items() if key in expected}
+        if missing := sorted(expected - set(student)):
             raise ValueError(f"resume_from_checkpoint: the saved student lacks {missing[:5]}")
+        full = {f"student.{key}": value for key, value in student.items()}
         research_dir = os.path.join(resume_from_checkpoint, DISTILLATION_DIR)
         if isinstance(model.teacher, peft.PeftModel):
-            adapters = peft.utils.load_peft_weights(research_dir)
-            result = peft.set_peft_model_state_dict(model.teacher, adapters)
-            if result.unexpected_keys:
-                raise ValueError(f"resume_from_checkpoint: unexpected adapter weights {result.unexpected_keys}")
-        heads = load_file(os.path.join(research_dir, HEADS_FILE))
-        missing, unexpected = model.load_state_dict(heads, strict=False)
-        stray = [k for k in missing if not k.startswith(("student.", "teacher."))]
-        if unexpected or stray:
-            raise ValueError(f"resume_from_checkpoint: heads do not match the model (missing {stray}, unexpected {unexpected})")
+            adapter_name = model.teacher.active_adapter
+            for key, value in peft.utils.load_peft_weights(research_dir).items():
+                full[f"teacher.{key}.{adapter_name}"] = value  # PEFT saves keys without the adapter name
+        full.update(load_file(os.path.join(research_dir, HEADS_FILE)))
+        trainable = {key for key, parameter in model.named_parameters() if parameter.requires_grad}
+        trainable |= {key for key, _ in model.named_buffers() if not key.startswith("teacher.")}
+        missing = sorted(trainable - set(full))
+        unexpected = sorted(set(full) - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} does not match the model "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _research_readme(model: DistillationModel) -> str:
+    pairs = ", ".join(f"teacher block {t} → student block {s}" for t, s in zip(model.teacher_layers, model.student_layers))
+    lines = [
+        "# Distillation artefacts",
+        "",
+        f"What trained beside the student with `{model.config.method}` ({pairs}); the student itself is the folder above.",
+        "",
+        f"- `{CONFIG_FILE}`: the method's settings and the teacher → student block mapping.",
+        f"- `{HEADS_FILE}`: the projectors (student width → teacher width) and any method heads.",
+    ]
+    if isinstance(model.teacher, peft.PeftModel):
+        lines += [
+            "- `adapter_config.json`, `adapter_model.safetensors`: the teacher's SiNGER adapters, a PEFT adapter:",
+            "",
+            "```python",
+            "import peft, singer_hf  # importing singer_hf registers the SINGER PEFT type",
+            "teacher = peft.PeftModel.from_pretrained(teacher, \"<this folder>\")  # the same teacher as in training",
+            "```",
+        ]
+    return "\n".join(lines) + "\n"

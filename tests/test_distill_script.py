@@ -111,7 +111,7 @@ def test_teacher_student_resolution_mismatch(distill, workspace, tmp_path):
     transformers.ViTModel(config).save_pretrained(tmp_path / "student")
     argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
     argv[argv.index("--student_size") : argv.index("--student_size") + 4] = ["--student_name_or_path", str(tmp_path / "student")]
-    with pytest.raises(ValueError, match="student: image size 64 differs from the teacher's 32"):
+    with pytest.raises(ValueError, match="student_name_or_path: the student is built for 64px images but the teacher.s image processor gives 32px"):
         distill.main(argv)
 
 

@@ -61,7 +61,7 @@ class SingerLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("singer_down", "singer_up")
-    other_param_names = ("num_prefix_tokens", "null_directions")
+    other_param_names = ("null_directions",)  # per-adapter state besides the weights (deleted with the adapter)
 
     def __init__(self, base_layer: nn.Module, num_prefix_tokens: int) -> None:
         super().__init__()
@@ -98,7 +98,10 @@ class SingerLayer(nn.Module, BaseTunerLayer):
         return torch.cat([prefix, refined], dim=1)
 
     def merge(self, *args, **kwargs) -> None:
-        raise NotImplementedError("SiNGER adapters are a side branch of the teacher and have nothing to merge")
+        raise NotImplementedError(
+            "SiNGER adapters refine the teacher's features beside its forward pass; there is no weight to merge them "
+            "into (merge_and_unload() returns the plain teacher)"
+        )
 
     def unmerge(self) -> None:
-        raise NotImplementedError("SiNGER adapters are a side branch of the teacher and have nothing to merge")
+        raise NotImplementedError("SiNGER adapters are never merged, so there is nothing to unmerge")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
 
-from ..architectures import ARCHITECTURES, resolve_vit
+from ..architectures import resolve_vit
 from .config import SingerConfig
 from .layer import SingerLayer, _random_unit_rows, basis_with_count
 
@@ -18,6 +19,9 @@ class SingerModel(BaseTuner):
     Block l of 𝓛 is wrapped in a `SingerLayer` whose basis comes from the MLP of block l + 1 (block
     l itself for the final layer), following SPEC §4. The wrapped teacher computes exactly what it
     computed before; `singer_layers` gives the adapters that refine its block outputs.
+
+    The whole PEFT lifecycle works: `delete_adapter`, `unload` and `merge_and_unload` (which, with
+    nothing to merge into the teacher's weights, is `unload`) return or leave the plain teacher.
     """
 
     prefix: str = "singer_"
@@ -25,26 +29,37 @@ class SingerModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config: SingerConfig, model_config: dict) -> SingerConfig:
-        if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in ARCHITECTURES:
-                raise ValueError(
-                    f"model: unsupported model type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-                )
-            blocks = re.escape(ARCHITECTURES[model_type].blocks)
-            indices = "|".join(str(layer) for layer in peft_config.layers)
-            peft_config.target_modules = rf"(.*\.)?{blocks}\.({indices})"
-        return peft_config
+        return peft_config  # target_modules needs the model itself: see _prepare_model
 
-    def _pre_injection_hook(self, model, config: SingerConfig, adapter_name: str) -> None:
+    def _prepare_model(self, peft_config: SingerConfig, model: nn.Module) -> None:
+        """Bind the teacher to the architecture table and select exactly the blocks in `layers`.
+
+        `target_modules` is derived from the blocks found in the model (a CLIP model's text tower has
+        blocks of the same name); one given by the user or a saved config must select those same blocks.
+        """
         teacher = resolve_vit(model, "teacher")
-        if config.layers[-1] >= teacher.depth:
+        if peft_config.layers[-1] >= teacher.depth:
             raise ValueError(
-                f"layers: block index {config.layers[-1]} is out of range for a {teacher.depth}-block teacher "
+                f"layers: block index {peft_config.layers[-1]} is out of range for a {teacher.depth}-block teacher "
                 f"(valid: 0..{teacher.depth - 1})"
             )
-        if config.rank > teacher.width:
-            raise ValueError(f"rank: must be in [1, {teacher.width}] for a {teacher.width}-wide teacher, got {config.rank}")
+        if peft_config.rank > teacher.width:
+            raise ValueError(f"rank: must be in [1, {teacher.width}] for a {teacher.width}-wide teacher, got {peft_config.rank}")
+        wanted = {id(teacher.blocks[layer]) for layer in peft_config.layers}
+        names = sorted((name for name, module in model.named_modules() if id(module) in wanted), key=_block_index)
+        if peft_config.target_modules is None:
+            parent = names[0].rpartition(".")[0]
+            indices = "|".join(name.rpartition(".")[2] for name in names)
+            peft_config.target_modules = rf"(.*\.)?{re.escape(parent)}\.({indices})"
+        selected = sorted((name for name, _ in model.named_modules() if check_target_module_exists(peft_config, name)), key=_block_index)
+        if selected != names:
+            raise ValueError(
+                f"target_modules: {peft_config.target_modules!r} selects {selected[:4] or 'no module'}, not the teacher "
+                f"blocks {peft_config.layers} named by `layers` ({names}); SiNGER adapts whole blocks: leave target_modules unset"
+            )
+        for layer in peft_config.layers:  # every nullspace comes from a plain two-layer MLP
+            is_final = layer == peft_config.layers[-1]
+            teacher.mlp_weights(layer if is_final else layer + 1)
         self._teacher = teacher
 
     def _create_and_replace(self, config: SingerConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -66,8 +81,22 @@ class SingerModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # The tuner wraps whole blocks, not leaf layers: PEFT's version would copy a `weight` that
+        # blocks do not have. The adapter's weights are created on the block's device.
+        setattr(parent, child_name, new_module)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """The plain teacher: a SiNGER adapter is a side branch with nothing to merge into its weights."""
+        return self.unload()
+
     @property
     def singer_layers(self) -> dict[int, SingerLayer]:
         """The adapter layers by teacher block index."""
         teacher = resolve_vit(self.model, "teacher")
         return {index: block for index, block in enumerate(teacher.blocks) if isinstance(block, SingerLayer)}
+
+
+def _block_index(name: str) -> tuple[str, int]:
+    parent, _, index = name.rpartition(".")
+    return parent, int(index) if index.isdigit() else -1

@@ -1,9 +1,8 @@
 # Two commands set up everything on a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian packages: Fashion-MNIST for the offline demo and data tests, Open MPI for the
-# two-process CPU `accelerate launch` test.
-APT_PACKAGES := dataset-fashion-mnist openmpi-bin
+# Debian package: Fashion-MNIST for the offline demo and data tests.
+APT_PACKAGES := dataset-fashion-mnist
 
 .PHONY: setup system-deps demo test
 setup: $(VENV)/.installed system-deps
@@ -15,9 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 system-deps:
-	@if ! [ -d /usr/share/datasets/fashion-mnist ] || ! command -v mpirun >/dev/null; then \
+	@if ! [ -d /usr/share/datasets/fashion-mnist ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null \
-	  || echo "warning: could not install $(APT_PACKAGES); the demo falls back to the Hub and the MPI test is skipped"; \
+	  || echo "warning: could not install $(APT_PACKAGES); the demo falls back to the Hub"; \
 	fi
 
 demo: setup

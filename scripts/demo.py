@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModel, set_seed
 
+from singer_hf.architectures import load_backbone
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill  # noqa: E402
 from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
@@ -64,7 +66,7 @@ def main(extra_flags: list[str]) -> None:
     set_seed(0)
     untrained = type(student)(student.config)  # same architecture, random weights: the floor
     accuracies = {}
-    for name, model in (("teacher", AutoModel.from_pretrained(str(teacher_dir))), ("student", student), ("untrained", untrained)):
+    for name, model in (("teacher", load_backbone(str(teacher_dir))), ("student", student), ("untrained", untrained)):
         accuracies[name] = linear_probe_accuracy(
             cls_features(model, train_images), train_labels, cls_features(model, test_images), test_labels
         )

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+import transformers
 from transformers import AutoConfig, AutoModel
 
 
@@ -105,18 +106,13 @@ class Architecture:
     """Token width D."""
     set_input_size: Callable[[nn.Module, int], None] | None = None
     """Makes the model run at another image size; None: its forward interpolates position embeddings itself."""
-    load_kwargs: dict = field(default_factory=dict)
-    """`from_pretrained` arguments that leave out what distillation never runs (ViT's pooler), so
-    loading a classification checkpoint reports nothing missing."""
     check: Callable[[nn.Module], None] | None = None
     """Raises a one-line ValueError for a model of this family that the code cannot run."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1, load_kwargs={"add_pooling_layer": False}),
-    "deit": Architecture(  # CLS + distillation token
-        blocks="layers", num_prefix_tokens=lambda m: 2, load_kwargs={"add_pooling_layer": False}
-    ),
+    "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1),
+    "deit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 2),  # CLS + distillation token
     "dinov2": Architecture(
         blocks="encoder.layer", num_prefix_tokens=lambda m: 1, block_outputs=_hf_block_outputs(interpolation_flag=False)
     ),
@@ -236,11 +232,17 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def load_backbone(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
-    """`AutoModel.from_pretrained`, without the parts of the family that distillation never runs."""
+    """The backbone of a checkpoint (`backbone_of`), loaded with the class it was saved from.
+
+    `AutoModel` on a classification checkpoint would build a model with other parts (a pooler, no
+    classifier) and report them missing and unexpected; loading the saved class and dropping its head
+    (or a CLIP model's text tower) loads every weight as written.
+    """
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    entry = ARCHITECTURES.get(config.model_type)
-    kwargs = entry.load_kwargs if entry is not None else {}
-    return AutoModel.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code, **kwargs)
+    saved_as = (getattr(config, "architectures", None) or [""])[0]
+    model_class = getattr(transformers, saved_as, None) if saved_as else None  # None: remote code, or no record
+    model = (model_class or AutoModel).from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
+    return backbone_of(model)
 
 
 def resolve_vit(model: nn.Module, argument: str = "model") -> ResolvedViT:

@@ -59,9 +59,10 @@ class SingerTrainingArguments(TrainingArguments):
     save_safetensors: bool = True
 
     def __post_init__(self):
-        # Several processes launched (torchrun, `accelerate launch`) on a machine without an
-        # accelerator: they are CPU ranks. Without this each would train alone and write the output.
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
+        # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
+        # CPU ranks over gloo instead of each training alone and writing the output.
+        if not _has_accelerator():
             self.use_cpu = True
         super().__post_init__()
 

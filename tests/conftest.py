@@ -48,3 +48,18 @@ TEACHER_FACTORIES = {
 @pytest.fixture
 def images():
     return torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def distill_script():
+    """scripts/distill.py as a module, so a test calls its main(argv) as the command line does."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "distill.py"
+    spec = importlib.util.spec_from_file_location("distill_script_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module

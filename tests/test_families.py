@@ -1,0 +1,99 @@
+"""Each family of the architecture table through scripts/distill.py, loaded the way a user's Hub
+checkpoint of it loads (tiny stand-ins, tests/standins.py), and the families the table refuses."""
+
+from __future__ import annotations
+
+import json
+
+import PIL.Image
+import pytest
+import torch
+import transformers
+from standins import hf_families, save_timm, write_images
+
+STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
+TIMM = {
+    "timm_vit": dict(architecture="vit_tiny_patch16_224", depth=6),
+    # No CLS token: four registers, then the patches (global-average-pooled models).
+    "timm_reg4_gap": dict(architecture="vit_base_patch16_reg4_gap_256", depth=6),
+}
+FAMILIES = [*hf_families(), *TIMM]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data") / "train.parquet", count=16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_distils_through_the_script(distill_script, images, tmp_path, family):
+    teacher = tmp_path / "teacher"
+    if family in TIMM:
+        save_timm(teacher, **TIMM[family])
+    else:
+        hf_families()[family](teacher)
+    output = tmp_path / "run"
+    result = distill_script.main([
+        "--teacher_name_or_path", str(teacher), "--student_size", "tiny", "--student_config_overrides", STUDENT,
+        "--dataset_name", str(images), "--output_dir", str(output), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none", "--save_strategy", "no",
+        "--logging_steps", "1",
+    ])  # fmt: skip
+    assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
+    assert all(torch.isfinite(torch.tensor(value)) for value in result["losses"].values())
+
+    # The student is built at the size the teacher's processor gives (DINOv2: its crop, not its
+    # config's 64), and the card's usage works with the processor saved beside it.
+    processor = transformers.AutoImageProcessor.from_pretrained(output)
+    student = transformers.AutoModel.from_pretrained(output)
+    teacher_processor = transformers.AutoImageProcessor.from_pretrained(teacher)
+    size = distill_script.image_processor_stats(teacher_processor)[2]
+    assert student.config.image_size == size == 32
+    inputs = processor(images=PIL.Image.new("RGB", (45, 37), (10, 200, 90)), return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (size, size)
+    layers = json.loads((output / "distillation" / "distillation_config.json").read_text())["student_layers"]
+    with torch.no_grad():
+        feature = student(**inputs, output_hidden_states=True).hidden_states[layers[-1] + 1]
+    assert feature.shape == (1, 1 + (size // 8) ** 2, 32)
+
+
+def _tiny_timm(architecture, **model_args):
+    config = transformers.TimmWrapperConfig(
+        architecture=architecture, model_args=dict(img_size=28, patch_size=7, embed_dim=32, num_heads=2, depth=3, **model_args)
+    )
+    return transformers.TimmWrapperModel(config)
+
+
+def _student(image=28, patch=7):
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                                    image_size=image, patch_size=patch)  # fmt: skip
+    return transformers.ViTModel(config)
+
+
+@pytest.mark.parametrize(
+    "teacher, message",
+    [
+        (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=7, use_swiglu_ffn=True)),
+         "teacher: block 2 of this dinov2 model has a Dinov2SwiGLUFFN MLP"),
+        (lambda: _tiny_timm("vit_giant_patch14_dinov2"), "teacher: block 2 of this timm_wrapper model has a GluMlp MLP"),
+        (lambda: _tiny_timm("vit_small_patch16_18x2_224"), "teacher: block 2 of this timm_wrapper model has a ParallelThingsBlock MLP"),
+    ],
+    ids=["dinov2_swiglu", "timm_dinov2_giant_swiglu", "timm_parallel_blocks"],
+)
+def test_blocks_without_a_plain_mlp_fail_at_construction_for_singer_only(teacher, message):
+    from singer_hf import DistillationConfig, DistillationModel
+
+    with pytest.raises(ValueError, match=message) as error:
+        DistillationModel(teacher(), _student(), DistillationConfig(teacher_layers=[1, 2], rank=4))
+    assert "\n" not in str(error.value) and "fitnet" in str(error.value)
+    model = DistillationModel(teacher(), _student(), DistillationConfig(method="fitnet", teacher_layers=[1, 2]))
+    assert torch.isfinite(model(pixel_values=torch.randn(2, 3, 28, 28)).loss)
+
+
+def test_non_vit_timm_models_fail_at_construction():
+    from singer_hf import DistillationConfig, DistillationModel
+
+    with pytest.raises(ValueError, match=r"^teacher: timm Eva \(eva02_tiny_patch14_224\) is not supported") as error:
+        DistillationModel(_tiny_timm("eva02_tiny_patch14_224"), _student(), DistillationConfig(method="fitnet"))
+    assert "\n" not in str(error.value)

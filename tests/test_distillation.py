@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import IMAGE, TEACHER_FACTORIES, make_vit
+from conftest import IMAGE, PATCH, TEACHER_FACTORIES, make_vit, tiny_config
 
 from singer_hf import DistillationConfig, DistillationModel, SingerConfig, map_layers
 
@@ -154,3 +154,38 @@ def test_bad_pixel_values_raise(pixel_values):
     model = _model(rank=4)
     with pytest.raises(ValueError, match=f"pixel_values: expected B×3×{IMAGE}×{IMAGE} images, got"):
         model(pixel_values=pixel_values)
+
+
+@pytest.mark.parametrize("teacher_family", ["siglip_no_cls", "timm_registers_no_cls", "deit_cls_and_distillation"])
+def test_kd_compares_matching_tokens_only(teacher_family, images):
+    """Different prefix tokens: KD compares the patches, and CLS with CLS only when both have one."""
+    import torch.nn.functional as F
+
+    vision = dict(hidden_size=48, num_hidden_layers=6, num_attention_heads=2, intermediate_size=96, image_size=IMAGE, patch_size=PATCH)
+    teacher, teacher_prefix, has_cls = {
+        "siglip_no_cls": (lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)), 0, False),
+        "timm_registers_no_cls": (lambda: transformers.TimmWrapperModel(transformers.TimmWrapperConfig(
+            architecture="vit_base_patch16_reg4_gap_256",
+            model_args=dict(img_size=IMAGE, patch_size=PATCH, embed_dim=48, depth=6, num_heads=2))), 4, False),
+        "deit_cls_and_distillation": (lambda: TEACHER_FACTORIES["deit"](), 2, True),
+    }[teacher_family]
+    model = DistillationModel(teacher(), make_vit(32, 4, seed=1), DistillationConfig(method="fitnet", teacher_layers=[5]))
+    teacher_feature = torch.randn(2, teacher_prefix + 16, 48)
+    student_feature = torch.randn(2, 1 + 16, 32)
+    kept = slice(0, None) if has_cls else slice(1, None)  # the student's CLS only when the teacher has one
+    teacher_tokens = torch.cat([teacher_feature[:, :1], teacher_feature[:, teacher_prefix:]], 1) if has_cls else teacher_feature[:, teacher_prefix:]
+    expected = F.mse_loss(model.projectors[0](student_feature[:, kept]), teacher_tokens)
+    torch.testing.assert_close(model._kd(0, student_feature, teacher_feature), expected)
+
+
+def test_teacher_built_for_another_size_reads_the_students_images():
+    """A DINOv2 teacher whose config says 2× the student's size interpolates its position embeddings."""
+    config = tiny_config(transformers.Dinov2Config, 48, 6)
+    config.image_size = 2 * IMAGE
+    teacher = transformers.Dinov2Model(config)
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(rank=4))
+    assert model.image_size == IMAGE
+    output = model(pixel_values=torch.randn(2, 3, IMAGE, IMAGE))
+    assert torch.isfinite(output.loss)
+    with pytest.raises(ValueError, match=r"pixel_values: expected B×3×32×32 images, got \(2, 3, 64, 64\)"):
+        model(pixel_values=torch.randn(2, 3, 2 * IMAGE, 2 * IMAGE))

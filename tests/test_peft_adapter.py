@@ -117,3 +117,53 @@ def test_nullspace_init_counts_the_directions_it_found():
     model = peft.get_peft_model(teacher, SingerConfig(layers=[2, 5], rank=8, null_threshold=1e9))
     assert all(layer.null_directions["default"] == 8 for layer in model.base_model.singer_layers.values())
     assert isinstance(model.base_model.singer_layers[2], SingerLayer)
+
+
+# -- the rest of PEFT's BaseTuner contract ---------------------------------------------------------
+def _plain_block_types(model):
+    return {type(block).__name__ for block in singer_hf.resolve_vit(model).blocks}
+
+
+@pytest.mark.parametrize("method", ["unload", "merge_and_unload"])
+def test_unload_returns_the_plain_teacher(method, images):
+    teacher = make_vit().eval()
+    before = [f.clone() for f in singer_hf.resolve_vit(teacher).block_outputs(images)]
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[2, 5], rank=4))
+    plain = getattr(model, method)()
+    assert type(plain).__name__ == "ViTModel" and _plain_block_types(plain) == {"ViTLayer"}
+    assert not any("singer_" in name for name, _ in plain.named_parameters())
+    after = singer_hf.resolve_vit(plain).block_outputs(images)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_merge_adapter_says_why_it_is_not_supported():
+    model = peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 5], rank=4))
+    with pytest.raises(NotImplementedError, match="nothing to merge|no weight to merge"):
+        model.merge_adapter()
+
+
+def test_add_and_delete_adapters():
+    model = peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 5], rank=4))
+    model.add_adapter("other", SingerConfig(layers=[2, 5], rank=2, seed=1))
+    layer = model.base_model.singer_layers[2]
+    assert set(layer.singer_down) == {"default", "other"} and layer.null_directions.keys() == {"default", "other"}
+    model.delete_adapter("other")
+    assert set(layer.singer_down) == set(layer.singer_up) == set(layer.null_directions) == {"default"}
+    assert "other" not in model.peft_config and layer.num_prefix_tokens == 1
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj"], r"(.*\.)?layers\.(2|3)", r".*layers\.\d+"])
+def test_target_modules_that_disagree_with_layers_fail_in_one_line(target_modules):
+    with pytest.raises(ValueError, match=r"^target_modules: .* not the teacher blocks \[2, 5\]") as error:
+        peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 5], rank=4, target_modules=target_modules))
+    assert "\n" not in str(error.value)
+
+
+def test_clip_model_gets_adapters_on_its_vision_tower_only():
+    import transformers
+
+    vision = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=dict(vision, num_hidden_layers=4), vision_config=vision))
+    model = peft.get_peft_model(clip, SingerConfig(layers=[1, 3], rank=4))
+    wrapped = sorted(name for name, module in model.named_modules() if isinstance(module, SingerLayer))
+    assert wrapped == ["base_model.model.vision_model.encoder.layers.1", "base_model.model.vision_model.encoder.layers.3"]

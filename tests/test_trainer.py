@@ -168,3 +168,48 @@ def test_trainer_rejects_other_models_and_best_model_selection(tmp_path):
     args = _args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
     with pytest.raises(ValueError, match="load_best_model_at_end: not supported"):
         SingerTrainer(model=_model(), args=args)
+
+
+# -- the Trainer's model protocol ------------------------------------------------------------------
+def test_evaluate_reports_the_loss_and_each_term(tmp_path):
+    model = _model()
+    trainer = SingerTrainer(
+        model=model, args=_args(tmp_path, per_device_eval_batch_size=8), train_dataset=_images(),
+        eval_dataset=_images(16, seed=5), data_collator=PixelValuesCollator(),
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    terms = {name: metrics[f"eval_loss_{name}"] for name in ("kd", "outlier", "info")}
+    weights = model.config.weights()
+    assert metrics["eval_loss"] == pytest.approx(sum(weights[name] * value for name, value in terms.items()), rel=1e-5)
+    # The same batches through the model by hand (eval mode: the terms are deterministic).
+    model.eval()
+    with torch.no_grad():
+        batches = [torch.stack([image["pixel_values"] for image in _images(16, seed=5)[i : i + 8]]) for i in (0, 8)]
+        kd = sum(model(pixel_values=batch).losses["kd"] for batch in batches) / 2
+    assert terms["kd"] == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_activation_checkpointing_trains_the_same_student(tmp_path):
+    weights = {}
+    for checkpointing in (False, True):
+        model = _model()
+        _trainer(model, _args(tmp_path / str(checkpointing), max_steps=2, activation_checkpointing=checkpointing)).train()
+        assert model.is_activation_checkpointing == model.student.is_activation_checkpointing == checkpointing
+        weights[checkpointing] = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    initial = dict(_model().named_parameters())
+    assert any(not torch.equal(initial[name], value) for name, value in weights[True].items())  # it trained
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tensorboard_logging_records_the_distillation_config(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(_model(), _args(tmp_path, report_to="tensorboard", logging_steps=1))
+    trainer.train()
+    (run_dir,) = {path.parent for path in tmp_path.rglob("events.out.tfevents.*")}  # output_dir/runs/<date_host>
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {"train/loss", "train/loss_kd", "train/loss_outlier", "train/loss_info"} <= set(events.Tags()["scalars"])
+    config_text = [tag for tag in events.Tags()["tensors"] if "model_config" in tag]
+    assert config_text, events.Tags()

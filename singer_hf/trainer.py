@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -67,6 +68,7 @@ class SingerTrainer(Trainer):
     - Each loss term is logged as `loss_<name>` (e.g. `loss_kd`, `loss_outlier`, `loss_info`),
       averaged over the logging interval and the processes, with one host sync per log, not per step;
       `skipped_images` counts the undecodable images dropped so far.
+    - `args.push_to_hub` does not make the Trainer push (see `singer_hf.publishing`).
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
@@ -77,6 +79,13 @@ class SingerTrainer(Trainer):
             raise ValueError(f"model: SingerTrainer trains a singer_hf.DistillationModel, got {type(model).__name__}")
         if args.load_best_model_at_end:
             raise ValueError("load_best_model_at_end: distillation has no evaluation metric to pick a best checkpoint by")
+        if args.push_to_hub:
+            # The Trainer's own push (a repo made at start, checkpoint pushes, its layout and card)
+            # stays off: singer_hf.publishing publishes the saved student, with its card, after
+            # training (scripts/distill.py --push_to_hub does).
+            logger.info("push_to_hub: the Trainer's own push is off; publish with singer_hf.publishing.publish_student")
+            args = copy.copy(args)
+            args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0

@@ -159,6 +159,7 @@ def write_student_card(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
+        student_depth=_student_depth(Path(output_dir)),
     )
 
 
@@ -197,8 +198,7 @@ def student_card_from_run(
 ) -> ModelCard:
     """Render the card of a finished run from its records (see the module doc) into `output_dir`.
 
-    `output_dir` defaults to `run_dir`; another folder (a copy of the student for upload) must
-    already hold the student's `config.json`.
+    `output_dir` defaults to `run_dir` (another folder: e.g. a copy of the student for upload).
     """
     run_dir = Path(run_dir)
     research_dir = run_dir / DISTILLATION_DIR
@@ -221,6 +221,7 @@ def student_card_from_run(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
+        student_depth=_student_depth(run_dir),
     )
 
 
@@ -240,6 +241,7 @@ def _render(
     baseline_results: list[dict] | tuple[dict, ...],
     figures: list[str] | tuple[str, ...],
     distillation_included: bool,
+    student_depth: int | None,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = _local_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
@@ -257,7 +259,6 @@ def _render(
     known = {f.name for f in fields(DistillationConfig)}
     config = DistillationConfig(**{k: v for k, v in distillation.items() if k in known})
 
-    student_depth = _student_depth(output_dir)
     last = int(student_layers[-1])
     feature_is_last = student_depth is not None and last == student_depth - 1
     unused = list(range(last + 1, student_depth)) if student_depth is not None else []

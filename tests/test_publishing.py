@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -395,3 +396,27 @@ def test_bad_input_is_refused_before_anything_is_written(pushed_run, workspace, 
     with pytest.raises(ValueError, match=message):
         publish_student(run_dir, "me/x", **kwargs)
     assert not (tmp_path / "upload").exists()
+
+
+def test_the_card_renders_from_an_installed_wheel(pushed_run, tmp_path):
+    """The template is package data: a wheel install (no checkout around) renders the card."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    shutil.copytree(ROOT / "singer_hf", source / "singer_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)], check=True)
+    (wheel,) = (tmp_path / "wheel").glob("singer_hf-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    code = (
+        "import singer_hf.model_card as card\n"
+        f"assert card.__file__.startswith({str(tmp_path / 'site')!r}), card.__file__\n"
+        f"card.student_card_from_run({str(pushed_run)!r}, 'rendered', repo_id='me/from-wheel')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    text = (tmp_path / "rendered" / "README.md").read_text()
+    assert ModelCard(text).data.pipeline_tag == "image-feature-extraction"
+    assert "### Training budget" in text and 'repo = "me/from-wheel"' in text
+    assert "outputs.hidden_states[-1]" in text

@@ -448,7 +448,7 @@ def _budget_rows(trainer_state: dict | None, training: dict, hardware: dict | No
         rows.append(("Optimisation steps", f"{steps:,}"))
         if global_batch:
             rows.append(("Global batch", f"{global_batch:,} ({processes} × {per_device} × {training.get('gradient_accumulation_steps') or 1} accumulation)"))
-            rows.append(("Images seen", f"{steps * global_batch:,}"))
+            rows.append(("Images seen (steps × global batch)", f"{steps * global_batch:,}"))
         if trainer_state.get("epoch") is not None:
             rows.append(("Epochs", f"{float(trainer_state['epoch']):.3g}"))
     elif global_batch:

@@ -436,7 +436,8 @@ def _format(value: Any) -> str:
 
 
 def _budget_rows(trainer_state: dict | None, training: dict, hardware: dict | None) -> list[tuple[str, str]]:
-    """Steps, images seen, global batch, epochs, hardware and wall time of the run."""
+    """Steps, images seen, global batch, hardware and wall time of the run (no epochs: the Trainer's
+    epoch count of a streamed dataset is a fraction of max_steps, not of the data)."""
     rows = []
     processes = (hardware or {}).get("num_processes")
     per_device = training.get("per_device_train_batch_size") or (trainer_state or {}).get("train_batch_size")
@@ -449,8 +450,6 @@ def _budget_rows(trainer_state: dict | None, training: dict, hardware: dict | No
         if global_batch:
             rows.append(("Global batch", f"{global_batch:,} ({processes} × {per_device} × {training.get('gradient_accumulation_steps') or 1} accumulation)"))
             rows.append(("Images seen (steps × global batch)", f"{steps * global_batch:,}"))
-        if trainer_state.get("epoch") is not None:
-            rows.append(("Epochs", f"{float(trainer_state['epoch']):.3g}"))
     elif global_batch:
         rows.append(("Global batch", f"{global_batch:,}"))
     if hardware:
@@ -460,7 +459,7 @@ def _budget_rows(trainer_state: dict | None, training: dict, hardware: dict | No
         None,
     )
     if runtime is not None:
-        rows.append(("Wall time", _duration(float(runtime))))
+        rows.append(("Wall time (training loop, last session)", _duration(float(runtime))))
         if trainer_state and global_batch and runtime > 0:
             rows.append(("Throughput", f"{int(trainer_state.get('global_step') or 0) * global_batch / runtime:,.1f} images/s"))
     return rows

@@ -281,7 +281,7 @@ def test_card_from_the_run_records_with_results_and_model_index(pushed_run, work
     runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
     assert "| Optimisation steps | 2 |" in text and "| Images seen (steps × global batch) | 16 |" in text
     assert "| Global batch | 8 (1 × 8 × 1 accumulation) |" in text and "| Hardware | 1 × CPU, fp32 |" in text
-    assert f"| Wall time | {runtime:.1f} s |" in text
+    assert f"| Wall time (training loop, last session) | {runtime:.1f} s |" in text
     assert "| learning_rate | 0.001 |" in text and "| Adapter rank | 4 |" in text
     # teacher blocks [4, 5] → student blocks [2, 3] of 4: the distilled feature is the last block's
     assert "| 5 | 3 | final |" in text and "outputs.hidden_states[-1]" in text

@@ -291,6 +291,9 @@ def test_card_from_the_run_records_with_results_and_model_index(pushed_run, work
 
 
 def test_dry_run_folder_loads_without_singer_hf_and_holds_no_pickles_or_local_paths(pushed_run, workspace, tmp_path):
+    (pushed_run / "checkpoint-1").mkdir(exist_ok=True)  # what a run folder may hold besides the student
+    (pushed_run / "checkpoint-1" / "model.safetensors").write_bytes(b"not published")
+    (pushed_run / "training_args.bin").write_bytes(b"\x80\x04 a pickle, never published")
     staged = tmp_path / "upload"
     result = publish_student(
         pushed_run, "me/vit-tiny-singer", include_distillation=True, figures_dir=workspace / "figures", dry_run=staged

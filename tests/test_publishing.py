@@ -2,10 +2,11 @@
 
 Uploads go to `StandInHub`, a small HTTP server on 127.0.0.1 that stands in for the Hugging Face
 Hub: it implements the endpoints `huggingface_hub` calls for `create_repo`, `create_branch`,
-`upload_folder` (validate-yaml, preupload, commit) and `repo_info`, and records every request. It is
-a stand-in, not the Hub: it answers "regular" upload mode for every file (the real Hub sends
-safetensors through LFS/Xet, a transfer this stand-in does not implement), and it does not check
-metadata the way the Hub does (the tests check the card's YAML with huggingface_hub itself).
+`upload_folder` (validate-yaml, preupload, the LFS batch API and its basic upload, commit) and
+`repo_info`, and records every request. It is a stand-in, not the Hub: safetensors files go through
+LFS as on the Hub, but with the basic transfer (the tests switch off Xet, huggingface_hub's default
+when hf_xet is installed, whose storage protocol the stand-in does not implement), and it does not
+check metadata the way the Hub does (the tests check the card's YAML with huggingface_hub itself).
 """
 
 import base64
@@ -62,6 +63,7 @@ class StandInHub(ThreadingHTTPServer):
         self.requests = []  # (method, path with query, headers, body)
         self.repos = {}  # repo_id -> {branch: {"files": {path: bytes}, "commits": [(oid, summary)]}}
         self.refused_tokens = set()
+        self.lfs = {}  # sha256 -> bytes, uploaded through the LFS basic transfer
 
     def commits(self, repo_id, branch="main"):
         return self.repos[repo_id][branch]["commits"]
@@ -82,6 +84,9 @@ class StandInHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle("POST")
 
+    def do_PUT(self):
+        self._handle("PUT")
+
     def _handle(self, method):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.requests.append((method, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
@@ -98,6 +103,18 @@ class StandInHandler(BaseHTTPRequestHandler):
             return self._reply(200, {"url": f"{self.server.url}/{repo_id}"})
         if route == ("POST", "api", "validate-yaml"):
             return self._reply(200, {"errors": [], "warnings": []})
+        if parts[2:] == ["info", "lfs", "objects", "batch"] and method == "POST":  # /{repo}.git/info/lfs/objects/batch
+            objects = [
+                {"oid": o["oid"], "size": o["size"]}
+                | ({} if o["oid"] in self.server.lfs else {"actions": {"upload": {"href": f"{self.server.url}/lfs-upload/{o['oid']}"}}})
+                for o in json.loads(body)["objects"]
+            ]
+            return self._reply(200, {"transfer": "basic", "objects": objects})
+        if parts[0] == "lfs-upload" and method == "PUT":
+            if hashlib.sha256(body).hexdigest() != parts[1]:
+                return self._reply(400, {"error": "sha256 mismatch"})
+            self.server.lfs[parts[1]] = body
+            return self._reply(200, {})
         if parts[:2] != ["api", "models"] or len(parts) < 6:
             return self._reply(404, {"error": f"not implemented by the stand-in: {method} {self.path}"})
         repo_id, action, branch = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
@@ -113,11 +130,12 @@ class StandInHandler(BaseHTTPRequestHandler):
             return self._reply(404, {"error": "Revision not found"})
         state = repo[branch]
         if action == "preupload" and method == "POST":
-            files = [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                 "oid": git_blob_sha1(state["files"][f["path"]]) if f["path"] in state["files"] else None}
-                for f in json.loads(body)["files"]
-            ]  # fmt: skip
+            files = []
+            for f in json.loads(body)["files"]:
+                lfs = f["path"].endswith(".safetensors")  # as the Hub's default .gitattributes
+                stored = state["files"].get(f["path"])
+                oid = None if stored is None else hashlib.sha256(stored).hexdigest() if lfs else git_blob_sha1(stored)
+                files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
             return self._reply(200, {"files": files})
         if action == "commit" and method == "POST":
             lines = [json.loads(line) for line in body.decode().splitlines() if line]
@@ -125,8 +143,10 @@ class StandInHandler(BaseHTTPRequestHandler):
             for line in lines:
                 if line["key"] == "file":
                     state["files"][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                elif line["key"] == "lfsFile" and line["value"]["oid"] in self.server.lfs:
+                    state["files"][line["value"]["path"]] = self.server.lfs[line["value"]["oid"]]
                 elif line["key"] != "header":
-                    return self._reply(400, {"error": f"the stand-in handles regular files only, got {line['key']}"})
+                    return self._reply(400, {"error": f"the stand-in cannot apply {line}"})
             oid = hashlib.sha1(body).hexdigest()
             state["commits"].append((oid, header["summary"]))
             return self._reply(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{oid}", "commitOid": oid})
@@ -157,6 +177,7 @@ def hub():
 def on_hub(hub, monkeypatch):
     """huggingface_hub talks to the stand-in (HF_ENDPOINT, read at import, is patched where it landed)."""
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # LFS basic transfer (module doc)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return hub
 
@@ -195,6 +216,7 @@ def pushed_run(workspace, hub):
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         patch.delenv("HF_TOKEN", raising=False)  # the token comes from --hub_token here
         load_script("distill").main(argv)
     return output
@@ -235,9 +257,17 @@ def test_distill_push_to_hub_publishes_our_layout_once_with_the_token_in_the_hea
     assert ModelCard(files["README.md"].decode()).data.pipeline_tag == "image-feature-extraction"
     creates = [r for r in hub.requests if r[1] == "/api/repos/create"]
     assert len(creates) == 1
-    uploads = [r for r in hub.requests if r[1].startswith(("/api/repos/", "/api/models/", "/api/validate-yaml"))]
-    assert [r[1].split("/")[-2] for r in uploads if "/me/" in r[1]] == ["preupload", "commit"]
-    for method, path, headers, body in hub.requests:  # (huggingface_hub also fetches a registry, without the token)
+    uploads = [r for r in hub.requests if r[1].startswith(("/api/repos/", "/api/models/", "/api/validate-yaml", "/me/"))]
+    assert [r[1] for r in uploads if r[1] != "/api/validate-yaml"] == [
+        "/api/repos/create",
+        "/api/models/me/vit-tiny-singer/preupload/main",
+        "/me/vit-tiny-singer.git/info/lfs/objects/batch",
+        "/api/models/me/vit-tiny-singer/commit/main",
+    ]
+    assert [r[0] for r in hub.requests if r[1].startswith("/lfs-upload/")] == ["PUT"]  # model.safetensors, once
+    # The token goes in the Authorization header of every API call, and nowhere else (huggingface_hub
+    # also fetches a registry without it, and the LFS upload URL, a storage URL on the Hub, gets none).
+    for method, path, headers, body in hub.requests:
         assert headers.get("authorization") == f"Bearer {TOKEN}" or (method, path, headers, body) not in uploads
         others = {k: v for k, v in headers.items() if k != "authorization"}
         assert TOKEN not in path and TOKEN not in json.dumps(others) and TOKEN.encode() not in body

@@ -33,8 +33,9 @@ from singer_hf.data import (
     student_image_processor,
     with_image_transform,
 )
-from singer_hf.model_card import write_student_card
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainer, SingerTrainingArguments
+from singer_hf.model_card import record_run, student_card_from_run
+from singer_hf.publishing import PublishError, publish_student
+from singer_hf.trainer import SingerTrainer, SingerTrainingArguments
 
 logger = logging.getLogger("singer_hf.distill")
 
@@ -228,13 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_state()
     if trainer.is_world_process_zero():
         output = Path(training_args.output_dir)
-        write_student_card(
-            output,
-            teacher_name=model_args.teacher_name_or_path,
-            dataset_name=data_args.dataset_name,
-            distillation=json.loads((output / DISTILLATION_DIR / CONFIG_FILE).read_text()),
-            training=training_args.to_dict(),
-        )
+        record_run(output, teacher_name=model_args.teacher_name_or_path, dataset_name=data_args.dataset_name, training_args=training_args)
+        student_card_from_run(output)
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
     if training_args.should_log:
@@ -248,6 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
             f'    model = AutoModel.from_pretrained("{output}")\n'
             f'    processor = AutoImageProcessor.from_pretrained("{output}")'
         )
+    if training_args.push_to_hub and trainer.is_world_process_zero():  # SingerTrainer leaves the push to us
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+        try:
+            published = publish_student(training_args.output_dir, repo_id, private=training_args.hub_private_repo,
+                                        revision=training_args.hub_revision, token=training_args.hub_token)  # fmt: skip
+        except PublishError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(f"Published to {published.commit_url}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
 
 

@@ -1,10 +1,11 @@
-"""`write_student_card`: a Hub model card (README.md) for a distilled student folder.
+"""The model card (README.md) of a distilled student, rendered from the run's own records.
 
-The card is rendered from ONE template, `model_cards/student.md` at the top of the repository (a
-Jinja template in the format `huggingface_hub.ModelCard.from_template` expects). That folder is not
-package data: when singer-hf is installed non-editable, or the file is missing for any other reason,
-the card falls back to `huggingface_hub`'s default model card template, filled with the same facts
-(summary, configuration, usage, citation). Pass `template_path` to use another template.
+`write_student_card` renders `model_cards/student.md` (package data of `singer_hf`, a Jinja template
+in the format `huggingface_hub.ModelCard.from_template` expects) from explicit facts;
+`record_run` keeps the facts that only the training script knows (teacher, data, training
+arguments, hardware) in `distillation/run_record.json`, and `student_card_from_run` renders the card
+of a finished run from that record, `distillation/distillation_config.json`, `trainer_state.json`
+and, when given, the evaluation's results.json files and figures.
 
 Nothing private goes into the card: a local teacher or dataset appears by its folder name only (no
 absolute paths, no home directory), and keys that look like secrets (`*token*`, `*password*`,
@@ -20,14 +21,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .modeling import DistillationConfig
+from .trainer import CONFIG_FILE, DISTILLATION_DIR
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "student.md"
-"""The student card template, when this package runs from a repository checkout."""
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "student.md"
+"""The student card template (package data: installed with the wheel)."""
+RUN_RECORD = "run_record.json"
+"""File in a student's `distillation/` folder: the run's facts that the card needs (see `record_run`)."""
+TRAINER_STATE = "trainer_state.json"
 
 TAGS = ["singer", "knowledge-distillation", "vision-transformer", "image-feature-extraction"]
 PIPELINE_TAG = "image-feature-extraction"
@@ -82,6 +88,7 @@ TRAINING_KEYS = (
     "lr_scheduler_type",
     "lr_scheduler_kwargs",
     "warmup_steps",
+    "max_grad_norm",
     "bf16",
     "fp16",
     "seed",
@@ -101,6 +108,12 @@ def write_student_card(
     license: str | None = None,
     repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
+    trainer_state: dict | None = None,
+    hardware: dict | None = None,
+    results: dict | None = None,
+    baseline_results: list[dict] | tuple[dict, ...] = (),
+    figures: list[str] | tuple[str, ...] = (),
+    distillation_included: bool = True,
 ) -> ModelCard:
     """Write `output_dir/README.md`, a model card for the student saved there, and return it.
 
@@ -118,13 +131,120 @@ def write_student_card(
         license: the card's `license` metadata; left out by default, since the student's terms follow
             its teacher's and its data's.
         repo_id: the Hub repo the card's usage example loads; default: the folder's name.
-        template_path: another Jinja template; default `model_cards/student.md` (see the module doc).
+        template_path: another Jinja template; default `model_cards/student.md` (package data).
+        trainer_state: the run's `trainer_state.json`: steps, epochs and wall time of the budget.
+        hardware: `record_run`'s description of the machines (processes, device, precision).
+        results: the student's results.json (scripts/evaluate.py): the results table and the
+            card's `model-index`.
+        baseline_results: results.json files of the teacher and of baselines: more columns of the
+            results table (not in `model-index`, which describes this model only).
+        figures: image paths relative to the card (e.g. `figures/norms.png`), shown in the card.
+        distillation_included: whether the folder the card describes holds `distillation/` (a
+            published student holds it only when asked); the card describes that folder if so.
     """
-    output_dir = Path(output_dir)
-    teacher_hub, dataset_hub = _hub_id(teacher_name), _hub_id(dataset_name)
-    teacher = teacher_hub or _local_name(teacher_name)
-    dataset = dataset_hub or _local_name(dataset_name)
-    model_name = _local_name(str(output_dir))
+    teacher = _source(teacher_name)
+    dataset = _source(dataset_name)
+    return _render(
+        Path(output_dir),
+        teacher=teacher,
+        dataset=dataset,
+        distillation=distillation,
+        training=_scrub(dict(training or {})),
+        license=license,
+        repo_id=repo_id,
+        template_path=template_path,
+        trainer_state=trainer_state,
+        hardware=hardware,
+        results=results,
+        baseline_results=baseline_results,
+        figures=figures,
+        distillation_included=distillation_included,
+        student_depth=_student_depth(Path(output_dir)),
+    )
+
+
+def record_run(output_dir: str | os.PathLike, *, teacher_name: str, dataset_name: str, training_args) -> dict:
+    """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
+
+    Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
+    name only), the training arguments (scrubbed like the card) and the hardware. Returns the record.
+    """
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    device = training_args.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
+    record = {
+        "teacher": dict(zip(("name", "hub_id"), _source(teacher_name))),
+        "dataset": dict(zip(("name", "hub_id"), _source(dataset_name))),
+        "training": training,
+        "hardware": {"num_processes": training_args.world_size, "device": device_name, "precision": precision},
+    }
+    folder = Path(output_dir) / DISTILLATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def student_card_from_run(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+    results: dict | None = None,
+    baseline_results: list[dict] | tuple[dict, ...] = (),
+    figures: list[str] | tuple[str, ...] = (),
+    distillation_included: bool = True,
+) -> ModelCard:
+    """Render the card of a finished run from its records (see the module doc) into `output_dir`.
+
+    `output_dir` defaults to `run_dir` (another folder: e.g. a copy of the student for upload).
+    """
+    run_dir = Path(run_dir)
+    research_dir = run_dir / DISTILLATION_DIR
+    record = _read_json(research_dir / RUN_RECORD, "run_dir", "a run record (written by scripts/distill.py)")
+    distillation = _read_json(research_dir / CONFIG_FILE, "run_dir", "the distillation config")
+    state_file = run_dir / TRAINER_STATE
+    trainer_state = _read_json(state_file, "run_dir", "the trainer state") if state_file.is_file() else None
+    return _render(
+        Path(output_dir) if output_dir is not None else run_dir,
+        teacher=(record["teacher"]["name"], record["teacher"]["hub_id"]),
+        dataset=(record["dataset"]["name"], record["dataset"]["hub_id"]),
+        distillation=distillation,
+        training=record["training"],
+        license=license,
+        repo_id=repo_id,
+        template_path=None,
+        trainer_state=trainer_state,
+        hardware=record["hardware"],
+        results=results,
+        baseline_results=baseline_results,
+        figures=figures,
+        distillation_included=distillation_included,
+        student_depth=_student_depth(run_dir),
+    )
+
+
+def _render(
+    output_dir: Path,
+    *,
+    teacher: tuple[str, str | None],
+    dataset: tuple[str, str | None],
+    distillation: dict,
+    training: dict,
+    license: str | None,
+    repo_id: str | None,
+    template_path: str | os.PathLike | None,
+    trainer_state: dict | None,
+    hardware: dict | None,
+    results: dict | None,
+    baseline_results: list[dict] | tuple[dict, ...],
+    figures: list[str] | tuple[str, ...],
+    distillation_included: bool,
+    student_depth: int | None,
+) -> ModelCard:
+    (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
+    model_name = _local_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
@@ -139,7 +259,6 @@ def write_student_card(
     known = {f.name for f in fields(DistillationConfig)}
     config = DistillationConfig(**{k: v for k, v in distillation.items() if k in known})
 
-    student_depth = _student_depth(output_dir)
     last = int(student_layers[-1])
     feature_is_last = student_depth is not None and last == student_depth - 1
     unused = list(range(last + 1, student_depth)) if student_depth is not None else []
@@ -148,6 +267,8 @@ def write_student_card(
         {"teacher": int(t), "student": int(s), "role": final_role if i == len(teacher_layers) - 1 else other_role}
         for i, (t, s) in enumerate(zip(teacher_layers, student_layers))
     ]
+    results = _scrub(results) if results else None
+    baseline_results = [_scrub(other) for other in baseline_results]
     variables = dict(
         model_name=model_name,
         repo_id=repo_id or model_name,
@@ -161,6 +282,15 @@ def write_student_card(
         layer_pairs=layer_pairs,
         settings=_settings(config),
         training=_training_rows(training),
+        budget=_budget_rows(trainer_state, training, hardware),
+        results_columns=[model_name] + [_backbone_name(other) for other in baseline_results],
+        results_rows=_results_rows(results, baseline_results) if results else [],
+        results_feature=(results or {}).get("backbone", {}).get("feature"),
+        probe_settings=[
+            (entry["task"], json.dumps(entry.get("settings", {}), indent=2, default=str))
+            for entry in (results or {}).get("results", [])
+        ],
+        figures=[(Path(path).stem.replace("_", " "), path) for path in figures],
         feature_index=last + 1,
         feature_is_last=feature_is_last,
         student_depth=student_depth,
@@ -168,26 +298,52 @@ def write_student_card(
         has_adapters=method == "singer",
         heads_description=HEADS[method],
         distillation_json=json.dumps(distillation, indent=2, default=str),
+        distillation_included=distillation_included,
     )
     card_data = ModelCardData(
+        model_name=model_name if results else None,
         library_name="transformers",
         license=license,
         tags=list(TAGS),
         base_model=teacher_hub,
+        # The Hub accepts adapter, merge, quantized or finetune (huggingface_hub does not check the
+        # field); "distillation" is none of them. finetune, what the Hub infers for a base_model
+        # without other markers, is the closest: the student's weights were trained on the teacher's
+        # signal. The card's body says it is a distilled student.
+        base_model_relation="finetune" if teacher_hub else None,
         datasets=[dataset_hub] if dataset_hub else None,
         pipeline_tag=PIPELINE_TAG,
+        eval_results=_eval_results(results) if results else None,
     )
     template = Path(template_path) if template_path is not None else TEMPLATE_PATH
-    if template.is_file():
-        card = ModelCard.from_template(card_data, template_path=str(template), **variables)
-    else:
-        card = ModelCard.from_template(card_data, **_default_template_variables(variables))
+    if not template.is_file():
+        raise ValueError(f"template_path: {template} is not a file")
+    card = ModelCard.from_template(card_data, template_path=str(template), **variables)
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(output_dir / "README.md")
     return card
 
 
+# Metrics of the evaluation's results.json where lower is better (SPEC §10: NYUd RMSE ↓).
+LOWER_IS_BETTER = {"rmse", "abs_rel"}
+
+
 # -- helpers -----------------------------------------------------------------------------------------
+def _source(name: str) -> tuple[str, str | None]:
+    """(name shown, Hub id or None) of a teacher or dataset given as a Hub id or a local path."""
+    hub_id = _hub_id(name)
+    return (hub_id or _local_name(name)), hub_id
+
+
+def _read_json(path: Path, argument: str, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{argument}: {path.parent.name}/{path.name} is missing; it should hold {what}") from None
+    except ValueError as error:
+        raise ValueError(f"{argument}: {path.name} is not valid JSON ({error})") from None
+
+
 def _hub_id(name: str) -> str | None:
     """`name` if it reads as a Hub repo id and is not a local path, else None."""
     if not name or os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(os.path.expanduser(name)):
@@ -217,8 +373,18 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     if isinstance(value, str):
-        value = _TOKEN_VALUE.sub("<redacted>", value)
-        return _local_name(value) if _looks_local(value) else value
+        return strip_local_paths(_TOKEN_VALUE.sub("<redacted>", value))
+    return value
+
+
+def strip_local_paths(value: Any) -> Any:
+    """`value` (JSON-like) with every absolute or home-relative local path reduced to its last component."""
+    if isinstance(value, dict):
+        return {k: strip_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strip_local_paths(v) for v in value]
+    if isinstance(value, str) and _looks_local(value):
+        return _local_name(value)
     return value
 
 
@@ -269,31 +435,92 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _default_template_variables(v: dict) -> dict:
-    """The same facts for `huggingface_hub`'s default model card template (used without ours)."""
-    pairs = ", ".join(f"teacher block {p['teacher']} → student block {p['student']}" for p in v["layer_pairs"])
-    index = -1 if v["feature_is_last"] else v["feature_index"]
-    settings = "; ".join(f"{name}: {value}" for name, value in v["settings"] + v["training"])
-    code = (
-        "```python\nimport torch\nfrom transformers import AutoImageProcessor, AutoModel\n\n"
-        f'repo = "{v["repo_id"]}"\nprocessor = AutoImageProcessor.from_pretrained(repo)\n'
-        "model = AutoModel.from_pretrained(repo).eval()\n"
-        "with torch.no_grad():\n"
-        "    outputs = model(**processor(images=image, return_tensors=\"pt\"), output_hidden_states=True)\n"
-        f"features = outputs.hidden_states[{index}]  # the distilled features, before the final LayerNorm\n```"
+def _budget_rows(trainer_state: dict | None, training: dict, hardware: dict | None) -> list[tuple[str, str]]:
+    """Steps, images seen, global batch, hardware and wall time of the run (no epochs: the Trainer's
+    epoch count of a streamed dataset is a fraction of max_steps, not of the data)."""
+    rows = []
+    processes = (hardware or {}).get("num_processes")
+    per_device = training.get("per_device_train_batch_size") or (trainer_state or {}).get("train_batch_size")
+    global_batch = None
+    if per_device and processes:
+        global_batch = int(per_device) * int(training.get("gradient_accumulation_steps") or 1) * int(processes)
+    if trainer_state:
+        steps = int(trainer_state.get("global_step") or 0)
+        rows.append(("Optimisation steps", f"{steps:,}"))
+        if global_batch:
+            rows.append(("Global batch", f"{global_batch:,} ({processes} × {per_device} × {training.get('gradient_accumulation_steps') or 1} accumulation)"))
+            rows.append(("Images seen (steps × global batch)", f"{steps * global_batch:,}"))
+    elif global_batch:
+        rows.append(("Global batch", f"{global_batch:,}"))
+    if hardware:
+        rows.append(("Hardware", f"{processes} × {hardware.get('device')}, {hardware.get('precision')}"))
+    runtime = next(
+        (entry["train_runtime"] for entry in reversed((trainer_state or {}).get("log_history", [])) if "train_runtime" in entry),
+        None,
     )
-    return dict(
-        model_id=v["model_name"],
-        model_summary=f"A ViT student distilled with {v['method_label']} from {v['teacher']} with singer-hf.",
-        model_description=f"{v['method_summary']} Distilled blocks: {pairs}. {settings}.",
-        model_type="Vision Transformer (image feature extractor)",
-        base_model=v["teacher"],
-        paper="https://openreview.net/forum?id=exjrxVc2yT",
-        get_started_code=code,
-        training_data=v["dataset"],
-        bias_risks_limitations=(
-            "The student inherits its teacher's biases; results depend on the teacher and the data. "
-            "It was trained to reproduce features, not to classify."
-        ),
-        citation_bibtex=f"```bibtex\n{BIBTEX}\n```",
-    )
+    if runtime is not None:
+        rows.append(("Wall time (training loop, last session)", _duration(float(runtime))))
+        if trainer_state and global_batch and runtime > 0:
+            rows.append(("Throughput", f"{int(trainer_state.get('global_step') or 0) * global_batch / runtime:,.1f} images/s"))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _metric_key(entry: dict, metric: dict) -> tuple:
+    dataset = entry["dataset"]
+    return entry["task"], dataset["name"], dataset.get("config"), dataset.get("split"), metric["type"]
+
+
+def _backbone_name(results: dict) -> str:
+    return str(results.get("backbone", {}).get("name_or_path", "?"))
+
+
+def _results_rows(results: dict, baseline_results: list[dict]) -> list[dict]:
+    """One row per metric of the student's results.json, with the baselines' values for the same
+    task, dataset, split and metric type (blank where a baseline has none)."""
+    baselines = [
+        {_metric_key(entry, metric): metric["value"] for entry in other.get("results", []) for metric in entry["metrics"]}
+        for other in baseline_results
+    ]
+    rows = []
+    for entry in results.get("results", []):
+        dataset = entry["dataset"]
+        where = dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else "")
+        where += f", {dataset['split']}" if dataset.get("split") else ""
+        for metric in entry["metrics"]:
+            arrow = " ↓" if metric["type"] in LOWER_IS_BETTER else ""
+            unit = f" ({metric['unit']})" if metric.get("unit") else ""
+            key = _metric_key(entry, metric)
+            rows.append(
+                {
+                    "task": entry["task"],
+                    "dataset": where,
+                    "metric": f"{metric.get('name') or metric['type']}{unit}{arrow}",
+                    "values": [_format(metric["value"])] + [_format(b[key]) if key in b else "" for b in baselines],
+                }
+            )
+    return rows
+
+
+def _eval_results(results: dict) -> list[EvalResult]:
+    """The card's `model-index`: every metric of the student's results.json."""
+    return [
+        EvalResult(
+            task_type=entry["task"],
+            dataset_type=entry["dataset"]["name"],
+            dataset_name=entry["dataset"]["name"],
+            dataset_config=entry["dataset"].get("config"),
+            dataset_split=entry["dataset"].get("split"),
+            dataset_revision=entry["dataset"].get("revision"),
+            metric_type=metric["type"],
+            metric_value=metric["value"],
+            metric_name=metric.get("name"),
+        )
+        for entry in results.get("results", [])
+        for metric in entry["metrics"]
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -84,6 +85,7 @@ class SingerTrainer(Trainer):
       averaged over the logging interval and the processes, with one host sync per log, not per step;
       `skipped_images` counts the undecodable images dropped so far. `evaluate()` reports `eval_loss`
       and `eval_loss_<name>` the same way.
+    - `args.push_to_hub` does not make the Trainer push (see `singer_hf.publishing`).
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
@@ -97,6 +99,13 @@ class SingerTrainer(Trainer):
                 "load_best_model_at_end: not supported; the eval loss measures agreement with the teacher, not the "
                 "student's quality (probe the saved checkpoints instead)"
             )
+        if args.push_to_hub:
+            # The Trainer's own push (a repo made at start, checkpoint pushes, its layout and card)
+            # stays off: singer_hf.publishing publishes the saved student, with its card, after
+            # training (scripts/distill.py --push_to_hub does).
+            logger.info("push_to_hub: the Trainer's own push is off; publish with singer_hf.publishing.publish_student")
+            args = copy.copy(args)
+            args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}

@@ -132,8 +132,8 @@ def student_folder(tmp_path, depth=12):
     return folder
 
 
-def test_the_card_template_ships_with_the_repository():
-    assert TEMPLATE_PATH == ROOT / "model_cards" / "student.md" and TEMPLATE_PATH.is_file()
+def test_the_card_template_is_package_data():
+    assert TEMPLATE_PATH == ROOT / "singer_hf" / "model_cards" / "student.md" and TEMPLATE_PATH.is_file()
 
 
 def test_student_card_metadata_and_mapping(tmp_path):
@@ -150,6 +150,7 @@ def test_student_card_metadata_and_mapping(tmp_path):
     assert data.library_name == "transformers" and data.pipeline_tag == "image-feature-extraction"
     assert set(data.tags) == {"singer", "knowledge-distillation", "vision-transformer", "image-feature-extraction"}
     assert data.base_model == VIT_L and data.datasets == ["ILSVRC/imagenet-1k"]
+    assert data.base_model_relation == "finetune"  # the closest of the relations the Hub accepts
     text = (folder / "README.md").read_text()
     assert text == str(card)
     assert "| 17 | 8 | intermediate |" in text and "| 23 | 11 | final |" in text
@@ -189,19 +190,16 @@ def test_student_card_points_at_the_distilled_block_when_the_last_one_is_unused(
     assert "outputs.hidden_states[11]" in text and "Student block(s) 11 had no distillation target" in text
 
 
-def test_student_card_falls_back_to_the_default_template(tmp_path):
+def test_student_card_refuses_a_missing_template(tmp_path):
     folder = student_folder(tmp_path)
-    write_student_card(
-        folder,
-        teacher_name=VIT_L,
-        dataset_name="ILSVRC/imagenet-1k",
-        distillation=distillation_summary(),
-        template_path=tmp_path / "missing.md",
-    )
-    data = ModelCard.load(folder / "README.md").data
-    assert data.pipeline_tag == "image-feature-extraction" and "singer" in data.tags
-    text = (folder / "README.md").read_text()
-    assert "teacher block 17 → student block 8" in text and "@inproceedings{yu2026singer" in text
+    with pytest.raises(ValueError, match="template_path: .*missing.md is not a file"):
+        write_student_card(
+            folder,
+            teacher_name=VIT_L,
+            dataset_name="ILSVRC/imagenet-1k",
+            distillation=distillation_summary(),
+            template_path=tmp_path / "missing.md",
+        )
 
 
 def test_student_card_rejects_a_summary_without_the_mapping(tmp_path):

@@ -35,7 +35,7 @@ from singer_hf.data import (
 )
 from singer_hf.model_card import record_run, student_card_from_run
 from singer_hf.publishing import PublishError, publish_student
-from singer_hf.trainer import SingerTrainer, SingerTrainingArguments
+from singer_hf.trainer import DISTILLATION_DIR, SingerTrainer, SingerTrainingArguments
 
 logger = logging.getLogger("singer_hf.distill")
 

@@ -169,7 +169,9 @@ class SingerTrainer(Trainer):
         model.student.save_pretrained(output_dir, state_dict=student, safe_serialization=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer._save does
+        arguments = copy.copy(self.args)
+        arguments.hub_token = None  # the pickled arguments would carry the token into every checkpoint
+        torch.save(arguments, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer._save does
         research_dir = os.path.join(output_dir, DISTILLATION_DIR)
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):

@@ -33,13 +33,18 @@ def test_family_distils_through_the_script(distill_script, images, tmp_path, fam
     else:
         hf_families()[family](teacher)
     output = tmp_path / "run"
+    # One family also evaluates on a held-out split, as `--eval_split` users do.
+    evaluation = ["--eval_split", "train", "--max_eval_samples", "8", "--eval_strategy", "steps", "--eval_steps", "1"]
     result = distill_script.main([
         "--teacher_name_or_path", str(teacher), "--student_size", "tiny", "--student_config_overrides", STUDENT,
         "--dataset_name", str(images), "--output_dir", str(output), "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none", "--save_strategy", "no",
-        "--logging_steps", "1",
+        "--logging_steps", "1", *(evaluation if family == "vit" else []),
     ])  # fmt: skip
     assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
+    if family == "vit":
+        evaluated = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry]
+        assert len(evaluated) == 2 and all({"eval_loss_kd", "eval_loss_outlier", "eval_loss_info"} <= set(e) for e in evaluated)
     assert all(torch.isfinite(torch.tensor(value)) for value in result["losses"].values())
 
     # The student is built at the size the teacher's processor gives (DINOv2: its crop, not its

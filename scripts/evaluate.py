@@ -52,11 +52,11 @@ from singer_hf.evaluation.features import summary_name, weights_digest
 from singer_hf.evaluation.metrics import IGNORE_INDEX
 from singer_hf.evaluation.probe_data import DENSE_TASKS, ProbeTransform, check_probe_example, collate_probe_batch
 from singer_hf.evaluation.probes import MOMENTUM, WEIGHT_DECAY
+from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries, published_name
 
 TASKS = ("image-classification", *DENSE_TASKS)
 PAPER_EPOCHS = {"image-classification": 150, "image-segmentation": 200, "depth-estimation": 200}
 DTYPES = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SCHEMA, SCHEMA_VERSION = "singer-hf/probe-results", 1
 
 
 @dataclass
@@ -137,12 +137,6 @@ def check_arguments(backbone: BackboneArguments, data: ProbeDataArguments, probe
         raise ValueError("extra_test_datasets / imagenet_r_dataset: only for --task image-classification")
 
 
-def published_name(name_or_path: str) -> str:
-    """A Hub id as given; a local path as its folder or file name only (never an absolute path)."""
-    path = Path(name_or_path).expanduser()
-    return path.resolve().name if path.exists() else name_or_path
-
-
 def split_spec(spec: str, default_split: str) -> tuple[str, str]:
     """`NAME[:SPLIT]` → (name, split)."""
     name, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
@@ -171,38 +165,6 @@ def check_imagenet_r_head(data: ProbeDataArguments, num_classes: int | None) -> 
         raise ValueError(
             f"imagenet_r_dataset: needs an ImageNet-1k head (1000 classes); {data.dataset_name!r} has {num_classes} classes"
         )
-
-
-def metric_entries(probe: ClassificationProbe, metrics: dict[str, float]) -> list[dict]:
-    if isinstance(probe, DepthProbe):
-        names = {
-            "rmse": ("RMSE (linear probe)", "m"),
-            "abs_rel": ("Absolute relative error (linear probe)", None),
-            "delta1": ("δ < 1.25 (linear probe)", "%"),
-            "delta2": ("δ < 1.25² (linear probe)", "%"),
-            "delta3": ("δ < 1.25³ (linear probe)", "%"),
-        }
-        return [{"type": k, "name": n, "value": round(metrics[k], 4), "unit": u} for k, (n, u) in names.items()]
-    name = "mIoU (linear probe)" if isinstance(probe, SegmentationProbe) else "Top-1 accuracy (linear probe)"
-    return [{"type": probe.metric, "name": name, "value": round(metrics["value"], 2), "unit": "%"}]
-
-
-def markdown_table(results: dict) -> str:
-    lines = [
-        f"Linear probes of `{results['backbone']['name_or_path']}` ({results['backbone']['feature']})",
-        "",
-        "| task | dataset | split | examples | metric | value |",
-        "|---|---|---|---|---|---|",
-    ]
-    for result in results["results"]:
-        dataset = result["dataset"]
-        for metric in result["metrics"]:
-            unit = f" {metric['unit']}" if metric["unit"] else ""
-            lines.append(
-                f"| {result['task']} | {dataset['name']} | {dataset['split']} | {dataset['num_examples']} | "
-                f"{metric['name']} | {metric['value']}{unit} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def load_split(name: str, split: str, data: ProbeDataArguments, max_samples: int | None):

@@ -163,6 +163,7 @@ def load_image_dataset(
     seed: int = 0,
     data_files=None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """``datasets.load_dataset`` for a Hub name, a local directory, or a single local data file.
 
@@ -177,6 +178,8 @@ def load_image_dataset(
         )
     path = Path(name_or_path).expanduser()
     kwargs: dict[str, Any] = dict(name=config_name, split=split, streaming=streaming, data_files=data_files)
+    if revision is not None:  # a Hub dataset's git revision; local data has none
+        kwargs["revision"] = revision
     source = name_or_path
     if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix.lower() in _FILE_BUILDERS or path.exists():
         if not path.exists():

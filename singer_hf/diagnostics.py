@@ -1,0 +1,162 @@
+"""High-norm artifact diagnostics: statistics of patch-token norms and figures (matplotlib).
+
+ViTs trained long enough put a few patch tokens, mostly in low-information background, at norms
+far above the rest and use them as global scratch space (Darcet et al., "Vision Transformers Need
+Registers", 2024); SiNGER's adapters exist to remove them from the teacher's features before
+distillation. `artifact_stats` is the small library function (a trainer can log it periodically);
+the figures serve scripts/diagnose.py.
+
+Darcet et al. cut outliers at an absolute norm (150 for DINOv2 ViT-g), which does not carry over
+between models; here a token is an outlier when its norm exceeds `outlier_ratio` × the median
+patch norm of its own image, with a default of 4 (a choice of this package, configurable).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUTLIER_RATIO = 4.0
+DEFAULT_QUANTILES = (0.5, 0.9, 0.97, 0.99, 1.0)
+MARKED_QUANTILE = 0.97
+"""The quantile SiNGER's outlier loss penalises norms above (SPEC §5), marked on histograms."""
+
+
+def patch_norms(features: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """L2 norm of every patch token: B×N×D block output → B×P (prefix tokens dropped)."""
+    if features.ndim != 3:
+        raise ValueError(f"features: expected a B×N×D block output, got shape {tuple(features.shape)}")
+    if not 0 <= prefix_tokens < features.shape[1]:
+        raise ValueError(f"prefix_tokens: must lie in [0, {features.shape[1] - 1}] for {features.shape[1]} tokens, got {prefix_tokens}")
+    return features[:, prefix_tokens:].float().norm(dim=-1)
+
+
+def artifact_stats(
+    features: torch.Tensor,
+    prefix_tokens: int,
+    outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
+    quantiles: tuple[float, ...] = DEFAULT_QUANTILES,
+) -> dict:
+    """Statistics of high-norm patch tokens over a sample of images (B×N×D, before the final norm).
+
+    - `max_median_ratio`: per image, its largest patch norm over its median patch norm; mean,
+      median and max over the images (≈1–2 without artifacts, ≫ 1 with them);
+    - `outlier_share`: share of all patch tokens above `outlier_ratio` × their image's median,
+      and `outliers_per_image`;
+    - `patch_norm_quantiles`: quantiles of all patch norms of the sample;
+    - `cls_norm`: mean and median norm of the first prefix token (None without prefix tokens).
+    """
+    norms = patch_norms(features, prefix_tokens)
+    median = norms.median(dim=1, keepdim=True).values
+    ratios = norms.max(dim=1).values / median.squeeze(1).clamp(min=torch.finfo(torch.float32).tiny)
+    outliers = norms > outlier_ratio * median
+    levels = torch.tensor(quantiles, dtype=torch.float32)
+    values = torch.quantile(norms.flatten(), levels) if norms.numel() <= 2**24 else torch.quantile(norms.flatten()[::16], levels)
+    stats = {
+        "num_images": norms.shape[0],
+        "patch_tokens_per_image": norms.shape[1],
+        "max_median_ratio": {"mean": ratios.mean().item(), "median": ratios.median().item(), "max": ratios.max().item()},
+        "outlier_ratio": outlier_ratio,
+        "outlier_share": outliers.float().mean().item(),
+        "outliers_per_image": outliers.sum(dim=1).float().mean().item(),
+        "patch_norm_quantiles": {f"{q:g}": v.item() for q, v in zip(quantiles, values)},
+        "cls_norm": None,
+    }
+    if prefix_tokens > 0:
+        cls = features[:, 0].float().norm(dim=-1)
+        stats["cls_norm"] = {"mean": cls.mean().item(), "median": cls.median().item()}
+    return stats
+
+
+def cosine_map(patches: torch.Tensor, query: int) -> torch.Tensor:
+    """Cosine similarity of every patch token (P×D) to patch `query` (the paper's Figure 2)."""
+    unit = torch.nn.functional.normalize(patches.float(), dim=-1)
+    return unit @ unit[query]
+
+
+def cosine_gram(patches: torch.Tensor) -> torch.Tensor:
+    """P×P cosine-similarity (Gram) matrix of the patch tokens: artifact tokens show as stripes."""
+    unit = torch.nn.functional.normalize(patches.float(), dim=-1)
+    return unit @ unit.T
+
+
+def _grid(values: torch.Tensor) -> torch.Tensor:
+    side = math.isqrt(values.shape[-1])
+    return values.reshape(*values.shape[:-1], side, side)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def norm_maps_figure(images: torch.Tensor, norms: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One row per image (H×W×3 in [0, 1]); its patch-norm map under each view (B×P each)."""
+    plt = _pyplot()
+    rows, columns = images.shape[0], 1 + len(norms)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+    for row in range(rows):
+        axes[row, 0].imshow(images[row].numpy())
+        for column, (name, values) in enumerate(norms.items(), start=1):
+            shown = axes[row, column].imshow(_grid(values[row]).numpy(), cmap="viridis")
+            figure.colorbar(shown, ax=axes[row, column], fraction=0.046)
+            if row == 0:
+                axes[row, column].set_title(name, fontsize=8)
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle("Patch-token norms")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> None:
+    """Histogram of all patch norms per view, the 0.97 quantile and `outlier_ratio` × median marked."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 2.6), squeeze=False)
+    for axis, (name, values) in zip(axes[0], norms.items()):
+        flat = values.flatten()
+        axis.hist(flat.numpy(), bins=60, color="tab:blue", log=True)
+        axis.axvline(torch.quantile(flat, MARKED_QUANTILE).item(), color="tab:orange", label=f"q{MARKED_QUANTILE:g}")
+        axis.axvline(outlier_ratio * flat.median().item(), color="tab:red", linestyle="--", label=f"{outlier_ratio:g}× median")
+        axis.set_title(name, fontsize=8)
+        axis.set_xlabel("patch norm", fontsize=8)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query: int, path: str | Path) -> None:
+    """One image, one row per view (P×D patch tokens: raw teacher, refined teacher, student):
+    patch-norm map, cosine map from patch `query` (marked), cosine Gram matrix."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(views), 4, figsize=(8.8, 2.2 * len(views)), squeeze=False)
+    side = math.isqrt(next(iter(views.values())).shape[0])
+    for row, (name, patches) in enumerate(views.items()):
+        axes[row, 0].imshow(image.numpy())
+        axes[row, 0].set_ylabel(name, fontsize=8)
+        panels = (
+            (_grid(patches.float().norm(dim=-1)), "viridis", "patch norm"),
+            (_grid(cosine_map(patches, query)), "coolwarm", "cosine to ×"),
+            (cosine_gram(patches), "coolwarm", "cosine Gram"),
+        )
+        for column, (values, cmap, title) in enumerate(panels, start=1):
+            limits = {"vmin": -1, "vmax": 1} if cmap == "coolwarm" else {}
+            shown = axes[row, column].imshow(values.numpy(), cmap=cmap, **limits)
+            figure.colorbar(shown, ax=axes[row, column], fraction=0.046)
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=9)
+        axes[row, 2].plot(query % side, query // side, "kx", markersize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -1,0 +1,40 @@
+"""Linear-probe evaluation on the frozen last block output, before the final norm (SPEC §9).
+
+`features` extracts and caches, `probes` trains and scores the heads, `metrics` holds the
+torchmetrics-based metrics, `probe_data` turns datasets into images and targets; scripts/evaluate.py
+puts them together. `linear_probe_accuracy` is the demo's quick L-BFGS probe.
+"""
+
+from .features import FeatureSet, cached_features, cls_features, extract_features, load_features, save_features
+from .imagenet_r import IMAGENET_R_CLASSES, imagenet_r_logit_indices
+from .probes import (
+    ClassificationProbe,
+    DepthProbe,
+    FittedProbe,
+    ParallelLinear,
+    SegmentationProbe,
+    evaluate_heads,
+    fit_probe,
+    train_heads,
+)
+from .quick_probe import linear_probe_accuracy
+
+__all__ = [
+    "IMAGENET_R_CLASSES",
+    "ClassificationProbe",
+    "DepthProbe",
+    "FeatureSet",
+    "FittedProbe",
+    "ParallelLinear",
+    "SegmentationProbe",
+    "cached_features",
+    "cls_features",
+    "evaluate_heads",
+    "extract_features",
+    "fit_probe",
+    "imagenet_r_logit_indices",
+    "linear_probe_accuracy",
+    "load_features",
+    "save_features",
+    "train_heads",
+]

@@ -1,0 +1,149 @@
+"""scripts/evaluate.py end to end on a tiny ViT folder and tiny datasets written to disk as Parquet:
+classification, segmentation (synthetic masks) and depth (synthetic depth maps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import transformers
+from conftest import IMAGE, make_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(SPEC)
+sys.modules["evaluate_script"] = evaluate_script  # dataclass annotations resolve through sys.modules
+SPEC.loader.exec_module(evaluate_script)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("backbone")
+    make_vit(hidden=32, layers=2).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
+    return str(folder)
+
+
+def _images(brightness: np.ndarray, height: int = 40, width: int = 48) -> list[np.ndarray]:
+    """RGB uint8 images, left half dark, right half at `brightness`, with a little noise."""
+    rng = np.random.default_rng(0)
+    images = []
+    for value in brightness:
+        image = rng.integers(0, 20, (height, width, 3)).astype(np.uint8)
+        image[:, width // 2 :] += np.uint8(value)
+        images.append(image)
+    return images
+
+
+def _write(folder: Path, splits: dict[str, dict], features: datasets.Features) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, columns in splits.items():
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return str(folder)
+
+
+def classification_data(folder: Path) -> str:
+    labels = np.arange(48) % 2  # class = bright or dim right half
+    columns = {"image": _images(60 + 150 * labels), "label": labels.tolist()}
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["dim", "bright"]))
+    return _write(folder, {"train": columns, "validation": columns}, features)
+
+
+def segmentation_data(folder: Path, height: int = 40, width: int = 48) -> str:
+    mask = np.zeros((height, width), np.uint8)  # 0 = "other", ignored with --reduce_labels
+    mask[4:, : width // 2], mask[4:, width // 2 :] = 1, 2
+    count = 12
+    columns = {"image": _images(np.full(count, 200)), "annotation": [mask] * count}
+    features = datasets.Features(image=datasets.Image(), annotation=datasets.Image())
+    return _write(folder, {"train": columns, "validation": columns}, features)
+
+
+def depth_data(folder: Path, height: int = 40, width: int = 48, depth_shape=None) -> str:
+    levels = np.linspace(1, 8, 12)
+    depths = [np.full(depth_shape or (height, width), level, np.float32) for level in levels]
+    for depth in depths:
+        depth[:3] = 0  # invalid pixels: no measurement
+    columns = {"image": _images(20 * levels), "depth": [d.tolist() for d in depths]}
+    shape = depth_shape or (height, width)
+    features = datasets.Features(image=datasets.Image(), depth=datasets.Array2D(shape, "float32"))
+    return _write(folder, {"train": columns, "validation": columns}, features)
+
+
+def run(backbone: str, data: str, output: Path, *flags: str) -> dict:
+    evaluate_script.main(["--model_name_or_path", backbone, "--dataset_name", data, "--output_dir", str(output),
+                          "--num_workers", "0", "--batch_size", "8", *flags])  # fmt: skip
+    return json.loads((output / "results.json").read_text())
+
+
+def test_classification_probe_end_to_end_with_selection_on_held_out_train(backbone, tmp_path):
+    data = classification_data(tmp_path / "cls")
+    results = run(backbone, data, tmp_path / "out", "--learning_rates", "0.01", "0.5", "--epochs", "30")
+    assert results["schema"] == "singer-hf/probe-results" and results["schema_version"] == 1
+    assert results["backbone"]["name_or_path"] == Path(backbone).name  # never the absolute path
+    loaded = transformers.AutoModel.from_pretrained(backbone)
+    assert results["backbone"]["num_parameters"] == sum(p.numel() for p in loaded.parameters())
+    (result,) = results["results"]
+    assert result["task"] == "image-classification"
+    assert result["dataset"] == {"name": "cls", "config": None, "split": "validation", "revision": None, "num_examples": 48}
+    (metric,) = result["metrics"]
+    assert metric["type"] == "accuracy" and metric["unit"] == "%"
+    assert metric["value"] > 90  # brightness is linearly readable from a random ViT's CLS token
+    settings = result["settings"]
+    assert settings["selected_learning_rate"] in (0.01, 0.5) and set(settings["held_out_scores"]) == {"0.01", "0.5"}
+    assert "held-out 0.1 of the training split" in settings["selection_rule"]
+    assert settings["num_train_examples"] == 48 - 5
+    assert "| image-classification | cls | validation | 48 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_segmentation_probe_ignores_other_and_scores_dataset_level_miou(backbone, tmp_path):
+    data = segmentation_data(tmp_path / "seg")
+    results = run(backbone, data, tmp_path / "out", "--task", "image-segmentation", "--label_column", "annotation",
+                  "--reduce_labels", "true", "--epochs", "40", "--learning_rates", "0.5")  # fmt: skip
+    (result,) = results["results"]
+    assert result["settings"]["num_classes"] == 2  # labels 1, 2; 0 ("other") ignored
+    (metric,) = result["metrics"]
+    assert metric["type"] == "mean_iou" and 50 < metric["value"] <= 100  # left/right halves are linearly separable
+
+
+def test_depth_probe_reports_rmse_absrel_and_deltas(backbone, tmp_path):
+    data = depth_data(tmp_path / "depth")
+    results = run(backbone, data, tmp_path / "out", "--task", "depth-estimation", "--label_column", "depth", "--epochs", "20")
+    (result,) = results["results"]
+    metrics = {m["type"]: m for m in result["metrics"]}
+    assert list(metrics) == ["rmse", "abs_rel", "delta1", "delta2", "delta3"]
+    assert metrics["rmse"]["unit"] == "m" and 0 < metrics["rmse"]["value"] < 10
+    assert 0 <= metrics["delta1"]["value"] <= metrics["delta2"]["value"] <= metrics["delta3"]["value"] <= 100
+
+
+@pytest.mark.parametrize(
+    "make_data, flags, message",
+    [
+        (classification_data, ["--label_column", "fine_label"], r"label_column='fine_label' is not a column of .*available: \['image', 'label'\]"),
+        (lambda folder: depth_data(folder, depth_shape=(8, 8)), ["--task", "depth-estimation", "--label_column", "depth"],
+         r"label_column='depth': depth maps of .* must be height×width arrays matching their image \(40×48\); .* shape \(8, 8\)"),
+        (classification_data, ["--learning_rates", "0.5", "-1"], r"learning_rates=\[0.5, -1.0\]: give one or more positive values"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_naming_the_argument(backbone, tmp_path, make_data, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(backbone, make_data(tmp_path / "data"), tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypatch):
+    folder = tmp_path / "resnet"
+    transformers.ResNetModel(transformers.ResNetConfig(hidden_sizes=[8], depths=[1], embedding_size=8)).save_pretrained(folder)
+    data = classification_data(tmp_path / "cls")
+    argv = ["evaluate.py", "--model_name_or_path", str(folder), "--dataset_name", data, "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:  # what `python scripts/evaluate.py ...` prints to stderr, status 1
+        runpy.run_path(str(ROOT / "scripts" / "evaluate.py"), run_name="__main__")
+    message = exit_info.value.code
+    assert message.startswith("evaluate.py: error: model_name_or_path: unsupported model type 'resnet'")
+    assert "\n" not in message and "supported: " in message

@@ -195,13 +195,15 @@ def load_image_dataset(
             source = builder
         else:
             source = str(path)
-    dataset = datasets.load_dataset(source, **kwargs)
-
-    columns = dataset.column_names
-    if columns is None:  # streaming from a format without a schema: look at one example
-        columns = list(next(iter(dataset), {}))
+    # The column is checked on a stream first: it reads the schema (or one example), not the whole
+    # dataset, so a wrong column fails before a map-style dataset is downloaded and prepared.
+    stream = datasets.load_dataset(source, **{**kwargs, "streaming": True})
+    columns = stream.column_names
+    if columns is None:  # a format without a schema: look at one example
+        columns = list(next(iter(stream), {}))
     if image_column not in columns:
         raise ValueError(f"image_column={image_column!r} is not a column of {name_or_path!r}; available: {columns}")
+    dataset = stream if streaming else datasets.load_dataset(source, **kwargs)
     if streaming and shuffle_buffer:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return dataset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import peft
 import torch
@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .modeling import DistillationConfig, DistillationModel
+from .validation import DistillationFields, check_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -23,27 +24,12 @@ CONFIG_FILE = "distillation_config.json"
 
 
 @dataclass
-class SingerTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the distillation method's fields (see `DistillationConfig`).
+class SingerTrainingArguments(TrainingArguments, DistillationFields):
+    """`TrainingArguments` plus the distillation method's fields (`validation.DistillationFields`).
 
     Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
     lr·1e-4 after a 5 % warm-up.
     """
-
-    method: str = field(default="singer", metadata={"help": "singer, fitnet or vitkd."})
-    teacher_layers: list[int] | None = field(
-        default=None, metadata={"help": "Distilled teacher blocks; default: the method's, scaled to the teacher's depth."}
-    )
-    rank: int = field(default=64, metadata={"help": "SiNGER adapter rank."})
-    null_threshold: float = field(default=0.05, metadata={"help": "Singular-value threshold of the nullspace."})
-    adapter_init: str = field(default="nullspace", metadata={"help": "nullspace, or random (ablation)."})
-    adapter_seed: int = field(default=0, metadata={"help": "Seed of the adapters' random rows."})
-    outlier_quantile: float = field(default=0.97, metadata={"help": "Per-image norm quantile above which tokens are outliers."})
-    kd_weight: float | None = field(default=None, metadata={"help": "λ_KD (singer 1, fitnet 10, vitkd mimic 1)."})
-    outlier_weight: float | None = field(default=None, metadata={"help": "λ_out (singer 0.01)."})
-    info_weight: float | None = field(default=None, metadata={"help": "λ_info (singer 1; 0 is the ablation)."})
-    generation_weight: float | None = field(default=None, metadata={"help": "ViTKD generation weight (1)."})
-    mask_ratio: float = field(default=0.5, metadata={"help": "ViTKD mask ratio."})
 
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
@@ -55,10 +41,13 @@ class SingerTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
 
+    def __post_init__(self):
+        self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device
+        check_training_arguments(self)
+        super().__post_init__()
+
     def distillation_config(self) -> DistillationConfig:
-        names = {f.name for f in fields(DistillationConfig)}
-        values = {name: getattr(self, name) for name in names}
-        return DistillationConfig(**values)
+        return DistillationConfig(**self.distillation_values())
 
 
 class SingerTrainer(Trainer):

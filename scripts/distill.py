@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 from singer_hf import DistillationModel, resolve_vit
+from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint
 from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli
 from singer_hf.data import (
     ImageTransform,
@@ -97,6 +98,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     teacher = Path(model_args.teacher_name_or_path).expanduser()
     if model_args.image_processor_name_or_path is None and teacher.is_dir():
         _check_teacher_folder(teacher)
+    resuming = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir) is not None
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
 
 
 def _check_teacher_folder(teacher: Path) -> None:
@@ -248,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=PixelValuesCollator(),
         processing_class=student_image_processor(image_processor),
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is not None and checkpoint.lower() == "true":
-        checkpoint = True  # the Trainer resumes from the last checkpoint in output_dir
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last
+    if checkpoint is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():
+        clear_previous_run(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
+
+from .checkpoints import STAGING_PREFIX, check_fingerprint, resolve_checkpoint, write_fingerprint
 
 from .modeling import DistillationConfig, DistillationModel
 from .validation import DistillationFields, check_training_arguments
@@ -24,7 +28,16 @@ CONFIG_FILE = "distillation_config.json"
 
 
 @dataclass
-class SingerTrainingArguments(TrainingArguments, DistillationFields):
+class ReliabilityFields:
+    """How a run protects its results (see `checkpoints.py`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
+    )
+
+
+@dataclass
+class SingerTrainingArguments(TrainingArguments, DistillationFields, ReliabilityFields):
     """`TrainingArguments` plus the distillation method's fields (`validation.DistillationFields`).
 
     Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
@@ -95,6 +108,42 @@ class SingerTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- saving and resuming -----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from a complete checkpoint written by this configuration."""
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_fingerprint(self.accelerator.unwrap_model(self.model), checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes `checkpoint-N` under a temporary name and renames it when every process is done with it,
+        so a kill during the write leaves the previous checkpoints intact and nothing half-written named `checkpoint-*`."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while writing
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes into staging/checkpoint-N (see _get_output_dir)
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            write_fingerprint(self.accelerator.unwrap_model(model), os.path.join(staging, os.path.basename(final)))
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)  # the same step saved again (e.g. a SIGTERM checkpoint at a save step)
+            os.replace(os.path.join(staging, os.path.basename(final)), final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:  # Trainer.save_model calls _save on every process
             return

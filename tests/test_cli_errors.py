@@ -51,6 +51,8 @@ def workspace(tmp_path_factory):
     (root / "list.yaml").write_text("- rank\n- 4\n")
     (root / "broken.yaml").write_text("rank: [4\n")
     (root / "good.yaml").write_text("rank: 4\n")
+    (root / "used_output").mkdir()
+    (root / "used_output" / "model.safetensors").write_bytes(b"an earlier result")
     return root
 
 
@@ -111,6 +113,10 @@ CASES = [
     ("broken recipe", lambda a, r: [str(r / "broken.yaml"), *a], "config file"),
     ("missing recipe", lambda a, r: [*a, str(r / "missing.yaml")], "config file"),
     ("two recipes", lambda a, r: [str(r / "good.yaml"), *a, str(r / "good.yaml")], "config file"),
+    ("non-empty output_dir", lambda a, r: _set(a, "--output_dir", str(r / "used_output")), "output_dir"),
+    ("missing checkpoint", lambda a, r: _set(a, "--resume_from_checkpoint", str(r / "checkpoint-9")), "resume_from_checkpoint"),
+    ("nothing to resume", lambda a, r: _set(a, "--resume_from_checkpoint", "true"), "resume_from_checkpoint"),
+    ("not a checkpoint", lambda a, r: _set(a, "--resume_from_checkpoint", str(r / "teacher")), "resume_from_checkpoint"),
 ]
 
 

@@ -78,6 +78,12 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+    max_bad_image_share: float = field(
+        default=0.1, metadata={"help": "Stop when more than this share of the examples has no usable image."}
+    )
+    bad_image_window: int = field(
+        default=1000, metadata={"help": "...counted over at least this many examples (the first ones)."}
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=PixelValuesCollator(),
+        data_collator=PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window),
         processing_class=student_image_processor(image_processor),
     )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last

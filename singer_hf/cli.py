@@ -112,7 +112,10 @@ def run_cli(main, argv: list[str] | None = None):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        message = " ".join(str(error).split()) or type(error).__name__
+        text = str(error)
+        if "Traceback (most recent call last)" in text:  # raised in a DataLoader worker: the error is the last line
+            text = text.strip().splitlines()[-1].partition(": ")[2] or text
+        message = " ".join(text.split()) or type(error).__name__
         if not isinstance(error, (UsageError, ValueError, FileNotFoundError)):
             message = f"{type(error).__name__}: {message}"
         print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)

@@ -45,7 +45,7 @@ def workspace(tmp_path_factory):
     transformers.ViTConfig(image_size=2 * IMAGE, **big).save_pretrained(root / "big_student")  # config only: no weights
     png = io.BytesIO()
     PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
-    data = datasets.Dataset.from_dict({"img": [{"bytes": png.getvalue(), "path": None}] * 4})
+    data = datasets.Dataset.from_dict({"img": [{"bytes": png.getvalue(), "path": None}] * 4, "label": [0, 1, 2, 3]})
     data.cast_column("img", datasets.Image()).to_parquet(str(root / "data.parquet"))
     (root / "unknown_key.yaml").write_text("rank: 4\nrnak: 4\n")
     (root / "list.yaml").write_text("- rank\n- 4\n")
@@ -108,6 +108,7 @@ CASES = [
     ("incompatible student", lambda a, r: _set(_drop(a, "--student_size"), "--student_name_or_path", str(r / "big_student")), "student: image size"),
     ("streaming without max_steps", lambda a, r: _set(_drop(a, "--max_steps"), "--streaming", "true"), "max_steps"),
     ("wrong image column", lambda a, r: _set(a, "--image_column", "picture"), "image_column"),
+    ("non-image column", lambda a, r: _set(a, "--image_column", "label"), "image_column='label' holds"),
     ("unknown recipe key", lambda a, r: [*a, str(r / "unknown_key.yaml")], "rnak"),
     ("recipe not a mapping", lambda a, r: [str(r / "list.yaml"), *a], "config file"),
     ("broken recipe", lambda a, r: [str(r / "broken.yaml"), *a], "config file"),

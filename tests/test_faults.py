@@ -72,3 +72,76 @@ def test_outputs_are_never_silently_clobbered(distill, workspace, tmp_path):
     assert not list(output.glob("checkpoint-*")), "the earlier run's checkpoints survived an overwrite"
     assert not (output / "distillation" / "adapter_model.safetensors").exists(), "SiNGER adapters beside a FitNet run"
     assert json.loads((output / "distillation" / "distillation_config.json").read_text())["method"] == "fitnet"
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_data_rows() -> tuple[list, dict[int, str]]:
+    """Good RGB images with every kind of trouble mixed in; returns rows and {index: kind} of the unusable ones."""
+    rng = np.random.default_rng(1)
+    pixels = lambda: rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)  # noqa: E731
+    rows = [{"bytes": _png(pixels()), "path": None} for _ in range(12)]
+    convertible = {
+        "grayscale": _png(pixels(), "L"),
+        "cmyk": _jpeg(pixels(), "CMYK"),
+        "rgba": _png(pixels(), "RGBA"),
+        "palette": _png(pixels(), "P"),
+        "16-bit": _png16(rng.integers(0, 65536, (24, 20), dtype=np.uint16)),
+    }
+    unusable = {
+        "truncated jpeg": _jpeg(pixels())[:300],
+        "random bytes": rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "zero bytes": b"",
+        "missing": None,
+    }
+    bad = {}
+    for offset, (kind, data) in enumerate([*convertible.items(), *unusable.items()]):
+        index = 1 + 2 * offset
+        rows.insert(index, None if data is None else {"bytes": data, "path": None})
+        if kind in unusable:
+            bad[index] = kind
+    return rows, bad
+
+
+def _png16(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    image = PIL.Image.fromarray(values)
+    assert image.mode == "I;16"
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_images_are_converted_or_skipped_and_counted_once(tmp_path, streaming):
+    from torch.utils.data import DataLoader
+
+    from singer_hf.data import ImageTransform, PixelValuesCollator, build_transforms, load_image_dataset, with_image_transform
+
+    rows, bad = _bad_data_rows()
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
+    dataset = load_image_dataset(str(path), None, "train", "image", streaming=streaming, shuffle_buffer=0)
+    transform = ImageTransform(build_transforms([0.5] * 3, [0.5] * 3, IMAGE, train=True), "image")
+    collator = PixelValuesCollator("image", max_bad_share=0.5, window=4)
+    batches = list(DataLoader(with_image_transform(dataset, transform), batch_size=7, collate_fn=collator))
+    assert sum(len(batch["pixel_values"]) for batch in batches) == len(rows) - len(bad)  # the convertible ones are used
+    assert all(batch["pixel_values"].shape[1:] == (3, IMAGE, IMAGE) for batch in batches)
+    assert collator.skipped == len(bad) == 4
+
+
+def test_too_many_bad_images_stop_early_naming_examples_and_column(distill, workspace, tmp_path):
+    rows, bad = _bad_data_rows()
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
+    argv = _argv(workspace, tmp_path / "out", "--num_train_epochs", "1", "--max_bad_image_share", "0.1",
+                 "--bad_image_window", "8", "--per_device_train_batch_size", "21", "--save_strategy", "no")  # fmt: skip
+    argv[argv.index(str(workspace / "data.parquet"))] = str(path)
+    with pytest.raises(ValueError, match=r"image_column='image': 4 of the first 21 examples have no usable image") as error:
+        distill.main(argv)
+    for index in bad:  # map-style: the indices in the dataset
+        assert f"{index} (" in str(error.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     check_arguments(model_args, data_args, training_args)
     check_models_fit(model_args, training_args)
+    collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_training_data(data_args, training_args)
 
     teacher = AutoModel.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window),
+        data_collator=collator,
         processing_class=student_image_processor(image_processor),
     )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last

@@ -17,6 +17,7 @@ from transformers.utils import logging
 from .checkpoints import STAGING_PREFIX, check_fingerprint, resolve_checkpoint, write_fingerprint
 
 from .modeling import DistillationConfig, DistillationModel
+from .numerics import NonFiniteGuard, NonFiniteLossError
 from .validation import DistillationFields, check_training_arguments
 
 logger = logging.get_logger(__name__)
@@ -33,6 +34,9 @@ class ReliabilityFields:
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop after this many consecutive skipped steps with a non-finite loss (0: at the first)."}
     )
 
 
@@ -53,6 +57,9 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
+    )
 
     def __post_init__(self):
         self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device
@@ -82,15 +89,34 @@ class SingerTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0
+        self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
+            self._nonfinite.observe(outputs.losses, outputs.loss)
             for name, value in outputs.losses.items():
+                value = torch.nan_to_num(value.detach(), nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step counts 0
                 running = self._loss_sums.get(name)
-                self._loss_sums[name] = value.detach() if running is None else running + value.detach()
+                self._loss_sums[name] = value if running is None else running + value
             self._loss_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # A non-finite step is skipped (see create_optimizer); its loss must not poison the logged running sum.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def create_optimizer(self, model=None):
+        """The usual optimizer, its step skipped on the device when the step's loss or gradients are non-finite."""
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_singer_guarded", False):
+            step = optimizer.step
+            optimizer.step = lambda closure=None: self._nonfinite.guarded_step(
+                step, optimizer, self.state.global_step + 1, closure
+            )
+            optimizer._singer_guarded = True
+        return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._loss_sums and "loss" in logs:
@@ -105,7 +131,18 @@ class SingerTrainer(Trainer):
             if skipped is not None:
                 logs["skipped_images"] = int(totals[-1])
             self._loss_sums, self._loss_steps = {}, 0
+            skipped_steps = self._nonfinite.report()
+            if skipped_steps:
+                logs["nonfinite_steps"] = skipped_steps
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Refuses to write (or push) a student with non-finite weights."""
+        student = self.accelerator.unwrap_model(self.model).student
+        broken = [name for name, value in student.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteLossError(f"student: non-finite weights in {broken[:3]}; not saved (the last checkpoint is intact)")
+        super().save_model(output_dir, _internal_call)
 
     # -- saving and resuming -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

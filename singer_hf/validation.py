@@ -139,6 +139,7 @@ TRAINING_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_grad_norm": number_at_least(0, optional=True),
     "seed": integer_at_least(0),
     "dataloader_num_workers": integer_at_least(0),
+    "max_nonfinite_steps": integer_at_least(0),
 }
 
 

@@ -114,6 +114,8 @@ CASES = [
     ("broken recipe", lambda a, r: [str(r / "broken.yaml"), *a], "config file"),
     ("missing recipe", lambda a, r: [*a, str(r / "missing.yaml")], "config file"),
     ("two recipes", lambda a, r: [str(r / "good.yaml"), *a, str(r / "good.yaml")], "config file"),
+    ("bad image share", lambda a, r: _set(a, "--max_bad_image_share", "1.5"), "max_bad_image_share"),
+    ("negative non-finite limit", lambda a, r: _set(a, "--max_nonfinite_steps", "-1"), "max_nonfinite_steps"),
     ("non-empty output_dir", lambda a, r: _set(a, "--output_dir", str(r / "used_output")), "output_dir"),
     ("missing checkpoint", lambda a, r: _set(a, "--resume_from_checkpoint", str(r / "checkpoint-9")), "resume_from_checkpoint"),
     ("nothing to resume", lambda a, r: _set(a, "--resume_from_checkpoint", "true"), "resume_from_checkpoint"),

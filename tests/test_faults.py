@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 import transformers
 from conftest import IMAGE, make_vit
 
@@ -145,3 +146,59 @@ def test_too_many_bad_images_stop_early_naming_examples_and_column(distill, work
     for index in bad:  # map-style: the indices in the dataset
         assert f"{index} (" in str(error.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _poison_student(model, trainer, bad_steps):
+    """Fault injection: the student's first block outputs NaN on the given (1-based) optimizer steps."""
+
+    def hook(module, args, output):
+        step = trainer.state.global_step + 1
+        if model.training and step in bad_steps:
+            return output * float("nan")
+        return output
+
+    model.student.layers[0].register_forward_hook(hook)
+
+
+def test_a_nonfinite_step_is_skipped_and_named(tmp_path, caplog):
+    from test_trainer import _args, _model, _trained_state, _trainer
+    from transformers import TrainerCallback
+
+    states = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            states[state.global_step] = _trained_state(model)
+
+    model = _model()
+    trainer = _trainer(model, _args(tmp_path, max_steps=4, logging_steps=2))
+    trainer.add_callback(Record())
+    _poison_student(model, trainer, bad_steps={3})
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    for key in states[2]:
+        assert torch.equal(states[3][key], states[2][key]), f"{key} changed on the skipped step"
+        assert torch.isfinite(states[4][key]).all()
+    assert any(not torch.equal(states[4][k], states[3][k]) for k in states[3]), "training did not go on after the skip"
+    assert "Non-finite loss_kd, loss at step 3: skipped"  # the student only enters the KD term in caplog.text
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry.get("nonfinite_steps", 0) for entry in logged] == [0, 1]
+    assert all(np.isfinite(entry["loss"]) for entry in logged)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_broken_is_saved(tmp_path):
+    from test_trainer import _args, _model, _trainer
+
+    from singer_hf.numerics import NonFiniteLossError
+
+    model = _model()
+    trainer = _trainer(model, _args(tmp_path, max_steps=8, logging_steps=1, max_nonfinite_steps=3))
+    _poison_student(model, trainer, bad_steps=set(range(2, 9)))
+    with pytest.raises(NonFiniteLossError, match=r"max_nonfinite_steps: 3 consecutive optimizer steps .* \(up to step 4; loss_kd"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    with torch.no_grad():
+        next(model.student.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="student: non-finite weights"):
+        trainer.save_model(str(tmp_path / "student"))
+    assert not (tmp_path / "student").exists()

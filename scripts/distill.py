@@ -40,7 +40,7 @@ from singer_hf.data import (
 )
 from singer_hf.model_card import write_student_card
 from singer_hf.modeling import plan_layers
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainer, SingerTrainingArguments
+from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments
 
 logger = logging.getLogger("singer_hf.distill")
 
@@ -192,10 +192,11 @@ def open_training_data(data_args: DataArguments, training_args: SingerTrainingAr
     return dataset
 
 
-def transform_training_data(dataset, data_args: DataArguments, image_processor, image_size):
+def transform_training_data(dataset, data_args: DataArguments, image_processor, image_size, seed: int):
+    """The dataset with seeded augmentation (see `ImageTransform`), and that transform (its epoch must be kept up to date)."""
     mean, std, _ = image_processor_stats(image_processor)
-    transforms = build_transforms(mean, std, image_size, train=True)
-    return with_image_transform(dataset, ImageTransform(transforms, data_args.image_column))
+    transform = ImageTransform(build_transforms(mean, std, image_size, train=True), data_args.image_column, seed=seed)
+    return with_image_transform(dataset, transform), transform
 
 
 def describe(model: DistillationModel, model_args: ModelArguments, data_args: DataArguments) -> str:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("SiNGER distillation\n%s", describe(model, model_args, data_args))
 
     image_size = resolve_vit(teacher).image_size
-    train_dataset = transform_training_data(dataset, data_args, image_processor, image_size)
+    train_dataset, augmentation = transform_training_data(dataset, data_args, image_processor, image_size, training_args.seed)
     if data_args.streaming:
         # Each process reads its own share of the stream instead of the main process reading and
         # dispatching every batch. Accelerate splits a `datasets` stream by files when it has at
@@ -256,12 +257,18 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
+        callbacks=[EpochCallback(augmentation)],
         processing_class=student_image_processor(image_processor),
     )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last
     if checkpoint is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():
         clear_previous_run(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.preempted:
+        step = trainer.state.global_step
+        print(f"error: stopped by SIGTERM at step {step} after writing checkpoint-{step}; continue with "
+              "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143)  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

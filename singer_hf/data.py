@@ -237,11 +237,33 @@ class ImageTransform:
     Apply it with :func:`with_image_transform`.
     """
 
-    def __init__(self, transforms, image_column: str = "image", label_column: str | None = None):
+    def __init__(self, transforms, image_column: str = "image", label_column: str | None = None, seed: int | None = None):
         self.transforms = transforms
         self.image_column = image_column
         self.label_column = label_column
+        self.seed, self.epoch = seed, 0
         self._decoder = datasets.Image()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each epoch start (before the DataLoader's workers copy this object)."""
+        self.epoch = epoch
+
+    def _augment(self, image: PIL.Image.Image, index: int | None) -> torch.Tensor:
+        """The transforms, with ``seed`` set: drawn from a seed of (seed, epoch, example index), the global RNG untouched.
+
+        So an example's augmentation depends on nothing else: not on the process or DataLoader worker
+        that reads it, nor on what was read before, which makes a resumed run read exactly the
+        augmented images an uninterrupted one would.
+        """
+        if self.seed is None or index is None:
+            return self.transforms(image)
+        generator = torch.default_generator  # torchvision v2 draws from it; seeding it alone is cheap
+        state = generator.get_state()
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]))
+        try:
+            return self.transforms(image)
+        finally:
+            generator.set_state(state)
 
     def _decode(self, value) -> tuple[PIL.Image.Image | None, str | None]:
         if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
@@ -264,7 +286,7 @@ class ImageTransform:
             image, error = self._decode(value)
             if error is not None:
                 logger.warning("Skipping example %s: column %r has %s", index, self.image_column, error)
-            pixel_values.append(None if image is None else self.transforms(image))
+            pixel_values.append(None if image is None else self._augment(image, index))
             errors.append(error)
         out = {"pixel_values": pixel_values, "image_error": errors, EXAMPLE_INDEX: list(indices)}
         if self.label_column is not None:

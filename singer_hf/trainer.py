@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -70,6 +72,24 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
         return DistillationConfig(**self.distillation_values())
 
 
+class EpochCallback(TrainerCallback):
+    """Tells `target.set_epoch` (e.g. a seeded `ImageTransform`) the epoch, also when a run resumes mid-epoch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.target.set_epoch(int(state.epoch or 0))
+
+
+class _PreemptionCallback(TrainerCallback):
+    def __init__(self, trainer: "SingerTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._stop_if_preempted(state, control)
+
+
 class SingerTrainer(Trainer):
     """Trains a `DistillationModel`; saves the student as a plain Hugging Face model.
 
@@ -90,6 +110,8 @@ class SingerTrainer(Trainer):
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
+        self.preempted, self._sigterm_received = False, False
+        self.add_callback(_PreemptionCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -146,11 +168,39 @@ class SingerTrainer(Trainer):
 
     # -- saving and resuming -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from a complete checkpoint written by this configuration."""
+        """`Trainer.train`, resuming only from a complete checkpoint written by this configuration.
+
+        SIGTERM (a pre-emption) stops training after the current step with a checkpoint; `preempted`
+        is then True and the caller should exit without treating the student as finished.
+        """
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_fingerprint(self.accelerator.unwrap_model(self.model), checkpoint)
-        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        self.preempted, self._sigterm_received = False, False
+        handles_signals = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handles_signals else None
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        finally:
+            if handles_signals:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM: writing a checkpoint after this step, then stopping")
+        self._sigterm_received = True
+
+    def _stop_if_preempted(self, state, control) -> None:
+        """On SIGTERM: save and stop at this step's end. With several processes the ranks agree on it at each log
+        step (a collective per step would cost a host sync), so a signal reaching one rank only is acted on there."""
+        received = self._sigterm_received
+        if self.accelerator.num_processes > 1:
+            if state.global_step % max(int(self.args.logging_steps), 1):
+                return
+            flag = torch.tensor(float(received), device=self.accelerator.device)
+            received = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if received:
+            control.should_save = control.should_training_stop = True
+            self.preempted = True
 
     def _save_checkpoint(self, model, trial) -> None:
         """Writes `checkpoint-N` under a temporary name and renames it when every process is done with it,

@@ -202,3 +202,129 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_broken_is_saved(tm
     with pytest.raises(NonFiniteLossError, match="student: non-finite weights"):
         trainer.save_model(str(tmp_path / "student"))
     assert not (tmp_path / "student").exists()
+
+
+# -- interruption and exact resume -------------------------------------------------------------------
+# Each fault is injected into a real `python scripts/distill.py` process by a small probe, which then
+# dies as a pre-empted or crashed job would; the run is resumed and compared with an uninterrupted one.
+PROBE = r"""
+import importlib.util, os, signal, sys
+fault, step_at, script, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+spec = importlib.util.spec_from_file_location("distill_probe", script)
+distill = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = distill
+spec.loader.exec_module(distill)
+import singer_hf.trainer
+from transformers import TrainerCallback
+
+class Fault(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == step_at and fault == "sigterm":  # arrives during step `step_at`
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step_at and fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def save_file(tensors, path, *args, **kwargs):  # kill-during-write: die after the student, before the heads
+    if fault == "kill_in_save" and f"staging-{step_at}" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_save_file(tensors, path, *args, **kwargs)
+
+original_save_file = singer_hf.trainer.save_file
+singer_hf.trainer.save_file = save_file
+
+class FaultyTrainer(distill.SingerTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(Fault())
+
+distill.SingerTrainer = FaultyTrainer
+from singer_hf.cli import run_cli
+run_cli(distill.main, argv)
+"""
+RESUME_MODES = {
+    "map-style, 2 workers": ["--dataloader_num_workers", "2"],
+    "streaming": ["--streaming", "true", "--shuffle_buffer", "8"],
+}
+
+
+def _resume_argv(workspace, output, mode, *extra):
+    # Random crops and flips of random-pixel images: a resume that replays other augmentations shows.
+    return _argv(workspace, output, "--max_steps", "8", "--save_steps", "4", "--logging_steps", "2",
+                 *RESUME_MODES[mode], *extra)  # fmt: skip
+
+
+def _run_with_fault(tmp_path, fault, step, argv):
+    import os
+    import subprocess
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("SINGER_DEBUG", None)
+    return subprocess.run([sys.executable, str(probe), fault, str(step), str(SCRIPT), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(distill, workspace, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    results = {}
+    for mode in RESUME_MODES:
+        output = tmp_path_factory.mktemp("uninterrupted")
+        distill.main(_resume_argv(workspace, output / "run", mode))
+        results[mode] = _final_weights(output / "run")
+    return results
+
+
+def _final_weights(output: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {f"student.{k}": v for k, v in load_file(output / "model.safetensors").items()}
+    weights.update({f"heads.{k}": v for k, v in load_file(output / "distillation" / "heads.safetensors").items()})
+    adapters = output / "distillation" / "adapter_model.safetensors"
+    weights.update({f"adapters.{k}": v for k, v in load_file(adapters).items()})
+    return weights
+
+
+def _max_difference(expected: dict, actual: dict) -> float:
+    assert expected.keys() == actual.keys()
+    return max((expected[k] - actual[k]).abs().max().item() for k in expected)
+
+
+def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path, uninterrupted):
+    mode = "streaming"  # map-style is resumed after the kills below
+    output = tmp_path / "run"
+    killed = _run_with_fault(tmp_path, "sigkill", 6, _resume_argv(workspace, output, mode))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    difference = _max_difference(uninterrupted[mode], _final_weights(output))
+    print(f"{mode}: max |Δ| of the final weights, resumed after SIGKILL vs uninterrupted: {difference}")
+    assert difference == 0
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(distill, workspace, tmp_path, uninterrupted):
+    mode = "map-style, 2 workers"
+    output = tmp_path / "run"
+    killed = _run_with_fault(tmp_path, "kill_in_save", 8, _resume_argv(workspace, output, mode))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]  # the partial one is not named so
+    assert (output / ".staging-8").is_dir()
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+    assert not (output / ".staging-8").exists()
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(distill, workspace, tmp_path, uninterrupted):
+    mode = "map-style, 2 workers"
+    output = tmp_path / "run"
+    stopped = _run_with_fault(tmp_path, "sigterm", 5, _resume_argv(workspace, output, mode))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM at step 5 after writing checkpoint-5")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert not (output / "model.safetensors").exists()  # an unfinished student is not presented as the result
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0

@@ -157,7 +157,9 @@ def check_models_fit(model_args: ModelArguments, training_args: SingerTrainingAr
 
 def load_student(model_args: ModelArguments, teacher):
     if model_args.student_name_or_path is not None:
-        return AutoModel.from_pretrained(model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        return AutoModel.from_pretrained(
+            model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
+        )
     hidden, heads = STUDENT_SIZES[model_args.student_size]
     geometry = resolve_vit(teacher, "teacher")
     config = transformers.ViTConfig(
@@ -238,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_training_data(data_args, training_args)
 
-    teacher = AutoModel.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    teacher = AutoModel.from_pretrained(
+        model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
+    )
     image_processor = load_image_processor(model_args, teacher)
     student = load_student(model_args, teacher)
     model = DistillationModel(teacher, student, training_args.distillation_config())

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,12 +66,37 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     return checkpoint
 
 
+def publishable_name(name_or_path: str | None) -> str | None:
+    """A Hub id as it is; a local path reduced to its folder's name (local absolute paths are never published)."""
+    if not name_or_path or not (os.path.isabs(name_or_path) or os.path.exists(name_or_path)):
+        return name_or_path
+    return Path(name_or_path).resolve().name
+
+
+@contextlib.contextmanager
+def publishable_peft_config(peft_model):
+    """While saving: PEFT writes the teacher's local path into adapter_config.json (`base_model_name_or_path`)
+    and its README (`base_model` from the teacher config's `_name_or_path`, a tag from the teacher's
+    `name_or_path`); give them the folder's name instead, and put the originals back afterwards."""
+    fields = [(config, "base_model_name_or_path") for config in peft_model.peft_config.values()]
+    teacher = peft_model.get_base_model()
+    fields += [(owner, name) for owner, name in ((teacher, "name_or_path"), (getattr(teacher, "config", None), "_name_or_path"))
+               if owner is not None and isinstance(getattr(owner, name, None), str)]  # fmt: skip
+    originals = [getattr(owner, name) for owner, name in fields]
+    for owner, name in fields:
+        setattr(owner, name, publishable_name(getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for (owner, name), original in zip(fields, originals):
+            setattr(owner, name, original)
+
+
 def _architecture(model) -> dict:
     vit = resolve_vit(model)
     shapes = {name: list(value.shape) for name, value in vit.backbone.state_dict().items() if "singer_" not in name}
-    name = getattr(vit.backbone.config, "_name_or_path", "") or ""
     return {
-        "name": name if not os.path.isabs(name) else Path(name).name,  # a folder's name only: no local paths
+        "name": publishable_name(getattr(vit.backbone.config, "_name_or_path", None)),
         "model_type": vit.backbone.config.model_type,
         "depth": vit.depth,
         "width": vit.width,

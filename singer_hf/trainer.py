@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .checkpoints import STAGING_PREFIX, check_fingerprint, resolve_checkpoint, write_fingerprint
+from .checkpoints import STAGING_PREFIX, check_fingerprint, publishable_peft_config, resolve_checkpoint, write_fingerprint
 
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
@@ -253,7 +253,8 @@ class SingerTrainer(Trainer):
         research_dir = os.path.join(output_dir, DISTILLATION_DIR)
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):
-            model.teacher.save_pretrained(research_dir, state_dict=adapters)
+            with publishable_peft_config(model.teacher):
+                model.teacher.save_pretrained(research_dir, state_dict=adapters)
         save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(research_dir, HEADS_FILE))
         summary = {
             **model.config.to_dict(),

@@ -328,3 +328,63 @@ def test_sigterm_writes_a_checkpoint_before_exiting(distill, workspace, tmp_path
     assert not (output / "model.safetensors").exists()  # an unfinished student is not presented as the result
     distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
     assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+
+
+# -- safe loading and secrets ------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", ["optimizer.pt", "pytorch_model.bin"])
+def test_a_checkpoint_holding_a_malicious_pickle_is_refused(distill, workspace, tmp_path, target):
+    output = tmp_path / "run"
+    argv = _argv(workspace, output, "--max_steps", "3", "--save_steps", "2")
+    distill.main(argv)
+    checkpoint, marker = output / "checkpoint-2", tmp_path / "pwned"
+    if target == "pytorch_model.bin":
+        (checkpoint / "model.safetensors").unlink()  # weights only as a pickle: transformers would fall back to it
+    torch.save({"state": _Payload(marker)}, checkpoint / target)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
+        distill.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    assert not marker.exists(), "the pickle's payload ran"
+
+
+def test_a_teacher_with_pickled_weights_only_is_refused(distill, workspace, tmp_path):
+    teacher = tmp_path / "pickled_teacher"
+    make_vit(seed=0).save_pretrained(teacher)
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(teacher)
+    (teacher / "model.safetensors").unlink()
+    torch.save({"state": _Payload(tmp_path / "pwned")}, teacher / "pytorch_model.bin")
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index(str(workspace / "teacher"))] = str(teacher)
+    with pytest.raises(OSError, match="model.safetensors"):
+        distill.main(argv)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_no_token_and_no_local_path_in_what_a_run_writes(distill, workspace, tmp_path, monkeypatch, capsys, caplog):
+    token = "hf_FakeTokenForTheLeakTest0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    output = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        distill.main(_argv(workspace, output, "--max_steps", "2", "--save_steps", "2", "--hub_token", token))
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.name == "adapter_config.json" for path in written)
+    for path in written:
+        assert token.encode() not in path.read_bytes(), f"{path.relative_to(output)} holds the token"
+    published = [path for path in written if path.suffix in (".json", ".md") and "checkpoint-" not in str(path)]
+    for path in published:
+        text = path.read_text()
+        assert str(workspace) not in text and str(tmp_path) not in text, f"{path.relative_to(output)} holds a local path"
+    adapter_config = json.loads((output / "distillation" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "teacher"
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err + caplog.text

@@ -101,6 +101,16 @@ def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return argv, False
 
 
+def _lost_peer_rank(error: Exception) -> int | None:
+    """This process's rank when `error` is a collective that failed because a peer went away, else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    return dist.get_rank() if any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed")) else None
+
+
 def run_cli(main, argv: list[str] | None = None):
     """Runs `main(argv)`; errors are one line on stderr (no traceback unless --debug/SINGER_DEBUG=1)."""
     argv, debug = _pop_debug_flag(sys.argv[1:] if argv is None else argv)
@@ -118,5 +128,8 @@ def run_cli(main, argv: list[str] | None = None):
         message = " ".join(text.split()) or type(error).__name__
         if not isinstance(error, (UsageError, ValueError, FileNotFoundError)):
             message = f"{type(error).__name__}: {message}"
+        rank = _lost_peer_rank(error)
+        if rank is not None:
+            message = f"rank {rank}: another process of this run stopped or hung (its own log says why): {message}"
         print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(error, (UsageError, ValueError)) else 1)

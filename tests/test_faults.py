@@ -388,3 +388,35 @@ def test_no_token_and_no_local_path_in_what_a_run_writes(distill, workspace, tmp
     assert adapter_config["base_model_name_or_path"] == "teacher"
     captured = capsys.readouterr()
     assert token not in captured.out + captured.err + caplog.text
+
+
+def test_one_rank_dying_ends_the_two_process_run_with_a_clear_error(tmp_path):
+    """A real two-process launch (see tests/test_multiprocess.py); rank 1 is SIGKILLed after step 2."""
+    import os
+    import shutil
+    import subprocess
+
+    from test_multiprocess import CONFIG, _free_port, _write_tiny_setup
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found (Debian: openmpi-bin)")
+    teacher, data = _write_tiny_setup(tmp_path)
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.replace("state.global_step == step_at and fault", "state.global_step == step_at and args.process_index == 1 and fault"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMPI_COMM_WORLD_", "PMI_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(ROOT))  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIG),
+        "--mpirun_hostfile", str(tmp_path / "hostfile"), "--main_process_port", str(_free_port()),
+        str(probe), "sigkill", "2", str(SCRIPT), "--teacher_name_or_path", str(teacher), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none",
+        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    launch = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
+    output = launch.stdout + launch.stderr
+    assert launch.returncode != 0
+    assert "error: rank 0: another process of this run stopped or hung" in output, output[-3000:]
+    assert "rank 1" in output and "signal 9" in output, output[-3000:]  # mpirun names the rank that died

@@ -53,7 +53,7 @@ STUDENT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 class ModelArguments:
     teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
     student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
-    student_size: Literal["tiny", "small", "base"] | None = field(
+    student_size: Literal[tuple(STUDENT_SIZES)] | None = field(
         default=None, metadata={"help": f"Or a new ViT student trained from scratch: one of {sorted(STUDENT_SIZES)}."}
     )
     student_config_overrides: str | None = field(

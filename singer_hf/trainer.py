@@ -17,7 +17,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpoints import STAGING_PREFIX, check_fingerprint, publishable_peft_config, resolve_checkpoint, write_fingerprint
-
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
 from .validation import DistillationFields, check_training_arguments
@@ -99,6 +98,9 @@ class SingerTrainer(Trainer):
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
+    - Faults: a step with a non-finite loss or gradient is skipped on the device (`numerics.py`);
+      checkpoints are written under a temporary name and renamed when complete, with a fingerprint
+      that resuming checks (`checkpoints.py`); SIGTERM saves a checkpoint and stops (`preempted`).
     """
 
     def __init__(self, model: DistillationModel, args: SingerTrainingArguments, **kwargs):

@@ -55,7 +55,7 @@ def main(extra_flags: list[str]) -> None:
 
     result = distill.main(
         [str(ROOT / "configs" / "demo.yaml"), "--teacher_name_or_path", str(teacher_dir),
-         "--dataset_name", str(data_file), "--output_dir", str(student_dir), *extra_flags]
+         "--dataset_name", str(data_file), "--output_dir", str(student_dir), "--overwrite_output_dir", "true", *extra_flags]
     )  # fmt: skip
     distill_seconds = time.perf_counter() - start - teacher_seconds
 

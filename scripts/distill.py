@@ -6,7 +6,9 @@
     accelerate launch --config_file accelerate_configs/multi_gpu_ddp_bf16.yaml scripts/distill.py RECIPE
 
 Arguments are the three dataclasses below plus `transformers.TrainingArguments`; a YAML or JSON
-file given first supplies defaults that later command-line flags override. The result is a plain
+recipe given anywhere on the command line supplies defaults that command-line flags override.
+Everything that can be checked without the weights is checked before anything is loaded; errors are
+one line on stderr (the traceback with --debug or SINGER_DEBUG=1). The result is a plain
 Hugging Face student folder that `AutoModel.from_pretrained` loads without this package.
 """
 
@@ -17,13 +19,17 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import torch
 import transformers
-import yaml
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 from singer_hf import DistillationModel, resolve_vit
 from singer_hf.architectures import load_backbone
+from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint
+from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli
 from singer_hf.data import (
     ImageTransform,
     PixelValuesCollator,
@@ -34,8 +40,9 @@ from singer_hf.data import (
     with_image_transform,
 )
 from singer_hf.model_card import record_run, student_card_from_run
+from singer_hf.modeling import plan_layers
 from singer_hf.publishing import PublishError, publish_student
-from singer_hf.trainer import DISTILLATION_DIR, SingerTrainer, SingerTrainingArguments
+from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments
 
 logger = logging.getLogger("singer_hf.distill")
 
@@ -49,11 +56,18 @@ METHOD_NAMES = {"singer": "SiNGER", "fitnet": "FitNet", "vitkd": "ViTKD"}
 class ModelArguments:
     teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
     student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
-    student_size: str | None = field(
+    student_size: Literal[tuple(STUDENT_SIZES)] | None = field(
         default=None, metadata={"help": f"Or a new ViT student trained from scratch: one of {sorted(STUDENT_SIZES)}."}
     )
     student_config_overrides: str | None = field(
         default=None, metadata={"help": 'Changes to a from-scratch student config, e.g. "num_hidden_layers=6,hidden_size=96".'}
+    )
+    image_processor_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image processor (mean, std, size) to use instead of the teacher's: a Hub id or folder, or "
+            "'default' for the teacher family's default processor at the teacher's image size."
+        },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for the models (off by default)."})
 
@@ -71,45 +85,98 @@ class DataArguments:
     shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only the first N examples."})
+    max_bad_image_share: float = field(
+        default=0.1, metadata={"help": "Stop when more than this share of the examples has no usable image."}
+    )
+    bad_image_window: int = field(
+        default=1000, metadata={"help": "...counted over at least this many examples (the first ones)."}
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments))
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        text = Path(argv[0]).read_text()
-        defaults = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
-        argv = _as_flags(defaults) + argv[1:]  # flags given later on the command line win
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return StrictArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments)).parse(argv)
 
 
-def _as_flags(values: dict) -> list[str]:
-    flags = []
-    for name, value in values.items():
-        if isinstance(value, dict):
-            flags += [f"--{name}", json.dumps(value)]
-        elif isinstance(value, list):
-            flags += [f"--{name}", *map(str, value)]
-        elif value is not None:
-            flags += [f"--{name}", str(value)]
-    return flags
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments):
+    """What can be checked without weights or data, so that a typo fails in a second, not after a download."""
+    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
+        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    check_local_path("teacher_name_or_path", model_args.teacher_name_or_path)
+    check_local_path("student_name_or_path", model_args.student_name_or_path)
+    check_local_path("dataset_name", data_args.dataset_name)
+    if model_args.image_processor_name_or_path != "default":
+        check_local_path("image_processor_name_or_path", model_args.image_processor_name_or_path)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UsageError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
+    teacher = Path(model_args.teacher_name_or_path).expanduser()
+    if model_args.image_processor_name_or_path is None and teacher.is_dir():
+        _check_teacher_folder(teacher)
+    resuming = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir) is not None
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
+
+
+def _check_teacher_folder(teacher: Path) -> None:
+    if not (teacher / "config.json").is_file():
+        raise UsageError(f"teacher_name_or_path: {teacher.name} holds no config.json; give a folder written by save_pretrained")
+    timm = "architecture" in json.loads((teacher / "config.json").read_text())  # timm keeps preprocessing in config.json
+    if not timm and not (teacher / "preprocessor_config.json").is_file():
+        raise UsageError(
+            f"teacher_name_or_path: {teacher.name} has no preprocessor_config.json (the image mean, std and size the "
+            "teacher was trained with); save the teacher's image processor there, pass --image_processor_name_or_path "
+            "FOLDER_OR_HUB_ID, or --image_processor_name_or_path default for its model family's default processor"
+        )
+
+
+def load_image_processor(model_args: ModelArguments, teacher):
+    """The teacher's image processor, or the one `--image_processor_name_or_path` names.
+
+    "default" builds the teacher family's own default (e.g. ViT: mean = std = 0.5; DINOv2: ImageNet
+    statistics) at the teacher's image size: the convention checkpoints of that family ship with,
+    which is what a teacher saved without its processor most likely expects.
+    """
+    name = model_args.image_processor_name_or_path or model_args.teacher_name_or_path
+    if name != "default":
+        return AutoImageProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    config = resolve_vit(teacher).backbone.config
+    classes = IMAGE_PROCESSOR_MAPPING.get(type(config), None)
+    if classes is None:
+        raise UsageError(f"image_processor_name_or_path: {config.model_type} has no default image processor; name one")
+    processor_class = classes["torchvision"] if isinstance(classes, dict) else classes
+    size = {"height": config.image_size, "width": config.image_size}
+    processor = processor_class(size=size)
+    if getattr(processor, "do_center_crop", False):
+        processor.crop_size = size
+    return processor
+
+
+def check_models_fit(model_args: ModelArguments, training_args: SingerTrainingArguments) -> None:
+    """Teacher/student/layer compatibility from the configs and the image processor alone: the models
+    are built on the meta device, no weights are read."""
+    remote = model_args.trust_remote_code
+    with torch.device("meta"):
+        teacher = AutoModel.from_config(AutoConfig.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=remote))
+        image_size = image_processor_stats(load_image_processor(model_args, teacher))[2]
+        if model_args.student_name_or_path is not None:
+            config = AutoConfig.from_pretrained(model_args.student_name_or_path, trust_remote_code=remote)
+            student = AutoModel.from_config(config)
+            built_for = resolve_vit(student, "student_name_or_path").image_size
+            if built_for != image_size:
+                raise UsageError(
+                    f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
+                    f"processor gives {image_size}px; the saved student and its processor must agree"
+                )
+        else:
+            student = load_student(model_args, teacher, image_size)
+    plan_layers(resolve_vit(teacher, "teacher"), resolve_vit(student, "student"), training_args.distillation_config())
 
 
 def load_student(model_args: ModelArguments, teacher, image_size: int):
     """The student, built for `image_size` images: the size the teacher's image processor produces,
-    which is saved with the student."""
-    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
-        raise ValueError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    which is saved with the student (`check_models_fit` has checked a given student's size)."""
     if model_args.student_name_or_path is not None:
-        student = AutoModel.from_pretrained(model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code)
-        built_for = resolve_vit(student, "student_name_or_path").image_size
-        if built_for != image_size:
-            raise ValueError(
-                f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
-                f"processor gives {image_size}px; the saved student and its processor must agree"
-            )
-        return student
-    if model_args.student_size not in STUDENT_SIZES:
-        raise ValueError(f"student_size: must be one of {sorted(STUDENT_SIZES)}, got {model_args.student_size!r}")
+        return AutoModel.from_pretrained(
+            model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
+        )
     hidden, heads = STUDENT_SIZES[model_args.student_size]
     geometry = resolve_vit(teacher, "teacher")
     config = transformers.ViTConfig(
@@ -125,18 +192,15 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
     if model_args.student_config_overrides:
         config.update_from_string(model_args.student_config_overrides)
         if config.image_size != image_size:
-            raise ValueError(
+            raise UsageError(
                 f"student_config_overrides: image_size={config.image_size} differs from the {image_size}px the "
                 "teacher's image processor gives; the saved student and its processor must agree"
             )
     return transformers.ViTModel(config)
 
 
-def load_split(data_args: DataArguments, training_args: SingerTrainingArguments, split: str, image_processor, train: bool):
-    """One split as `pixel_values` at the image processor's size: augmented for training, resized and
-    centre-cropped for evaluation."""
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
+def open_split(data_args: DataArguments, training_args: SingerTrainingArguments, split: str, train: bool):
+    """A split, images not yet decoded: opened before the models so that a wrong column fails first."""
     dataset = load_image_dataset(
         data_args.dataset_name,
         data_args.dataset_config,
@@ -149,9 +213,17 @@ def load_split(data_args: DataArguments, training_args: SingerTrainingArguments,
     count = data_args.max_train_samples if train else data_args.max_eval_samples
     if count is not None:
         dataset = dataset.take(count) if data_args.streaming else dataset.select(range(min(count, len(dataset))))
+    return dataset
+
+
+def with_transforms(dataset, data_args: DataArguments, image_processor, train: bool, seed: int):
+    """`pixel_values` at the image processor's size: augmented for training, from a seed per example (see
+    `ImageTransform`; its epoch must be kept up to date), resized and centre-cropped for evaluation."""
     mean, std, image_size = image_processor_stats(image_processor)
-    transforms = build_transforms(mean, std, image_size, train=train)
-    return with_image_transform(dataset, ImageTransform(transforms, data_args.image_column))
+    transform = ImageTransform(
+        build_transforms(mean, std, image_size, train=train), data_args.image_column, seed=seed if train else None
+    )
+    return with_image_transform(dataset, transform), transform
 
 
 def describe(model: DistillationModel, model_args: ModelArguments, data_args: DataArguments) -> str:
@@ -191,20 +263,23 @@ def main(argv: list[str] | None = None) -> dict:
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
+    check_arguments(model_args, data_args, training_args)
+    check_models_fit(model_args, training_args)
+    collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
+    dataset = open_split(data_args, training_args, data_args.train_split, train=True)
+    eval_dataset = None if data_args.eval_split is None else open_split(data_args, training_args, data_args.eval_split, train=False)
 
-    teacher = load_backbone(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    image_processor = AutoImageProcessor.from_pretrained(
-        model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code
+    teacher = load_backbone(
+        model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
     )
-    image_size = image_processor_stats(image_processor)[2]
-    student = load_student(model_args, teacher, image_size)
+    image_processor = load_image_processor(model_args, teacher)
+    student = load_student(model_args, teacher, image_processor_stats(image_processor)[2])
     model = DistillationModel(teacher, student, training_args.distillation_config())
     logger.info("%s distillation\n%s", METHOD_NAMES[model.config.method], describe(model, model_args, data_args))
 
-    train_dataset = load_split(data_args, training_args, data_args.train_split, image_processor, train=True)
-    eval_dataset = None
-    if data_args.eval_split is not None:
-        eval_dataset = load_split(data_args, training_args, data_args.eval_split, image_processor, train=False)
+    train_dataset, augmentation = with_transforms(dataset, data_args, image_processor, train=True, seed=training_args.seed)
+    if eval_dataset is not None:
+        eval_dataset, _ = with_transforms(eval_dataset, data_args, image_processor, train=False, seed=training_args.seed)
     if data_args.streaming:
         # Each process reads its own share of the stream instead of the main process reading and
         # dispatching every batch. Accelerate splits a `datasets` stream by files when it has at
@@ -216,13 +291,19 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PixelValuesCollator(),
+        data_collator=collator,
+        callbacks=[EpochCallback(augmentation)],
         processing_class=student_image_processor(image_processor),
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is not None and checkpoint.lower() == "true":
-        checkpoint = True  # the Trainer resumes from the last checkpoint in output_dir
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last
+    if checkpoint is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():
+        clear_previous_run(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.preempted:
+        step = trainer.state.global_step
+        print(f"error: stopped by SIGTERM at step {step} after writing checkpoint-{step}; continue with "
+              "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143)  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -256,4 +337,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

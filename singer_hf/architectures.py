@@ -231,7 +231,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def load_backbone(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+def load_backbone(name_or_path: str, trust_remote_code: bool = False, use_safetensors: bool = True) -> nn.Module:
     """The backbone of a checkpoint (`backbone_of`), loaded with the class it was saved from.
 
     `AutoModel` on a classification checkpoint would build a model with other parts (a pooler, no
@@ -241,7 +241,9 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False) -> nn.Modu
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     saved_as = (getattr(config, "architectures", None) or [""])[0]
     model_class = getattr(transformers, saved_as, None) if saved_as else None  # None: remote code, or no record
-    model = (model_class or AutoModel).from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
+    model = (model_class or AutoModel).from_pretrained(
+        name_or_path, config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors
+    )
     return backbone_of(model)
 
 

@@ -6,8 +6,9 @@ label column is named (the demo teacher is trained with them).
 Undecodable images are a fact of life in web-scale datasets. Rather than let PIL raise deep
 inside a DataLoader worker hours into a run, the image column is read undecoded
 (``Image(decode=False)``), decoded in :class:`ImageTransform` where a failure can be caught, and
-the example is marked with ``pixel_values=None``; :class:`PixelValuesCollator` then drops it and
-counts it.
+the example is marked with ``pixel_values=None`` and the reason; :class:`PixelValuesCollator` then
+drops it and counts it (one counter, shared by DataLoader workers), and stops the run when more than
+a set share of the examples fails: a wrong column or a broken dataset fails early, by name.
 """
 
 from __future__ import annotations
@@ -198,49 +199,99 @@ def load_image_dataset(
             source = builder
         else:
             source = str(path)
-    dataset = datasets.load_dataset(source, **kwargs)
-
-    columns = dataset.column_names
-    if columns is None:  # streaming from a format without a schema: look at one example
-        columns = list(next(iter(dataset), {}))
+    # The column is checked on a stream first: it reads the schema (or one example), not the whole
+    # dataset, so a wrong column fails before a map-style dataset is downloaded and prepared.
+    stream = datasets.load_dataset(source, **{**kwargs, "streaming": True})
+    columns = stream.column_names
+    if columns is None:  # a format without a schema: look at one example
+        columns = list(next(iter(stream), {}))
     if image_column not in columns:
         raise ValueError(f"image_column={image_column!r} is not a column of {name_or_path!r}; available: {columns}")
+    feature = (stream.features or {}).get(image_column)
+    if feature is not None and not _may_hold_images(feature):
+        raise ValueError(
+            f"image_column={image_column!r} holds {feature}, not images (an Image feature, bytes, or paths); "
+            f"columns of {name_or_path!r}: {columns}"
+        )
+    dataset = stream if streaming else datasets.load_dataset(source, **kwargs)
     if streaming and shuffle_buffer:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return dataset
 
 
-class ImageTransform:
-    """Batched ``{image_column: [...]} -> {"pixel_values": [tensor | None], ["labels": [...]]}``.
+def _may_hold_images(feature) -> bool:
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, dict):  # {"bytes", "path"} structs, as a Parquet file without HF metadata has them
+        return "bytes" in feature or "path" in feature
+    return isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
 
-    An image that cannot be decoded becomes ``None`` (logged, and counted in ``skipped`` for this
-    process) instead of an exception; :class:`PixelValuesCollator` drops it. Apply it with
-    :func:`with_image_transform`.
+
+EXAMPLE_INDEX = "example_index"
+"""Column added to map-style datasets (and filled from the stream position when streaming) so that a
+failing example can be named."""
+
+
+class ImageTransform:
+    """Batched ``{image_column: [...]} -> {"pixel_values": [tensor | None], "image_error", "example_index", ["labels"]}``.
+
+    An image that cannot be decoded (or is missing) becomes ``pixel_values=None`` with its reason in
+    ``image_error``, instead of an exception; :class:`PixelValuesCollator` drops and counts it.
+    Apply it with :func:`with_image_transform`.
     """
 
-    def __init__(self, transforms, image_column: str = "image", label_column: str | None = None):
+    def __init__(self, transforms, image_column: str = "image", label_column: str | None = None, seed: int | None = None):
         self.transforms = transforms
         self.image_column = image_column
         self.label_column = label_column
-        self.skipped = 0
+        self.seed, self.epoch = seed, 0
         self._decoder = datasets.Image()
 
-    def _decode(self, value) -> PIL.Image.Image | None:
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each epoch start (before the DataLoader's workers copy this object)."""
+        self.epoch = epoch
+
+    def _augment(self, image: PIL.Image.Image, index: int | None) -> torch.Tensor:
+        """The transforms, with ``seed`` set: drawn from a seed of (seed, epoch, example index), the global RNG untouched.
+
+        So an example's augmentation depends on nothing else: not on the process or DataLoader worker
+        that reads it, nor on what was read before, which makes a resumed run read exactly the
+        augmented images an uninterrupted one would.
+        """
+        if self.seed is None or index is None:
+            return self.transforms(image)
+        generator = torch.default_generator  # torchvision v2 draws from it; seeding it alone is cheap
+        state = generator.get_state()
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]))
+        try:
+            return self.transforms(image)
+        finally:
+            generator.set_state(state)
+
+    def _decode(self, value) -> tuple[PIL.Image.Image | None, str | None]:
+        if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
+            return None, "no image (None)"
         if isinstance(value, str):
             value = {"path": value, "bytes": None}
         elif isinstance(value, (bytes, bytearray)):
             value = {"path": None, "bytes": bytes(value)}
         try:
             image = self._decoder.decode_example(value)  # bytes, local or remote path; applies EXIF rotation
-            return to_rgb(image)  # forces a full decode, so a truncated file fails here too
+            return to_rgb(image), None  # forces a full decode, so a truncated file fails here too
         except Exception as exc:  # PIL reports corrupt data with many exception types (OSError, SyntaxError, ...)
-            self.skipped += 1
-            logger.warning("Skipping undecodable image in column %r (%s: %s)", self.image_column, type(exc).__name__, exc)
-            return None
+            return None, f"{type(exc).__name__}: {exc}"
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images = [self._decode(value) for value in batch[self.image_column]]
-        out = {"pixel_values": [None if image is None else self.transforms(image) for image in images]}
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        if indices is None:
+            indices = batch.get(EXAMPLE_INDEX, [None] * len(batch[self.image_column]))
+        pixel_values, errors = [], []
+        for index, value in zip(indices, batch[self.image_column]):
+            image, error = self._decode(value)
+            if error is not None:
+                logger.warning("Skipping example %s: column %r has %s", index, self.image_column, error)
+            pixel_values.append(None if image is None else self._augment(image, index))
+            errors.append(error)
+        out = {"pixel_values": pixel_values, "image_error": errors, EXAMPLE_INDEX: list(indices)}
         if self.label_column is not None:
             out["labels"] = batch[self.label_column]
         return out
@@ -251,37 +302,58 @@ def with_image_transform(dataset, transform: ImageTransform):
     (IterableDataset has no ``with_transform``).
 
     The image column is first cast to ``Image(decode=False)`` so decoding happens inside the
-    transform, where a corrupt image can be caught. With a map-style dataset under the Trainer,
-    set ``remove_unused_columns=False``: otherwise it drops the image column before the transform sees it.
+    transform, where a corrupt image can be caught. Examples carry their index (map-style) or
+    stream position (streaming) so that failures can be named. With a map-style dataset under the
+    Trainer, set ``remove_unused_columns=False``: otherwise it drops the image column before the
+    transform sees it.
     """
     column = transform.image_column
     if isinstance((dataset.features or {}).get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
+        return dataset.map(transform, batched=True, with_indices=True, remove_columns=dataset.column_names)
+    if EXAMPLE_INDEX not in dataset.column_names:
+        dataset = dataset.add_column(EXAMPLE_INDEX, np.arange(len(dataset)))
     return dataset.with_transform(transform)
 
 
 class PixelValuesCollator:
     """Stacks ``pixel_values`` (and ``labels``), dropping the examples :class:`ImageTransform` marked undecodable.
 
-    ``skipped`` is the total dropped so far, across DataLoader worker processes (the counter lives in
-    shared memory), so the trainer can log it.
+    ``skipped`` is the total dropped so far, across DataLoader worker processes (the counters live in
+    shared memory), so the trainer can log it. When more than ``max_bad_share`` of the examples seen
+    fail (counted over at least the first ``window`` examples, so a bad column fails within them),
+    it raises, naming the column and the failing examples.
     """
 
-    def __init__(self):
-        # A spawn-context lock can be shared with workers started by fork, spawn and forkserver alike.
-        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+    def __init__(self, image_column: str = "image", max_bad_share: float = 0.1, window: int = 1000):
+        if not 0 <= max_bad_share <= 1:
+            raise ValueError(f"max_bad_image_share: must be in [0, 1], got {max_bad_share}")
+        if window < 1:
+            raise ValueError(f"bad_image_window: must be >= 1, got {window}")
+        self.image_column, self.max_bad_share, self.window = image_column, max_bad_share, window
+        # seen, skipped; a spawn-context lock can be shared with workers started by fork, spawn and forkserver alike.
+        self._counts = multiprocessing.get_context("spawn").Array("q", 2)
+        self._failures: list[str] = []  # this process's first failures, for the error message
 
     @property
     def skipped(self) -> int:
-        return self._skipped.value
+        return self._counts[1]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         kept = [example for example in examples if example["pixel_values"] is not None]
-        if len(kept) < len(examples):
-            with self._skipped.get_lock():
-                self._skipped.value += len(examples) - len(kept)
+        bad = [example for example in examples if example["pixel_values"] is None]
+        with self._counts.get_lock():
+            self._counts[0] += len(examples)
+            self._counts[1] += len(bad)
+            seen, skipped = self._counts[0], self._counts[1]
+        self._failures += [f"{example.get(EXAMPLE_INDEX)} ({example.get('image_error')})" for example in bad][: 5 - len(self._failures)]
+        if bad and skipped > self.max_bad_share * max(seen, self.window):
+            raise ValueError(
+                f"image_column={self.image_column!r}: {skipped} of the first {seen} examples have no usable image "
+                f"(more than max_bad_image_share={self.max_bad_share} of {max(seen, self.window)}); e.g. examples "
+                f"{', '.join(self._failures)}"
+            )
         if not kept:
             raise ValueError(
                 f"all {len(examples)} images of a batch were undecodable; check image_column and the dataset's image data"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import peft
 import torch
@@ -15,8 +14,7 @@ from transformers.utils import ModelOutput
 from .architectures import ResolvedViT, backbone_of, resolve_vit
 from .losses import feature_mse, gram_loss, outlier_loss
 from .tuner import SingerConfig
-
-METHODS = ("singer", "fitnet", "vitkd")
+from .validation import METHODS, DistillationFields
 
 # Loss weights each method uses when the config leaves them as None (SPEC §6, §8).
 DEFAULT_WEIGHTS = {
@@ -27,53 +25,16 @@ DEFAULT_WEIGHTS = {
 
 
 @dataclass
-class DistillationConfig:
-    """What to distil and how. `None` fields take the method's defaults, scaled to the teacher's depth."""
+class DistillationConfig(DistillationFields):
+    """What to distil and how; the fields, their defaults and checks are in `validation.DISTILLATION_FIELDS`.
 
-    method: Literal["singer", "fitnet", "vitkd"] = "singer"
-    """"singer", or a baseline: "fitnet" (raw-feature MSE) or "vitkd" (mimic shallow layers, generate the last)."""
-    teacher_layers: list[int] | None = None
-    """Distilled teacher blocks 𝓛, the last one "final". Default: singer [¾L−1, L−1] (ViT-L: [17, 23]);
-    fitnet [½L−1, ¾L−1, L−1]; vitkd [0, 1, L−1]. Students get one block each by Hungarian assignment."""
-    rank: int = 64
-    """SiNGER adapter rank r."""
-    null_threshold: float = 0.05
-    """Singular-value threshold τ of the nullspace."""
-    adapter_init: Literal["nullspace", "random"] = "nullspace"
-    """"nullspace" (the method) or "random" (the paper's ablation)."""
-    adapter_seed: int = 0
-    """Seed of the adapters' random rows."""
-    outlier_quantile: float = 0.97
-    """q: tokens with a norm above their image's q-quantile of patch norms are outliers."""
-    kd_weight: float | None = None
-    """λ_KD (singer 1.0; fitnet's λ, 10.0; vitkd's mimic weight, 1.0)."""
-    outlier_weight: float | None = None
-    """λ_out (singer, 0.01)."""
-    info_weight: float | None = None
-    """λ_info (singer, 1.0); 0 is the paper's "no information preservation" ablation."""
-    generation_weight: float | None = None
-    """Weight of ViTKD's generation loss (1.0)."""
-    mask_ratio: float = 0.5
-    """Fraction of student patch tokens ViTKD masks before generation."""
+    `None` fields take the method's defaults, scaled to the teacher's depth: `teacher_layers` singer
+    [¾L−1, L−1] (ViT-L: [17, 23]), fitnet [½L−1, ¾L−1, L−1], vitkd [0, 1, L−1]; loss weights as in
+    `DEFAULT_WEIGHTS`. Students get one block per teacher block by Hungarian assignment.
+    """
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
-        if self.teacher_layers is not None:
-            layers = [int(layer) for layer in self.teacher_layers]
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"teacher_layers: duplicate layers in {layers}; each block can be distilled once")
-            if not layers:
-                raise ValueError("teacher_layers: give at least one teacher block, or None for the default")
-            self.teacher_layers = sorted(layers)
-        if not 0 < self.outlier_quantile < 1:
-            raise ValueError(f"outlier_quantile: must be in (0, 1), got {self.outlier_quantile}")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio: must be in (0, 1), got {self.mask_ratio}")
-        if self.rank < 1:
-            raise ValueError(f"rank: must be >= 1, got {self.rank}")
-        if self.null_threshold < 0:
-            raise ValueError(f"null_threshold: must be >= 0, got {self.null_threshold}")
+        self.check_distillation_fields()
 
     def weights(self) -> dict[str, float]:
         """The loss weights of this config's method, defaults filled in."""
@@ -135,6 +96,22 @@ def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int
     return [int(column) for _, column in sorted(zip(rows, columns))]
 
 
+def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: DistillationConfig) -> tuple[list[int], list[int]]:
+    """(teacher blocks, student blocks) to distil, after checking that the two models fit together.
+
+    Needs only the models' structure, not their weights: scripts run it on models built on the meta
+    device to fail before anything is downloaded or loaded.
+    """
+    _check_compatible(teacher, student)
+    teacher_layers = config.layers_for(teacher.depth)
+    if teacher_layers[-1] >= teacher.depth:
+        raise ValueError(
+            f"teacher_layers: block {teacher_layers[-1]} is out of range for a {teacher.depth}-block "
+            f"teacher (valid: 0..{teacher.depth - 1})"
+        )
+    return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
+
+
 @dataclass
 class DistillationOutput(ModelOutput):
     """`loss`: the weighted total to minimise; `losses`: each term, unweighted, as the method sums it."""
@@ -162,20 +139,11 @@ class DistillationModel(nn.Module):
             teacher = backbone_of(teacher)  # no task head, no text tower: only what distillation reads
         teacher_vit = resolve_vit(teacher, "teacher")
         student_vit = resolve_vit(student, "student")
-        _check_compatible(teacher_vit, student_vit)
+        self.teacher_layers, self.student_layers = plan_layers(teacher_vit, student_vit, config)
         # Images come at the student's size (the saved student and its processor must agree); the
         # teacher reads them at that size too, interpolating its position embeddings if built for another.
         self.image_size = student_vit.image_size
         teacher_vit.run_at(self.image_size)
-        self.teacher_layers = config.layers_for(teacher_vit.depth)
-        if self.teacher_layers[-1] >= teacher_vit.depth:
-            raise ValueError(
-                f"teacher_layers: block {self.teacher_layers[-1]} is out of range for a {teacher_vit.depth}-block "
-                f"teacher (valid: 0..{teacher_vit.depth - 1})"
-            )
-        if self.teacher_layers[0] < 0:
-            raise ValueError(f"teacher_layers: block indices must be >= 0, got {self.teacher_layers}")
-        self.student_layers = map_layers(self.teacher_layers, teacher_vit.depth, student_vit.depth)
         self.weights = config.weights()
 
         if config.method == "singer":

@@ -5,17 +5,24 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field, fields
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .checkpoints import STAGING_PREFIX, check_fingerprint, publishable_peft_config, resolve_checkpoint, write_fingerprint
 from .modeling import DistillationConfig, DistillationModel
+from .numerics import NonFiniteGuard, NonFiniteLossError
+from .validation import DistillationFields, check_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -26,27 +33,24 @@ CONFIG_FILE = "distillation_config.json"
 
 
 @dataclass
-class SingerTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the distillation method's fields (see `DistillationConfig`).
+class ReliabilityFields:
+    """How a run protects its results (see `checkpoints.py`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop after this many consecutive skipped steps with a non-finite loss (0: at the first)."}
+    )
+
+
+@dataclass
+class SingerTrainingArguments(TrainingArguments, DistillationFields, ReliabilityFields):
+    """`TrainingArguments` plus the distillation method's fields (`validation.DistillationFields`).
 
     Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
     lr·1e-4 after a 5 % warm-up, no gradient clipping.
     """
-
-    method: str = field(default="singer", metadata={"help": "singer, fitnet or vitkd."})
-    teacher_layers: list[int] | None = field(
-        default=None, metadata={"help": "Distilled teacher blocks; default: the method's, scaled to the teacher's depth."}
-    )
-    rank: int = field(default=64, metadata={"help": "SiNGER adapter rank."})
-    null_threshold: float = field(default=0.05, metadata={"help": "Singular-value threshold of the nullspace."})
-    adapter_init: str = field(default="nullspace", metadata={"help": "nullspace, or random (ablation)."})
-    adapter_seed: int = field(default=0, metadata={"help": "Seed of the adapters' random rows."})
-    outlier_quantile: float = field(default=0.97, metadata={"help": "Per-image norm quantile above which tokens are outliers."})
-    kd_weight: float | None = field(default=None, metadata={"help": "λ_KD (singer 1, fitnet 10, vitkd mimic 1)."})
-    outlier_weight: float | None = field(default=None, metadata={"help": "λ_out (singer 0.01)."})
-    info_weight: float | None = field(default=None, metadata={"help": "λ_info (singer 1; 0 is the ablation)."})
-    generation_weight: float | None = field(default=None, metadata={"help": "ViTKD generation weight (1)."})
-    mask_ratio: float = field(default=0.5, metadata={"help": "ViTKD mask ratio."})
 
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
@@ -58,8 +62,13 @@ class SingerTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
+    )
 
     def __post_init__(self):
+        self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device
+        check_training_arguments(self)
         # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
         # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
         # CPU ranks over gloo instead of each training alone and writing the output.
@@ -68,9 +77,25 @@ class SingerTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def distillation_config(self) -> DistillationConfig:
-        names = {f.name for f in fields(DistillationConfig)}
-        values = {name: getattr(self, name) for name in names}
-        return DistillationConfig(**values)
+        return DistillationConfig(**self.distillation_values())
+
+
+class EpochCallback(TrainerCallback):
+    """Tells `target.set_epoch` (e.g. a seeded `ImageTransform`) the epoch, also when a run resumes mid-epoch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.target.set_epoch(int(state.epoch or 0))
+
+
+class _PreemptionCallback(TrainerCallback):
+    def __init__(self, trainer: "SingerTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._stop_if_preempted(state, control)
 
 
 def _has_accelerator() -> bool:
@@ -89,6 +114,9 @@ class SingerTrainer(Trainer):
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
+    - Faults: a step with a non-finite loss or gradient is skipped on the device (`numerics.py`);
+      checkpoints are written under a temporary name and renamed when complete, with a fingerprint
+      that resuming checks (`checkpoints.py`); SIGTERM saves a checkpoint and stops (`preempted`).
     """
 
     def __init__(self, model: DistillationModel, args: SingerTrainingArguments, **kwargs):
@@ -109,16 +137,23 @@ class SingerTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
+        self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
+        self.preempted, self._sigterm_received = False, False
+        self.add_callback(_PreemptionCallback(self))
 
     def _accumulate(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[phase]
         for name, value in losses.items():
-            sums[name] = value.detach() if name not in sums else sums[name] + value.detach()
+            value = value.detach()
+            if phase == "train":  # a skipped non-finite step counts 0 (see create_optimizer)
+                value = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
+            sums[name] = value if name not in sums else sums[name] + value
         self._loss_steps[phase] += 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
+            self._nonfinite.observe(outputs.losses, outputs.loss)
             self._accumulate("train", outputs.losses)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -129,6 +164,22 @@ class SingerTrainer(Trainer):
             outputs = model(**inputs)
         self._accumulate("eval", outputs.losses)
         return outputs.loss.detach(), None, None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # A non-finite step is skipped (see create_optimizer); its loss must not poison the logged running sum.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def create_optimizer(self, model=None):
+        """The usual optimizer, its step skipped on the device when the step's loss or gradients are non-finite."""
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_singer_guarded", False):
+            step = optimizer.step
+            optimizer.step = lambda closure=None: self._nonfinite.guarded_step(
+                step, optimizer, self.state.global_step + 1, closure
+            )
+            optimizer._singer_guarded = True
+        return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Mutating `logs` in place also puts the terms into the metrics that `evaluate()` returns.
@@ -147,9 +198,84 @@ class SingerTrainer(Trainer):
             if skipped is not None:
                 logs["skipped_images"] = int(totals[-1])
             self._loss_sums[phase], self._loss_steps[phase] = {}, 0
+            skipped_steps = self._nonfinite.report() if phase == "train" else 0
+            if skipped_steps:
+                logs["nonfinite_steps"] = skipped_steps
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Refuses to write (or push) a student with non-finite weights."""
+        student = self.accelerator.unwrap_model(self.model).student
+        broken = [name for name, value in student.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteLossError(f"student: non-finite weights in {broken[:3]}; not saved (the last checkpoint is intact)")
+        super().save_model(output_dir, _internal_call)
+
     # -- saving and resuming -----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from a complete checkpoint written by this configuration.
+
+        SIGTERM (a pre-emption) stops training after the current step with a checkpoint; `preempted`
+        is then True and the caller should exit without treating the student as finished.
+        """
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_fingerprint(self.accelerator.unwrap_model(self.model), checkpoint)
+        self.preempted, self._sigterm_received = False, False
+        handles_signals = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handles_signals else None
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        finally:
+            if handles_signals:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM: writing a checkpoint after this step, then stopping")
+        self._sigterm_received = True
+
+    def _stop_if_preempted(self, state, control) -> None:
+        """On SIGTERM: save and stop at this step's end. With several processes the ranks agree on it at each log
+        step (a collective per step would cost a host sync), so a signal reaching one rank only is acted on there."""
+        received = self._sigterm_received
+        if self.accelerator.num_processes > 1:
+            if state.global_step % max(int(self.args.logging_steps), 1):
+                return
+            flag = torch.tensor(float(received), device=self.accelerator.device)
+            received = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if received:
+            control.should_save = control.should_training_stop = True
+            self.preempted = True
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes `checkpoint-N` under a temporary name and renames it when every process is done with it,
+        so a kill during the write leaves the previous checkpoints intact and nothing half-written named `checkpoint-*`."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while writing
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes into staging/checkpoint-N (see _get_output_dir)
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            write_fingerprint(self.accelerator.unwrap_model(model), os.path.join(staging, os.path.basename(final)))
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)  # the same step saved again (e.g. a SIGTERM checkpoint at a save step)
+            os.replace(os.path.join(staging, os.path.basename(final)), final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:  # Trainer.save_model calls _save on every process
             return
@@ -175,7 +301,8 @@ class SingerTrainer(Trainer):
         research_dir = os.path.join(output_dir, DISTILLATION_DIR)
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):
-            model.teacher.save_pretrained(research_dir, state_dict=adapters)
+            with publishable_peft_config(model.teacher):
+                model.teacher.save_pretrained(research_dir, state_dict=adapters)
         save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(research_dir, HEADS_FILE))
         summary = {
             **model.config.to_dict(),

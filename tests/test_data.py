@@ -85,7 +85,7 @@ def test_corrupt_image_is_skipped_and_counted_good_ones_survive(parquet_path, st
     ids = torch.cat([batch["labels"] for batch in batches]).tolist()
     assert sorted(ids) == sorted(_good_ids(parquet_path))
     assert all(batch["pixel_values"].shape[1:] == (3, SIZE, SIZE) for batch in batches)
-    assert transform.skipped == 1 and collator.skipped == 1
+    assert collator.skipped == 1
 
 
 def test_collator_counts_skips_made_in_dataloader_workers(parquet_path):
@@ -96,8 +96,7 @@ def test_collator_counts_skips_made_in_dataloader_workers(parquet_path):
     batches = list(loader)
     assert sum(len(batch["pixel_values"]) for batch in batches) == len(_good_ids(parquet_path))
     assert "labels" not in batches[0]
-    assert collator.skipped == 1
-    assert transform.skipped == 0  # decoding happened in the workers, not here
+    assert collator.skipped == 1  # decoding happened in the workers; the one counter is shared with them
 
 
 def test_collator_refuses_a_batch_with_no_decodable_image():

@@ -83,27 +83,6 @@ def test_config_file_and_overrides(distill, workspace, tmp_path):
     assert training_args.lr_scheduler_type == "cosine_with_min_lr" and training_args.learning_rate == 1e-3
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--image_column", "picture", "--max_steps", "1"], r"image_column='picture' is not a column.*available: \['img', 'label'\]"),
-        (["--streaming", "true"], "max_steps: a streamed dataset has no length"),
-        (["--method", "crd", "--max_steps", "1"], "method: must be one of"),
-        (["--student_size", "huge", "--max_steps", "1"], "student_size: must be one of"),
-    ],
-)
-def test_bad_script_input(distill, workspace, tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
-        distill.main(_argv(workspace, tmp_path / "out", *extra))
-
-
-def test_missing_dataset_path(distill, workspace, tmp_path):
-    argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
-    argv[argv.index(str(workspace / "data.parquet"))] = str(workspace / "missing.parquet")
-    with pytest.raises(ValueError, match="dataset_name=.*does not exist"):
-        distill.main(argv)
-
-
 def test_teacher_student_resolution_mismatch(distill, workspace, tmp_path):
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                                     image_size=2 * IMAGE, patch_size=PATCH)

@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-INIT_METHODS = ("nullspace", "random")
+from ..validation import DISTILLATION_FIELDS, check_value
 
 
 @dataclass
@@ -42,10 +42,10 @@ class SingerConfig(PeftConfig):
     """
 
     layers: list[int] = field(default_factory=list, metadata={"help": "Distilled teacher blocks, ascending."})
-    rank: int = field(default=64, metadata={"help": "Rank r of each adapter."})
-    null_threshold: float = field(default=0.05, metadata={"help": "Singular-value threshold τ of the nullspace."})
-    init: Literal["nullspace", "random"] = field(default="nullspace", metadata={"help": "'nullspace' or 'random'."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random rows; block l uses seed + l."})
+    rank: int = DISTILLATION_FIELDS["rank"].field()
+    null_threshold: float = DISTILLATION_FIELDS["null_threshold"].field()
+    init: Literal["nullspace", "random"] = DISTILLATION_FIELDS["adapter_init"].field()
+    seed: int = DISTILLATION_FIELDS["adapter_seed"].field()
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Regex of the adapted blocks; derived from `layers`, leave None."}
     )
@@ -53,17 +53,10 @@ class SingerConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SINGER
-        layers = [int(layer) for layer in self.layers]
-        if not layers:
+        # The same checks as DistillationConfig's fields of the same meaning (validation.py).
+        for name, spec_name in (("layers", "teacher_layers"), ("rank", None), ("null_threshold", None),
+                                ("init", "adapter_init"), ("seed", "adapter_seed")):  # fmt: skip
+            check_value(name, getattr(self, name), spec_name)
+        if not self.layers:
             raise ValueError("layers: give at least one distilled teacher block index, e.g. [17, 23]")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers: duplicate teacher layers in {layers}; each block can be distilled once")
-        if min(layers) < 0:
-            raise ValueError(f"layers: block indices must be >= 0, got {layers}")
-        self.layers = sorted(layers)
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank: must be an integer >= 1, got {self.rank!r}")
-        if self.null_threshold < 0:
-            raise ValueError(f"null_threshold: must be >= 0, got {self.null_threshold}")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init: must be one of {INIT_METHODS}, got {self.init!r}")
+        self.layers = sorted(self.layers)

@@ -1,0 +1,135 @@
+"""Command-line plumbing shared by the scripts: a strict argument parser and one-line errors.
+
+- `StrictArgumentParser`: an `HfArgumentParser` that refuses abbreviated flags, reports argparse
+  errors as one line, and takes a YAML/JSON recipe anywhere on the command line (flags always win
+  over the recipe, wherever they are); a recipe key that is no argument is refused by name.
+- `run_cli(main)`: runs a script's `main`; an error becomes one line on stderr and exit status 2
+  (1 for a fault during the run), the traceback only with a bare `--debug` or `SINGER_DEBUG=1`.
+- `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+DEBUG_FLAG = "--debug"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class UsageError(ValueError):
+    """Bad input: reported in one line with exit status 2, like argparse's own errors."""
+
+
+class StrictArgumentParser(HfArgumentParser):
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+    def parse(self, argv: list[str]) -> tuple:
+        """The dataclasses from `argv`, where one positional YAML/JSON recipe supplies defaults."""
+        recipes = [index for index, token in enumerate(argv) if _is_recipe(argv, index)]
+        if len(recipes) > 1:
+            raise UsageError(f"config file: give at most one YAML/JSON recipe, got {[argv[i] for i in recipes]}")
+        if recipes:
+            index = recipes[0]
+            argv = self._recipe_flags(argv[index]) + argv[:index] + argv[index + 1 :]  # later flags win
+        return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+    def _recipe_flags(self, path: str) -> list[str]:
+        if not Path(path).is_file():
+            raise UsageError(f"config file: {path} does not exist")
+        text = Path(path).read_text()
+        try:
+            values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise UsageError(f"config file: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
+        known = {action.dest for action in self._actions}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UsageError(f"{key}: unknown key in config file {path}{hint}")
+        flags = []
+        for name, value in values.items():
+            if isinstance(value, dict):
+                flags += [f"--{name}", json.dumps(value)]
+            elif isinstance(value, list):
+                flags += [f"--{name}", *map(str, value)]
+            elif value is not None:
+                flags += [f"--{name}", str(value)]
+        return flags
+
+
+def _is_recipe(argv: list[str], index: int) -> bool:
+    """A recipe is a positional `*.yaml|yml|json` token, i.e. not the value of the flag before it."""
+    token = argv[index]
+    return token.endswith(RECIPE_SUFFIXES) and not token.startswith("-") and (index == 0 or not argv[index - 1].startswith("-"))
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a local path: absolute, ./ ../ ~, more than one "/", or its first folder exists here."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or not _HUB_ID.match(name):
+        return True
+    first, _, rest = name.partition("/")
+    return bool(rest) and Path(first).is_dir()
+
+
+def check_local_path(argument: str, name: str | None) -> None:
+    """Fails at once for a local-looking `name` that does not exist, instead of a slow Hub lookup."""
+    if name is not None and looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"{argument}: {name} looks like a local path, but it does not exist (a Hub id is 'owner/name')")
+
+
+def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Removes a bare `--debug`; `--debug underflow_overflow` (TrainingArguments' own option) stays."""
+    for index, token in enumerate(argv):
+        if token == DEBUG_FLAG and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            return argv[:index] + argv[index + 1 :], True
+    return argv, False
+
+
+def _lost_peer_rank(error: Exception) -> int | None:
+    """This process's rank when `error` is a collective that failed because a peer went away, else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    return dist.get_rank() if any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed")) else None
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Runs `main(argv)`; errors are one line on stderr (no traceback unless --debug/SINGER_DEBUG=1)."""
+    argv, debug = _pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    if debug or os.environ.get("SINGER_DEBUG") == "1":
+        return main(argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        text = str(error)
+        if "Traceback (most recent call last)" in text:  # raised in a DataLoader worker: the error is the last line
+            text = text.strip().splitlines()[-1].partition(": ")[2] or text
+        message = " ".join(text.split()) or type(error).__name__
+        if not isinstance(error, (UsageError, ValueError, FileNotFoundError)):
+            message = f"{type(error).__name__}: {message}"
+        rank = _lost_peer_rank(error)
+        if rank is not None:
+            message = f"rank {rank}: another process of this run stopped or hung (its own log says why): {message}"
+        print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(error, (UsageError, ValueError)) else 1)

@@ -1,0 +1,183 @@
+"""Bad input to scripts/distill.py fails fast, in one line on stderr, naming the argument.
+
+Each case runs the script's real entry point (`run_cli(main)`) in-process; a spy on
+`PreTrainedModel.from_pretrained` proves no model weights were loaded before the error.
+"""
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import transformers
+from conftest import IMAGE, PATCH, make_vit
+
+from singer_hf.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "distill.py"
+STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
+
+
+@pytest.fixture(scope="module")
+def distill():
+    spec = importlib.util.spec_from_file_location("distill_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_vit(seed=0).save_pretrained(root / "teacher")
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "teacher")
+    make_vit(seed=0).save_pretrained(root / "bare_teacher")  # no preprocessor_config.json
+    big = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=PATCH)
+    transformers.ViTConfig(image_size=2 * IMAGE, **big).save_pretrained(root / "big_student")  # config only: no weights
+    png = io.BytesIO()
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    data = datasets.Dataset.from_dict({"img": [{"bytes": png.getvalue(), "path": None}] * 4, "label": [0, 1, 2, 3]})
+    data.cast_column("img", datasets.Image()).to_parquet(str(root / "data.parquet"))
+    (root / "unknown_key.yaml").write_text("rank: 4\nrnak: 4\n")
+    (root / "list.yaml").write_text("- rank\n- 4\n")
+    (root / "broken.yaml").write_text("rank: [4\n")
+    (root / "good.yaml").write_text("rank: 4\n")
+    (root / "used_output").mkdir()
+    (root / "used_output" / "model.safetensors").write_bytes(b"an earlier result")
+    return root
+
+
+def _argv(root: Path, tmp_path: Path) -> list[str]:
+    return [
+        "--teacher_name_or_path", str(root / "teacher"), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(root / "data.parquet"),
+        "--image_column", "img", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--report_to", "none", "--rank", "4",
+    ]  # fmt: skip
+
+
+def _set(argv: list[str], flag: str, *values: str) -> list[str]:
+    """argv with `flag` given `values` (replacing its current value when present)."""
+    if flag in argv:
+        index = argv.index(flag)
+        return argv[:index] + [flag, *values] + argv[index + 2 :]
+    return [*argv, flag, *values]
+
+
+def _drop(argv: list[str], flag: str) -> list[str]:
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+# (case id, argv edit, the argument the one-line error must name)
+CASES = [
+    ("method typo", lambda a, r: _set(a, "--method", "singerr"), "--method"),
+    ("rank zero", lambda a, r: _set(a, "--rank", "0"), "rank"),
+    ("rank not an int", lambda a, r: _set(a, "--rank", "four"), "--rank"),
+    ("quantile out of range", lambda a, r: _set(a, "--outlier_quantile", "1.5"), "outlier_quantile"),
+    ("negative threshold", lambda a, r: _set(a, "--null_threshold", "-1"), "null_threshold"),
+    ("duplicate layers", lambda a, r: _set(a, "--teacher_layers", "3", "3"), "teacher_layers"),
+    ("negative layer", lambda a, r: _set(a, "--teacher_layers", "-1", "5"), "teacher_layers"),
+    ("layer past the teacher", lambda a, r: _set(a, "--teacher_layers", "2", "9"), "teacher_layers"),
+    ("mask ratio zero", lambda a, r: _set(a, "--mask_ratio", "0"), "mask_ratio"),
+    ("negative weight", lambda a, r: _set(a, "--kd_weight", "-1"), "kd_weight"),
+    ("adapter init typo", lambda a, r: _set(a, "--adapter_init", "zeros"), "--adapter_init"),
+    ("batch size zero", lambda a, r: _set(a, "--per_device_train_batch_size", "0"), "per_device_train_batch_size"),
+    ("negative learning rate", lambda a, r: _set(a, "--learning_rate", "-1e-3"), "learning_rate"),
+    ("zero epochs", lambda a, r: _set(_drop(a, "--max_steps"), "--num_train_epochs", "0"), "num_train_epochs"),
+    ("abbreviated flag", lambda a, r: _set(_drop(a, "--max_steps"), "--max_step", "5"), "--max_step"),
+    ("unknown flag", lambda a, r: _set(a, "--ranks", "4"), "--ranks"),
+    ("bad boolean", lambda a, r: _set(a, "--streaming", "maybe"), "--streaming"),
+    ("student size typo", lambda a, r: _set(a, "--student_size", "huge"), "--student_size"),
+    ("two students", lambda a, r: _set(a, "--student_name_or_path", str(r / "teacher")), "student_name_or_path"),
+    ("no student", lambda a, r: _drop(_drop(a, "--student_size"), "--student_config_overrides"), "student_name_or_path"),
+    ("missing teacher folder", lambda a, r: _set(a, "--teacher_name_or_path", str(r / "teachr")), "teacher_name_or_path"),
+    ("missing relative teacher", lambda a, r: _set(a, "--teacher_name_or_path", "./teachr"), "teacher_name_or_path"),
+    ("missing dataset file", lambda a, r: _set(a, "--dataset_name", str(r / "missing.parquet")), "dataset_name"),
+    ("missing student folder", lambda a, r: _set(_drop(a, "--student_size"), "--student_name_or_path", str(r / "x")), "student_name_or_path"),
+    ("teacher without processor", lambda a, r: _set(a, "--teacher_name_or_path", str(r / "bare_teacher")), "preprocessor_config.json"),
+    ("incompatible student", lambda a, r: _set(_drop(a, "--student_size"), "--student_name_or_path", str(r / "big_student")), "student: image size"),
+    ("streaming without max_steps", lambda a, r: _set(_drop(a, "--max_steps"), "--streaming", "true"), "max_steps"),
+    ("wrong image column", lambda a, r: _set(a, "--image_column", "picture"), "image_column"),
+    ("non-image column", lambda a, r: _set(a, "--image_column", "label"), "image_column='label' holds"),
+    ("unknown recipe key", lambda a, r: [*a, str(r / "unknown_key.yaml")], "rnak"),
+    ("recipe not a mapping", lambda a, r: [str(r / "list.yaml"), *a], "config file"),
+    ("broken recipe", lambda a, r: [str(r / "broken.yaml"), *a], "config file"),
+    ("missing recipe", lambda a, r: [*a, str(r / "missing.yaml")], "config file"),
+    ("two recipes", lambda a, r: [str(r / "good.yaml"), *a, str(r / "good.yaml")], "config file"),
+    ("bad image share", lambda a, r: _set(a, "--max_bad_image_share", "1.5"), "max_bad_image_share"),
+    ("negative non-finite limit", lambda a, r: _set(a, "--max_nonfinite_steps", "-1"), "max_nonfinite_steps"),
+    ("non-empty output_dir", lambda a, r: _set(a, "--output_dir", str(r / "used_output")), "output_dir"),
+    ("missing checkpoint", lambda a, r: _set(a, "--resume_from_checkpoint", str(r / "checkpoint-9")), "resume_from_checkpoint"),
+    ("nothing to resume", lambda a, r: _set(a, "--resume_from_checkpoint", "true"), "resume_from_checkpoint"),
+    ("not a checkpoint", lambda a, r: _set(a, "--resume_from_checkpoint", str(r / "teacher")), "resume_from_checkpoint"),
+]
+
+
+@pytest.mark.parametrize("edit, argument", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_fails_fast_in_one_line(distill, workspace, tmp_path, capsys, monkeypatch, edit, argument):
+    loaded = []
+    original = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(distill.main, edit(_argv(workspace, tmp_path), workspace))
+    elapsed = time.perf_counter() - start
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(stderr) == 1, stderr
+    assert stderr[0].startswith("error: ") and argument in stderr[0] and "Traceback" not in stderr[0]
+    assert not loaded, f"{loaded} loaded weights before the error"
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+
+
+def test_recipe_anywhere_and_flags_win(distill, workspace, tmp_path):
+    argv = _argv(workspace, tmp_path)
+    for position in (0, len(argv)):
+        with_recipe = argv[:position] + [str(workspace / "good.yaml")] + argv[position:]
+        _, _, training_args = distill.parse_arguments(_set(with_recipe, "--rank", "8"))
+        assert training_args.rank == 8  # the flag beats the recipe's 4, before or after it
+        _, _, training_args = distill.parse_arguments(_drop(with_recipe, "--rank"))
+        assert training_args.rank == 4
+
+
+def test_default_image_processor_for_a_bare_teacher(distill, workspace, tmp_path):
+    argv = _set(_argv(workspace, tmp_path), "--teacher_name_or_path", str(workspace / "bare_teacher"))
+    model_args, _, _ = distill.parse_arguments([*argv, "--image_processor_name_or_path", "default"])
+    processor = distill.load_image_processor(model_args, make_vit(seed=0))
+    assert isinstance(processor, transformers.ViTImageProcessor) and processor.size["height"] == IMAGE
+
+
+def test_command_line_error_is_one_line(workspace, tmp_path):
+    """The real command line: exit status 2 and exactly the one line."""
+    command = [sys.executable, str(SCRIPT), *_set(_argv(workspace, tmp_path), "--rank", "0")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("SINGER_DEBUG", None)
+    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == ["error: rank: must be >= 1 (an integer), got 0 (run with --debug for the traceback)"]
+
+
+@pytest.mark.parametrize("how", ["--debug", "SINGER_DEBUG=1"])
+def test_debug_shows_the_traceback(distill, workspace, tmp_path, monkeypatch, how):
+    argv = _set(_argv(workspace, tmp_path), "--rank", "0")
+    if how == "--debug":
+        argv.append("--debug")
+    else:
+        monkeypatch.setenv("SINGER_DEBUG", "1")
+    with pytest.raises(ValueError, match="rank: must be >= 1"):  # raised, not turned into a line and an exit
+        run_cli(distill.main, argv)

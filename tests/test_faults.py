@@ -1,0 +1,418 @@
+"""Fault injection on scripts/distill.py: clobbered outputs, foreign checkpoints, kills, bad data, non-finite losses."""
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import transformers
+from conftest import IMAGE, make_vit
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "distill.py"
+STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
+
+
+@pytest.fixture(scope="module")
+def distill():
+    spec = importlib.util.spec_from_file_location("distill_faults", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png(pixels: np.ndarray, mode: str = "RGB", **save) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).convert(mode).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    make_vit(seed=0).save_pretrained(root / "teacher")
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "teacher")
+    rng = np.random.default_rng(0)
+    images = [{"bytes": _png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)), "path": None} for _ in range(32)]
+    data = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    data.to_parquet(str(root / "data.parquet"))
+    return root
+
+
+def _argv(root: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher_name_or_path", str(root / "teacher"), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(root / "data.parquet"),
+        "--output_dir", str(output), "--per_device_train_batch_size", "4", "--rank", "4",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_outputs_are_never_silently_clobbered(distill, workspace, tmp_path):
+    output = tmp_path / "run"
+    distill.main(_argv(workspace, output, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
+    assert (output / "checkpoint-2" / "singer_run.json").is_file()
+    assert (output / "distillation" / "adapter_model.safetensors").is_file()
+    before = (output / "model.safetensors").read_bytes()
+
+    with pytest.raises(ValueError, match="output_dir: run is not empty"):
+        distill.main(_argv(workspace, output, "--max_steps", "2", "--method", "fitnet"))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: checkpoint-2 belongs to another configuration: "
+                                         r"method 'singer' \(checkpoint\) vs 'fitnet' \(now\)"):
+        distill.main(_argv(workspace, output, "--max_steps", "3", "--method", "fitnet", "--resume_from_checkpoint", "true"))
+    assert (output / "model.safetensors").read_bytes() == before  # the refused runs wrote nothing
+
+    distill.main(_argv(workspace, output, "--max_steps", "2", "--method", "fitnet", "--overwrite_output_dir", "true", "--save_strategy", "no"))
+    assert not list(output.glob("checkpoint-*")), "the earlier run's checkpoints survived an overwrite"
+    assert not (output / "distillation" / "adapter_model.safetensors").exists(), "SiNGER adapters beside a FitNet run"
+    assert json.loads((output / "distillation" / "distillation_config.json").read_text())["method"] == "fitnet"
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_data_rows() -> tuple[list, dict[int, str]]:
+    """Good RGB images with every kind of trouble mixed in; returns rows and {index: kind} of the unusable ones."""
+    rng = np.random.default_rng(1)
+    pixels = lambda: rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)  # noqa: E731
+    rows = [{"bytes": _png(pixels()), "path": None} for _ in range(12)]
+    convertible = {
+        "grayscale": _png(pixels(), "L"),
+        "cmyk": _jpeg(pixels(), "CMYK"),
+        "rgba": _png(pixels(), "RGBA"),
+        "palette": _png(pixels(), "P"),
+        "16-bit": _png16(rng.integers(0, 65536, (24, 20), dtype=np.uint16)),
+    }
+    unusable = {
+        "truncated jpeg": _jpeg(pixels())[:300],
+        "random bytes": rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "zero bytes": b"",
+        "missing": None,
+    }
+    bad = {}
+    for offset, (kind, data) in enumerate([*convertible.items(), *unusable.items()]):
+        index = 1 + 2 * offset
+        rows.insert(index, None if data is None else {"bytes": data, "path": None})
+        if kind in unusable:
+            bad[index] = kind
+    return rows, bad
+
+
+def _png16(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    image = PIL.Image.fromarray(values)
+    assert image.mode == "I;16"
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_images_are_converted_or_skipped_and_counted_once(tmp_path, streaming):
+    from torch.utils.data import DataLoader
+
+    from singer_hf.data import ImageTransform, PixelValuesCollator, build_transforms, load_image_dataset, with_image_transform
+
+    rows, bad = _bad_data_rows()
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
+    dataset = load_image_dataset(str(path), None, "train", "image", streaming=streaming, shuffle_buffer=0)
+    transform = ImageTransform(build_transforms([0.5] * 3, [0.5] * 3, IMAGE, train=True), "image")
+    collator = PixelValuesCollator("image", max_bad_share=0.5, window=4)
+    batches = list(DataLoader(with_image_transform(dataset, transform), batch_size=7, collate_fn=collator))
+    assert sum(len(batch["pixel_values"]) for batch in batches) == len(rows) - len(bad)  # the convertible ones are used
+    assert all(batch["pixel_values"].shape[1:] == (3, IMAGE, IMAGE) for batch in batches)
+    assert collator.skipped == len(bad) == 4
+
+
+def test_too_many_bad_images_stop_early_naming_examples_and_column(distill, workspace, tmp_path):
+    rows, bad = _bad_data_rows()
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
+    argv = _argv(workspace, tmp_path / "out", "--num_train_epochs", "1", "--max_bad_image_share", "0.1",
+                 "--bad_image_window", "8", "--per_device_train_batch_size", "21", "--save_strategy", "no")  # fmt: skip
+    argv[argv.index(str(workspace / "data.parquet"))] = str(path)
+    with pytest.raises(ValueError, match=r"image_column='image': 4 of the first 21 examples have no usable image") as error:
+        distill.main(argv)
+    for index in bad:  # map-style: the indices in the dataset
+        assert f"{index} (" in str(error.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _poison_student(model, trainer, bad_steps):
+    """Fault injection: the student's first block outputs NaN on the given (1-based) optimizer steps."""
+
+    def hook(module, args, output):
+        step = trainer.state.global_step + 1
+        if model.training and step in bad_steps:
+            return output * float("nan")
+        return output
+
+    model.student.layers[0].register_forward_hook(hook)
+
+
+def test_a_nonfinite_step_is_skipped_and_named(tmp_path, caplog):
+    from test_trainer import _args, _model, _trained_state, _trainer
+    from transformers import TrainerCallback
+
+    states = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            states[state.global_step] = _trained_state(model)
+
+    model = _model()
+    trainer = _trainer(model, _args(tmp_path, max_steps=4, logging_steps=2))
+    trainer.add_callback(Record())
+    _poison_student(model, trainer, bad_steps={3})
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    for key in states[2]:
+        assert torch.equal(states[3][key], states[2][key]), f"{key} changed on the skipped step"
+        assert torch.isfinite(states[4][key]).all()
+    assert any(not torch.equal(states[4][k], states[3][k]) for k in states[3]), "training did not go on after the skip"
+    assert "Non-finite loss_kd, loss at step 3: skipped"  # the student only enters the KD term in caplog.text
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry.get("nonfinite_steps", 0) for entry in logged] == [0, 1]
+    assert all(np.isfinite(entry["loss"]) for entry in logged)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_broken_is_saved(tmp_path):
+    from test_trainer import _args, _model, _trainer
+
+    from singer_hf.numerics import NonFiniteLossError
+
+    model = _model()
+    trainer = _trainer(model, _args(tmp_path, max_steps=8, logging_steps=1, max_nonfinite_steps=3))
+    _poison_student(model, trainer, bad_steps=set(range(2, 9)))
+    with pytest.raises(NonFiniteLossError, match=r"max_nonfinite_steps: 3 consecutive optimizer steps .* \(up to step 4; loss_kd"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    with torch.no_grad():
+        next(model.student.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="student: non-finite weights"):
+        trainer.save_model(str(tmp_path / "student"))
+    assert not (tmp_path / "student").exists()
+
+
+# -- interruption and exact resume -------------------------------------------------------------------
+# Each fault is injected into a real `python scripts/distill.py` process by a small probe, which then
+# dies as a pre-empted or crashed job would; the run is resumed and compared with an uninterrupted one.
+PROBE = r"""
+import importlib.util, os, signal, sys
+fault, step_at, script, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+spec = importlib.util.spec_from_file_location("distill_probe", script)
+distill = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = distill
+spec.loader.exec_module(distill)
+import singer_hf.trainer
+from transformers import TrainerCallback
+
+class Fault(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == step_at and fault == "sigterm":  # arrives during step `step_at`
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step_at and fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def save_file(tensors, path, *args, **kwargs):  # kill-during-write: die after the student, before the heads
+    if fault == "kill_in_save" and f"staging-{step_at}" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_save_file(tensors, path, *args, **kwargs)
+
+original_save_file = singer_hf.trainer.save_file
+singer_hf.trainer.save_file = save_file
+
+class FaultyTrainer(distill.SingerTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(Fault())
+
+distill.SingerTrainer = FaultyTrainer
+from singer_hf.cli import run_cli
+run_cli(distill.main, argv)
+"""
+RESUME_MODES = {
+    "map-style, 2 workers": ["--dataloader_num_workers", "2"],
+    "streaming": ["--streaming", "true", "--shuffle_buffer", "8"],
+}
+
+
+def _resume_argv(workspace, output, mode, *extra):
+    # Random crops and flips of random-pixel images: a resume that replays other augmentations shows.
+    return _argv(workspace, output, "--max_steps", "8", "--save_steps", "4", "--logging_steps", "2",
+                 *RESUME_MODES[mode], *extra)  # fmt: skip
+
+
+def _run_with_fault(tmp_path, fault, step, argv):
+    import os
+    import subprocess
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("SINGER_DEBUG", None)
+    return subprocess.run([sys.executable, str(probe), fault, str(step), str(SCRIPT), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(distill, workspace, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    results = {}
+    for mode in RESUME_MODES:
+        output = tmp_path_factory.mktemp("uninterrupted")
+        distill.main(_resume_argv(workspace, output / "run", mode))
+        results[mode] = _final_weights(output / "run")
+    return results
+
+
+def _final_weights(output: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {f"student.{k}": v for k, v in load_file(output / "model.safetensors").items()}
+    weights.update({f"heads.{k}": v for k, v in load_file(output / "distillation" / "heads.safetensors").items()})
+    adapters = output / "distillation" / "adapter_model.safetensors"
+    weights.update({f"adapters.{k}": v for k, v in load_file(adapters).items()})
+    return weights
+
+
+def _max_difference(expected: dict, actual: dict) -> float:
+    assert expected.keys() == actual.keys()
+    return max((expected[k] - actual[k]).abs().max().item() for k in expected)
+
+
+def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path, uninterrupted):
+    mode = "streaming"  # map-style is resumed after the kills below
+    output = tmp_path / "run"
+    killed = _run_with_fault(tmp_path, "sigkill", 6, _resume_argv(workspace, output, mode))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    difference = _max_difference(uninterrupted[mode], _final_weights(output))
+    print(f"{mode}: max |Δ| of the final weights, resumed after SIGKILL vs uninterrupted: {difference}")
+    assert difference == 0
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(distill, workspace, tmp_path, uninterrupted):
+    mode = "map-style, 2 workers"
+    output = tmp_path / "run"
+    killed = _run_with_fault(tmp_path, "kill_in_save", 8, _resume_argv(workspace, output, mode))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]  # the partial one is not named so
+    assert (output / ".staging-8").is_dir()
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+    assert not (output / ".staging-8").exists()
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(distill, workspace, tmp_path, uninterrupted):
+    mode = "map-style, 2 workers"
+    output = tmp_path / "run"
+    stopped = _run_with_fault(tmp_path, "sigterm", 5, _resume_argv(workspace, output, mode))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM at step 5 after writing checkpoint-5")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert not (output / "model.safetensors").exists()  # an unfinished student is not presented as the result
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+
+
+# -- safe loading and secrets ------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", ["optimizer.pt", "pytorch_model.bin"])
+def test_a_checkpoint_holding_a_malicious_pickle_is_refused(distill, workspace, tmp_path, target):
+    output = tmp_path / "run"
+    argv = _argv(workspace, output, "--max_steps", "3", "--save_steps", "2")
+    distill.main(argv)
+    checkpoint, marker = output / "checkpoint-2", tmp_path / "pwned"
+    if target == "pytorch_model.bin":
+        (checkpoint / "model.safetensors").unlink()  # weights only as a pickle: transformers would fall back to it
+    torch.save({"state": _Payload(marker)}, checkpoint / target)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
+        distill.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    assert not marker.exists(), "the pickle's payload ran"
+
+
+def test_a_teacher_with_pickled_weights_only_is_refused(distill, workspace, tmp_path):
+    teacher = tmp_path / "pickled_teacher"
+    make_vit(seed=0).save_pretrained(teacher)
+    transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(teacher)
+    (teacher / "model.safetensors").unlink()
+    torch.save({"state": _Payload(tmp_path / "pwned")}, teacher / "pytorch_model.bin")
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index(str(workspace / "teacher"))] = str(teacher)
+    with pytest.raises(OSError, match="model.safetensors"):
+        distill.main(argv)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_no_token_and_no_local_path_in_what_a_run_writes(distill, workspace, tmp_path, monkeypatch, capsys, caplog):
+    token = "hf_FakeTokenForTheLeakTest0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    output = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        distill.main(_argv(workspace, output, "--max_steps", "2", "--save_steps", "2", "--hub_token", token))
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.name == "adapter_config.json" for path in written)
+    for path in written:
+        assert token.encode() not in path.read_bytes(), f"{path.relative_to(output)} holds the token"
+    published = [path for path in written if path.suffix in (".json", ".md") and "checkpoint-" not in str(path)]
+    for path in published:
+        text = path.read_text()
+        assert str(workspace) not in text and str(tmp_path) not in text, f"{path.relative_to(output)} holds a local path"
+    adapter_config = json.loads((output / "distillation" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "teacher"
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err + caplog.text
+
+
+def test_one_rank_dying_ends_the_two_process_run_with_a_clear_error(tmp_path):
+    """A real two-process launch (see tests/test_multiprocess.py); rank 1 is SIGKILLed after step 2."""
+    import os
+    import shutil
+    import subprocess
+
+    from test_multiprocess import CONFIG, _free_port, _write_tiny_setup
+
+    teacher, data = _write_tiny_setup(tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.replace("state.global_step == step_at and fault", "state.global_step == step_at and args.process_index == 1 and fault"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIG),
+        "--main_process_port", str(_free_port()),
+        str(probe), "sigkill", "2", str(SCRIPT), "--teacher_name_or_path", str(teacher), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none",
+        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    launch = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
+    output = launch.stdout + launch.stderr
+    assert launch.returncode != 0
+    assert "error: rank 0: another process of this run stopped or hung" in output, output[-3000:]
+    assert "exitcode: -9" in output and "local_rank: 1" in output, output[-3000:]  # torchrun names the rank that died

@@ -43,6 +43,7 @@ from singer_hf.model_card import record_run, student_card_from_run
 from singer_hf.modeling import plan_layers
 from singer_hf.publishing import PublishError, publish_student
 from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments
+from singer_hf.tuner import basis_block
 
 logger = logging.getLogger("singer_hf.distill")
 
@@ -242,7 +243,7 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
     for layer, adapter in model.adapters.items():
         found = adapter.null_directions["default"]
         rank = adapter.singer_down["default"].shape[1]
-        source = layer if layer == model.teacher_layers[-1] else layer + 1
+        source = basis_block(layer, model.teacher_layers)
         lines.append(
             f"  adapter on block {layer}: {found}/{rank} nullspace directions below τ={model.config.null_threshold} "
             f"(block {source}'s MLP), {rank - found} random"

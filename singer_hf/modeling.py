@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 
 from .architectures import ResolvedViT, backbone_of, resolve_vit
 from .losses import feature_mse, gram_loss, outlier_loss
-from .tuner import SingerConfig
+from .tuner import SingerConfig, check_basis_blocks
 from .validation import METHODS, DistillationFields
 
 # Loss weights each method uses when the config leaves them as None (SPEC §6, §8).
@@ -109,6 +109,8 @@ def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: Distillation
             f"teacher_layers: block {teacher_layers[-1]} is out of range for a {teacher.depth}-block "
             f"teacher (valid: 0..{teacher.depth - 1})"
         )
+    if config.method == "singer":
+        check_basis_blocks(teacher, teacher_layers)
     return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
 
 

@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from ..architectures import resolve_vit
+from ..architectures import ResolvedViT, resolve_vit
 from .config import SingerConfig
 from .layer import SingerLayer, _random_unit_rows, basis_with_count
 
@@ -57,15 +57,12 @@ class SingerModel(BaseTuner):
                 f"target_modules: {peft_config.target_modules!r} selects {selected[:4] or 'no module'}, not the teacher "
                 f"blocks {peft_config.layers} named by `layers` ({names}); SiNGER adapts whole blocks: leave target_modules unset"
             )
-        for layer in peft_config.layers:  # every nullspace comes from a plain two-layer MLP
-            is_final = layer == peft_config.layers[-1]
-            teacher.mlp_weights(layer if is_final else layer + 1)
+        check_basis_blocks(teacher, peft_config.layers)
         self._teacher = teacher
 
     def _create_and_replace(self, config: SingerConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = int(target_name)
-        is_final = layer == config.layers[-1]
-        fc1, fc2 = self._teacher.mlp_weights(layer if is_final else layer + 1)
+        fc1, fc2 = self._teacher.mlp_weights(basis_block(layer, config.layers))
         generator = torch.Generator().manual_seed(config.seed + layer)
         if config.init == "nullspace":
             matrix = (fc2.detach().double() @ fc1.detach().double()).T  # M = (W_fc2 W_fc1)ᵀ, D×D
@@ -95,6 +92,17 @@ class SingerModel(BaseTuner):
         """The adapter layers by teacher block index."""
         teacher = resolve_vit(self.model, "teacher")
         return {index: block for index, block in enumerate(teacher.blocks) if isinstance(block, SingerLayer)}
+
+
+def basis_block(layer: int, layers: list[int]) -> int:
+    """The block whose MLP gives layer `layer`'s nullspace: the next block, or its own for the final layer (SPEC §4)."""
+    return layer if layer == layers[-1] else layer + 1
+
+
+def check_basis_blocks(teacher: ResolvedViT, layers: list[int]) -> None:
+    """One-line error unless every basis block has a plain fc1 → activation → fc2 MLP (weights not needed)."""
+    for layer in layers:
+        teacher.mlp_weights(basis_block(layer, layers))
 
 
 def _block_index(name: str) -> tuple[str, int]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -73,23 +72,21 @@ def publishable_name(name_or_path: str | None) -> str | None:
     return Path(name_or_path).resolve().name
 
 
-@contextlib.contextmanager
-def publishable_peft_config(peft_model):
-    """While saving: PEFT writes the teacher's local path into adapter_config.json (`base_model_name_or_path`)
-    and its README (`base_model` from the teacher config's `_name_or_path`, a tag from the teacher's
-    `name_or_path`); give them the folder's name instead, and put the originals back afterwards."""
-    fields = [(config, "base_model_name_or_path") for config in peft_model.peft_config.values()]
-    teacher = peft_model.get_base_model()
-    fields += [(owner, name) for owner, name in ((teacher, "name_or_path"), (getattr(teacher, "config", None), "_name_or_path"))
-               if owner is not None and isinstance(getattr(owner, name, None), str)]  # fmt: skip
-    originals = [getattr(owner, name) for owner, name in fields]
-    for owner, name in fields:
-        setattr(owner, name, publishable_name(getattr(owner, name)))
-    try:
-        yield
-    finally:
-        for (owner, name), original in zip(fields, originals):
-            setattr(owner, name, original)
+def publish_adapter_files(folder: str, base_model_name_or_path: str | None) -> None:
+    """PEFT writes the teacher's local path into adapter_config.json (`base_model_name_or_path`) and its
+    README (`base_model` and a tag); rewrite both with the folder's name only. (Renaming before the save
+    instead would make PEFT look the name up on the Hub.)"""
+    public = publishable_name(base_model_name_or_path)
+    if public == base_model_name_or_path:
+        return
+    config_path = Path(folder, "adapter_config.json")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = public
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    readme = Path(folder, "README.md")
+    if readme.is_file():
+        readme.write_text(readme.read_text().replace(base_model_name_or_path, public))
 
 
 def _architecture(model) -> dict:

@@ -227,6 +227,7 @@ def _may_hold_images(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
 
 
+STREAM_MAP_BATCH = 16
 EXAMPLE_INDEX = "example_index"
 """Column added to map-style datasets (and filled from the stream position when streaming) so that a
 failing example can be named."""
@@ -311,7 +312,10 @@ def with_image_transform(dataset, transform: ImageTransform):
     if isinstance((dataset.features or {}).get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.map(transform, batched=True, with_indices=True, remove_columns=dataset.column_names)
+        # Small map batches: a stream resumed from a saved position re-reads at most one of them.
+        return dataset.map(
+            transform, batched=True, batch_size=STREAM_MAP_BATCH, with_indices=True, remove_columns=dataset.column_names
+        )
     if EXAMPLE_INDEX not in dataset.column_names:
         dataset = dataset.add_column(EXAMPLE_INDEX, np.arange(len(dataset)))
     return dataset.with_transform(transform)

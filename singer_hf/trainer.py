@@ -10,8 +10,10 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
+import datasets
 import peft
 import torch
+from accelerate.utils import is_torchdata_stateful_dataloader_available
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -19,7 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .checkpoints import STAGING_PREFIX, check_fingerprint, publishable_peft_config, resolve_checkpoint, write_fingerprint
+from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_files, resolve_checkpoint, write_fingerprint
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
 from .validation import DistillationFields, check_training_arguments
@@ -30,6 +32,8 @@ DISTILLATION_DIR = "distillation"
 """Subfolder of a saved student holding the research artefacts: adapters (PEFT format), projectors."""
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "distillation_config.json"
+STREAM_STATE_FILE = "stream_state_rank{}.pt"
+"""A checkpoint's streamed-data position (the stateful DataLoader's state), one per process."""
 
 
 @dataclass
@@ -90,9 +94,12 @@ class EpochCallback(TrainerCallback):
         self.target.set_epoch(int(state.epoch or 0))
 
 
-class _PreemptionCallback(TrainerCallback):
+class _RunControlCallback(TrainerCallback):
     def __init__(self, trainer: "SingerTrainer"):
         self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_rng()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._stop_if_preempted(state, control)
@@ -139,7 +146,12 @@ class SingerTrainer(Trainer):
         self._loss_steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
         self.preempted, self._sigterm_received = False, False
-        self.add_callback(_PreemptionCallback(self))
+        self.add_callback(_RunControlCallback(self))
+        # A stream resumes from its saved position instead of being read again up to it (see train()).
+        self._resume_stream = isinstance(self.train_dataset, datasets.IterableDataset) and is_torchdata_stateful_dataloader_available()
+        if self._resume_stream:
+            self.accelerator.dataloader_config.use_stateful_dataloader = True
+        self._stream_state, self._rng_checkpoint = None, None
 
     def _accumulate(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[phase]
@@ -221,6 +233,13 @@ class SingerTrainer(Trainer):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_fingerprint(self.accelerator.unwrap_model(self.model), checkpoint)
+            stream_state = os.path.join(checkpoint, STREAM_STATE_FILE.format(self.args.process_index))
+            if self._resume_stream and os.path.isfile(stream_state):
+                # The DataLoader continues from here (get_train_dataloader), so the Trainer must not skip
+                # batches by reading them; it then also leaves the RNG state to us (_restore_rng).
+                self._stream_state = torch.load(stream_state, weights_only=True)
+                self._rng_checkpoint = checkpoint
+                self.args.ignore_data_skip = True
         self.preempted, self._sigterm_received = False, False
         handles_signals = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handles_signals else None
@@ -229,6 +248,19 @@ class SingerTrainer(Trainer):
         finally:
             if handles_signals:
                 signal.signal(signal.SIGTERM, previous)
+
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        if self._stream_state is not None:
+            dataloader.load_state_dict(self._stream_state)
+            self._stream_state = None
+        return dataloader
+
+    def _restore_rng(self) -> None:
+        """The checkpoint's RNG state, at the point the Trainer itself would restore it (after the first fetch)."""
+        if self._rng_checkpoint is not None:
+            self._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
 
     def _on_sigterm(self, signum, frame) -> None:
         logger.warning("SIGTERM: writing a checkpoint after this step, then stopping")
@@ -263,6 +295,11 @@ class SingerTrainer(Trainer):
             self._staging_dir = None
         if self.args.should_save:
             write_fingerprint(self.accelerator.unwrap_model(model), os.path.join(staging, os.path.basename(final)))
+        dataloader = self.callback_handler.train_dataloader
+        if self._resume_stream and hasattr(dataloader, "state_dict"):
+            os.makedirs(os.path.join(staging, os.path.basename(final)), exist_ok=True)
+            state_file = STREAM_STATE_FILE.format(self.args.process_index)
+            torch.save(dataloader.state_dict(), os.path.join(staging, os.path.basename(final), state_file))
         self.accelerator.wait_for_everyone()  # every rank's RNG state is in
         if self.args.should_save:
             if os.path.isdir(final):
@@ -301,8 +338,8 @@ class SingerTrainer(Trainer):
         research_dir = os.path.join(output_dir, DISTILLATION_DIR)
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):
-            with publishable_peft_config(model.teacher):
-                model.teacher.save_pretrained(research_dir, state_dict=adapters)
+            model.teacher.save_pretrained(research_dir, state_dict=adapters)
+            publish_adapter_files(research_dir, model.teacher.peft_config[model.teacher.active_adapter].base_model_name_or_path)
         save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(research_dir, HEADS_FILE))
         summary = {
             **model.config.to_dict(),

@@ -294,13 +294,22 @@ def _max_difference(expected: dict, actual: dict) -> float:
     return max((expected[k] - actual[k]).abs().max().item() for k in expected)
 
 
-def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path, uninterrupted):
+def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path, uninterrupted, monkeypatch):
+    from singer_hf.data import STREAM_MAP_BATCH, ImageTransform
+
     mode = "streaming"  # map-style is resumed after the kills below
     output = tmp_path / "run"
-    killed = _run_with_fault(tmp_path, "sigkill", 6, _resume_argv(workspace, output, mode))
+    killed = _run_with_fault(tmp_path, "sigkill", 7, _resume_argv(workspace, output, mode, "--save_steps", "6"))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (output / "checkpoint-6" / "stream_state_rank0.pt").is_file()
+    decoded = []
+    decode = ImageTransform._decode
+    monkeypatch.setattr(ImageTransform, "_decode", lambda self, value: decoded.append(1) or decode(self, value))
     distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    # The stream continues from its saved position (24 of 32 examples read): at most one map batch
+    # before it is decoded again, not the 24 examples a re-read would decode.
+    assert len(decoded) <= (32 - 24) + STREAM_MAP_BATCH < 32
     difference = _max_difference(uninterrupted[mode], _final_weights(output))
     print(f"{mode}: max |Δ| of the final weights, resumed after SIGKILL vs uninterrupted: {difference}")
     assert difference == 0

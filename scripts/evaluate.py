@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_imagenet_r_head(data_args, getattr(probe, "num_classes", None))
     epochs = probe_args.epochs or PAPER_EPOCHS[data_args.task]
     fitted = fit_probe(probe, train_features, probe_args.learning_rates, epochs, probe_args.batch_size,
-                       probe_args.seed, probe_args.held_out_fraction, accelerator.device)  # fmt: skip
+                       probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True)  # fmt: skip
     settings = {
         "head": probe.head,
         "feature": f"output of block {block + 1} of {vit.depth}, before the final norm",

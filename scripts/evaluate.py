@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rates": fitted.learning_rates,
         "selected_learning_rate": fitted.learning_rate,
         "selection_rule": fitted.selection_rule,
-        "held_out_scores": fitted.held_out_scores,
+        "held_out_scores": {lr: round(score, 4) for lr, score in fitted.held_out_scores.items()},
         "num_train_examples": fitted.num_train_examples,
         "train_split": data_args.train_split,
         "augmentation": "none: features extracted once",

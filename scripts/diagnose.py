@@ -103,11 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     for layer in layers:
         if not 0 <= layer < teacher_vit.depth:
             raise ValueError(f"layers: block {layer} is out of range for a {teacher_vit.depth}-block model")
-    views: dict[str, torch.Tensor] = {}  # "<view> block <i>" → B×N×D
-    prefix: dict[str, int] = {}
     teacher_outputs = block_outputs(teacher, pixel_values)
-    for layer in layers:
-        views[f"teacher block {layer}"], prefix[f"teacher block {layer}"] = teacher_outputs[layer], teacher_vit.num_prefix_tokens
+    adapters, pairs = {}, {}
     if distillation:
         adapted = peft.PeftModel.from_pretrained(teacher, str(Path(args.run_dir) / DISTILLATION_DIR))
         adapters = adapted.base_model.singer_layers
@@ -115,14 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
         student_vit = resolve_vit(student, "run_dir")
         student_outputs = block_outputs(student, pixel_values)
         pairs = dict(zip(distillation["teacher_layers"], distillation["student_layers"]))
-        with torch.no_grad():
-            for layer in layers:
-                if layer in adapters:
-                    name = f"refined teacher block {layer}"
-                    views[name], prefix[name] = adapters[layer].refine(teacher_outputs[layer]), teacher_vit.num_prefix_tokens
-                if layer in pairs:
-                    name = f"student block {pairs[layer]}"
-                    views[name], prefix[name] = student_outputs[pairs[layer]], student_vit.num_prefix_tokens
+    views: dict[str, torch.Tensor] = {}  # "<view> block <i>" → B×N×D, grouped by teacher block
+    prefix: dict[str, int] = {}
+    with torch.no_grad():
+        for layer in layers:
+            views[f"teacher block {layer}"], prefix[f"teacher block {layer}"] = teacher_outputs[layer], teacher_vit.num_prefix_tokens
+            if layer in adapters:
+                name = f"refined teacher block {layer}"
+                views[name], prefix[name] = adapters[layer].refine(teacher_outputs[layer]), teacher_vit.num_prefix_tokens
+            if layer in pairs:
+                name = f"student block {pairs[layer]}"
+                views[name], prefix[name] = student_outputs[pairs[layer]], student_vit.num_prefix_tokens
 
     stats = {name: artifact_stats(features, prefix[name], args.outlier_ratio) for name, features in views.items()}
     output = Path(args.output_dir)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     norm_histograms_figure(norms, output / "norm_histograms.png", args.outlier_ratio)
     last = layers[-1]
     names = [f"teacher block {last}", f"refined teacher block {last}"]
-    if distillation and last in pairs:
+    if last in pairs:
         names.append(f"student block {pairs[last]}")
     panel = {name: views[name][0, prefix[name] :] for name in names if name in views}
     patches = next(iter(panel.values())).shape[0]

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_imagenet_r_head(data_args, getattr(probe, "num_classes", None))
     epochs = probe_args.epochs or PAPER_EPOCHS[data_args.task]
     fitted = fit_probe(probe, train_features, probe_args.learning_rates, epochs, probe_args.batch_size,
-                       probe_args.seed, probe_args.held_out_fraction, accelerator.device)  # fmt: skip
+                       probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True)  # fmt: skip
     settings = {
         "head": probe.head,
         "feature": f"output of block {block + 1} of {vit.depth}, before the final norm",
@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rates": fitted.learning_rates,
         "selected_learning_rate": fitted.learning_rate,
         "selection_rule": fitted.selection_rule,
-        "held_out_scores": fitted.held_out_scores,
+        "held_out_scores": {lr: round(score, 4) for lr, score in fitted.held_out_scores.items()},
         "num_train_examples": fitted.num_train_examples,
         "train_split": data_args.train_split,
+        "max_train_samples": data_args.max_train_samples,
         "augmentation": "none: features extracted once",
         "preprocessing": (
             f"resize shorter side to {vit.image_size}, centre crop {vit.image_size}"
@@ -273,6 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
             "metrics": metric_entries(probe, metrics),
             "settings": entry_settings,
         })  # fmt: skip
+    feature_tokens = {
+        "image-classification": summary_name(vit),
+        "image-segmentation": "patch tokens",
+        "depth-estimation": f"patch tokens ⊕ {summary_name(vit)}",
+    }[data_args.task]
     try:
         package_version = version("singer-hf")
     except PackageNotFoundError:
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone": {
             "name_or_path": published_name(backbone_args.model_name_or_path),
             "model_type": vit.backbone.config.model_type,
-            "feature": f"{summary_name(vit)} / patch tokens of block {block + 1} of {vit.depth}, before the final norm",
+            "feature": f"{feature_tokens} of block {block + 1} of {vit.depth}, before the final norm",
             "num_parameters": sum(p.numel() for p in vit.backbone.parameters()),
         },
         "seed": probe_args.seed,

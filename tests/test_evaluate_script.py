@@ -113,7 +113,7 @@ def test_segmentation_probe_ignores_other_and_scores_dataset_level_miou(backbone
 
 def test_depth_probe_reports_rmse_absrel_and_deltas(backbone, tmp_path):
     data = depth_data(tmp_path / "depth")
-    results = run(backbone, data, tmp_path / "out", "--task", "depth-estimation", "--label_column", "depth", "--epochs", "20")
+    results = run(backbone, data, tmp_path / "out", "--task", "depth-estimation", "--label_column", "depth", "--epochs", "10")
     (result,) = results["results"]
     metrics = {m["type"]: m for m in result["metrics"]}
     assert list(metrics) == ["rmse", "abs_rel", "delta1", "delta2", "delta3"]

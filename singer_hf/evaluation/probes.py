@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .features import FeatureSet
 from .metrics import IGNORE_INDEX, DepthMetrics, mean_iou, top1_accuracy
@@ -208,6 +209,7 @@ def train_heads(
     batch_size: int,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> ParallelLinear:
     """One head per learning rate, trained on the same shuffled batches (seeded)."""
     generator = torch.Generator().manual_seed(seed)
@@ -219,7 +221,7 @@ def train_heads(
     total_steps = epochs * math.ceil(len(features) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     heads.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=f"probe heads ({len(learning_rates)})", disable=not progress):
         order = torch.randperm(len(features), generator=generator)
         for batch in _batches(features, order, batch_size, device):
             loss = probe.loss(probe.outputs(heads, batch), batch.targets)
@@ -272,17 +274,18 @@ def fit_probe(
     seed: int = 0,
     held_out_fraction: float = 0.1,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> FittedProbe:
     """The paper's protocol with one learning rate (the last epoch's head, all training data);
     with several, heads are trained on all but a seeded `held_out_fraction` of the training
     split and the best on that held-out part is kept — the test split never selects anything."""
     if len(learning_rates) == 1:
-        heads = train_heads(probe, features, learning_rates, epochs, batch_size, seed, device)
+        heads = train_heads(probe, features, learning_rates, epochs, batch_size, seed, device, progress)
         return FittedProbe(heads, list(learning_rates), 0, "single learning rate; head after the last epoch", {}, len(features))
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     held_out_count = max(1, round(held_out_fraction * len(features)))
     held_out, train = features.select(order[:held_out_count]), features.select(order[held_out_count:])
-    heads = train_heads(probe, train, learning_rates, epochs, batch_size, seed, device)
+    heads = train_heads(probe, train, learning_rates, epochs, batch_size, seed, device, progress)
     scores = [primary_value(probe, metrics) for metrics in evaluate_heads(probe, heads, held_out, batch_size)]
     pick = max if probe.higher_is_better else min
     selected = scores.index(pick(scores))

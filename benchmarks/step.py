@@ -15,6 +15,8 @@ start from identical weights. Modes:
 - `fp32`: `DistillationModel` as the Trainer runs it in fp32.
 - `bf16-autocast`: the same under bf16 autocast, the frozen teacher's weights kept in fp32.
 - `bf16`: bf16 autocast with the frozen teacher's weights cast to bf16 once (what `--bf16` does).
+- `fp32-compiled`, `bf16-compiled`: the same with every teacher and student block compiled
+  (regional compilation: one compiled graph reused by the repeated blocks).
 
 After `--warmup` rounds, each round runs one step of every mode in turn (A, B, C, A, B, C, ...), so
 that load from other processes falls on all modes alike; ratios are medians of the per-round ratios.
@@ -61,6 +63,7 @@ class Mode:
     official: bool
     autocast: bool
     teacher_bf16: bool
+    compile: bool = False
 
 
 MODES = {
@@ -68,6 +71,8 @@ MODES = {
     "fp32": Mode(official=False, autocast=False, teacher_bf16=False),
     "bf16-autocast": Mode(official=False, autocast=True, teacher_bf16=False),
     "bf16": Mode(official=False, autocast=True, teacher_bf16=True),
+    "fp32-compiled": Mode(official=False, autocast=False, teacher_bf16=False, compile=True),
+    "bf16-compiled": Mode(official=False, autocast=True, teacher_bf16=True, compile=True),
 }
 
 SPEC_PEAK_TFLOPS = 989.0
@@ -85,7 +90,6 @@ class BenchmarkArguments:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU); default: torch's."})
     steps: int = field(default=10, metadata={"help": "Timed rounds (one step of every mode each)."})
     warmup: int = field(default=3, metadata={"help": "Untimed rounds first."})
-    compile: bool = field(default=False, metadata={"help": "Compile the teacher's and student's blocks (not the reference)."})
     peak_tflops: float = field(default=SPEC_PEAK_TFLOPS, metadata={"help": "Peak the achieved TFLOP/s are a share of."})
     seed: int = 0
 
@@ -119,7 +123,7 @@ def vit_config(width: int, depth: int, heads: int, pair: Pair) -> transformers.V
     )
 
 
-def build(pair: Pair, mode: Mode, device: torch.device, seed: int, compile_blocks: bool):
+def build(pair: Pair, mode: Mode, device: torch.device, seed: int):
     """The model and its optimiser; the teacher as loaded from a classification checkpoint (no
     pooler), the student as scripts/distill.py builds one from scratch."""
     torch.manual_seed(seed)
@@ -129,7 +133,7 @@ def build(pair: Pair, mode: Mode, device: torch.device, seed: int, compile_block
     model = model_class(teacher, student, DistillationConfig(teacher_layers=list(pair.teacher_layers))).to(device)
     if mode.teacher_bf16:
         model.cast_teacher(torch.bfloat16)
-    if compile_blocks and not mode.official:
+    if mode.compile:
         for block in [*resolve_vit(model.teacher).blocks, *resolve_vit(model.student).blocks]:
             block.compile()
     model.train()
@@ -150,10 +154,11 @@ def train_step(model, optimizer, images, mode: Mode) -> None:
     model.zero_grad(set_to_none=True)  # the reference's teacher gradients too
 
 
-def step_flops(pair: Pair, batch_size: int) -> float:
+def step_flops(pair: Pair, batch_size: int, official: bool = False) -> float:
     """FLOPs of one step's necessary work (SPEC §11): teacher forward up to the deepest distilled
     block, block l+1 forward and backward per intermediate layer, student forward and backward,
-    projectors and adapters."""
+    projectors and adapters. `official`: the reference's work instead, which also runs the teacher's
+    later blocks, re-runs block l+1 on F^l and computes block l+1's weight gradients on both runs."""
     tokens = (pair.image_size // pair.patch_size) ** 2 + 1
     pixels_per_patch = 3 * pair.patch_size**2
 
@@ -167,6 +172,9 @@ def step_flops(pair: Pair, batch_size: int) -> float:
     layers = len(pair.teacher_layers)
     teacher = embed(teacher_width) + (pair.teacher_layers[-1] + 1) * block(teacher_width)
     info = 3 * (layers - 1) * block(teacher_width)
+    if official:
+        teacher += (pair.teacher[1] - 1 - pair.teacher_layers[-1]) * block(teacher_width)
+        info += 3 * (layers - 1) * block(teacher_width)  # the re-run's forward, and two weight-gradient passes
     student = 3 * (embed(student_width) + pair.student[1] * block(student_width))
     heads = 3 * layers * (2 * tokens * student_width * teacher_width + 2 * 2 * tokens * teacher_width * 64)
     return batch_size * (teacher + info + student + heads)
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     device, pair = torch.device(args.device), PAIRS[args.pair]
     images = torch.randn(args.batch_size, 3, pair.image_size, pair.image_size, generator=torch.Generator().manual_seed(1)).to(device)
 
-    built = {name: build(pair, MODES[name], device, args.seed, args.compile) for name in args.modes}
+    built = {name: build(pair, MODES[name], device, args.seed) for name in args.modes}
     models = {name: model for name, (model, _) in built.items()}
     agreement = loss_agreement(models, images, args.modes)
 
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.pair}: teacher {pair.teacher}, student {pair.student} (width, blocks, heads), {pair.image_size}px, "
           f"patch {pair.patch_size}, layers {list(pair.teacher_layers)}, batch {args.batch_size}, {where}, "
-          f"compile={args.compile}, {args.steps} rounds after {args.warmup} warm-up; "
+          f"{args.steps} rounds after {args.warmup} warm-up; "
           f"{flops / args.batch_size / 1e9:.2f} GFLOP per image")  # fmt: skip
     print(f"{'mode':<14} {'ms/step':>9} {'min-max':>15} {'images/s':>9} {'TFLOP/s':>8} {'% of limit':>10} {'peak MiB':>9}")
     for name in args.modes:
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"peak resident memory of the process (all modes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"limit: {args.peak_tflops:.0f} TFLOP/s = {args.peak_tflops * 1e12 / flops * args.batch_size:.0f} images/s for this pair")
     if "reference" in times:
-        print("per-round ratios to the reference step (median over rounds):")
+        bound = flops / step_flops(pair, args.batch_size, official=True)
+        print(f"per-round ratios to the reference step (median over rounds); FLOPs alone would give {bound:.3f}x:")
         for name in args.modes:
             if name == "reference":
                 continue

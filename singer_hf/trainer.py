@@ -107,6 +107,10 @@ class SingerTrainer(Trainer):
             args = copy.copy(args)
             args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
+        if args.bf16 and not self.is_fsdp_enabled:
+            # Performance (issue 9): the frozen teacher needs no fp32 master weights, and autocast
+            # would re-cast them on every step. FSDP shards expect one dtype, so it keeps fp32 there.
+            model.cast_teacher(torch.bfloat16)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
 

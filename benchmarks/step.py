@@ -17,6 +17,7 @@ start from identical weights. Modes:
 - `bf16`: bf16 autocast with the frozen teacher's weights cast to bf16 once (what `--bf16` does).
 - `fp32-compiled`, `bf16-compiled`: the same with every teacher and student block compiled
   (regional compilation: one compiled graph reused by the repeated blocks).
+- `teacher-bf16`: the teacher's forward alone in bf16, to compare with published inference figures.
 
 After `--warmup` rounds, each round runs one step of every mode in turn (A, B, C, A, B, C, ...), so
 that load from other processes falls on all modes alike; ratios are medians of the per-round ratios.
@@ -64,6 +65,7 @@ class Mode:
     autocast: bool
     teacher_bf16: bool
     compile: bool = False
+    teacher_only: bool = False
 
 
 MODES = {
@@ -73,6 +75,7 @@ MODES = {
     "bf16": Mode(official=False, autocast=True, teacher_bf16=True),
     "fp32-compiled": Mode(official=False, autocast=False, teacher_bf16=False, compile=True),
     "bf16-compiled": Mode(official=False, autocast=True, teacher_bf16=True, compile=True),
+    "teacher-bf16": Mode(official=False, autocast=True, teacher_bf16=True, teacher_only=True),
 }
 
 SPEC_PEAK_TFLOPS = 989.0
@@ -149,12 +152,16 @@ def forward(model, images, mode: Mode):
 
 
 def train_step(model, optimizer, images, mode: Mode) -> None:
+    if mode.teacher_only:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            model.teacher_features(images)
+        return
     forward(model, images, mode).loss.backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)  # the reference's teacher gradients too
 
 
-def step_flops(pair: Pair, batch_size: int, official: bool = False) -> float:
+def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only: bool = False) -> float:
     """FLOPs of one step's necessary work (SPEC §11): teacher forward up to the deepest distilled
     block, block l+1 forward and backward per intermediate layer, student forward and backward,
     projectors and adapters. `official`: the reference's work instead, which also runs the teacher's
@@ -172,6 +179,8 @@ def step_flops(pair: Pair, batch_size: int, official: bool = False) -> float:
     layers = len(pair.teacher_layers)
     teacher = embed(teacher_width) + (pair.teacher_layers[-1] + 1) * block(teacher_width)
     info = 3 * (layers - 1) * block(teacher_width)
+    if teacher_only:
+        return batch_size * teacher
     if official:
         teacher += (pair.teacher[1] - 1 - pair.teacher_layers[-1]) * block(teacher_width)
         info += 3 * (layers - 1) * block(teacher_width)  # the re-run's forward, and two weight-gradient passes
@@ -188,7 +197,7 @@ def synchronize(device: torch.device) -> None:
 def loss_agreement(models, images, modes) -> list[str]:
     """Each mode's losses on the same batch at the same (initial) weights, against fp32's."""
     with torch.no_grad():
-        outputs = {name: forward(models[name], images, MODES[name]) for name in modes}
+        outputs = {name: forward(models[name], images, MODES[name]) for name in modes if not MODES[name].teacher_only}
     if "fp32" not in outputs:
         return []
     base = outputs["fp32"]
@@ -241,15 +250,15 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
 
-    flops = step_flops(pair, args.batch_size)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.pair}: teacher {pair.teacher}, student {pair.student} (width, blocks, heads), {pair.image_size}px, "
           f"patch {pair.patch_size}, layers {list(pair.teacher_layers)}, batch {args.batch_size}, {where}, "
           f"{args.steps} rounds after {args.warmup} warm-up; "
-          f"{flops / args.batch_size / 1e9:.2f} GFLOP per image")  # fmt: skip
+          f"{step_flops(pair, 1) / 1e9:.2f} GFLOP per image and step")  # fmt: skip
     print(f"{'mode':<14} {'ms/step':>9} {'min-max':>15} {'images/s':>9} {'TFLOP/s':>8} {'% of limit':>10} {'peak MiB':>9}")
     for name in args.modes:
         median = statistics.median(times[name])
+        flops = step_flops(pair, args.batch_size, teacher_only=MODES[name].teacher_only)
         memory = f"{peak_memory[name] / 2**20:.0f}" if device.type == "cuda" else "-"
         print(
             f"{name:<14} {1e3 * median:9.1f} {1e3 * min(times[name]):7.1f}-{1e3 * max(times[name]):<7.1f} "
@@ -257,12 +266,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     if device.type == "cpu":
         print(f"peak resident memory of the process (all modes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    flops = step_flops(pair, args.batch_size)
     print(f"limit: {args.peak_tflops:.0f} TFLOP/s = {args.peak_tflops * 1e12 / flops * args.batch_size:.0f} images/s for this pair")
     if "reference" in times:
         bound = flops / step_flops(pair, args.batch_size, official=True)
         print(f"per-round ratios to the reference step (median over rounds); FLOPs alone would give {bound:.3f}x:")
         for name in args.modes:
-            if name == "reference":
+            if name == "reference" or MODES[name].teacher_only:
                 continue
             ratio = statistics.median(t / r for t, r in zip(times[name], times["reference"]))
             target = {"fp32": ("time", 0.8), "bf16": ("throughput", 3.0)}.get(name)

@@ -31,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -189,6 +190,18 @@ def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only
     return batch_size * (teacher + info + student + heads)
 
 
+def host_syncs(model, optimizer, images, mode: Mode) -> int:
+    """Synchronising CUDA calls in one step (torch's sync debug mode): each one stalls the host."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(model, optimizer, images, mode)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -264,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<14} {1e3 * median:9.1f} {1e3 * min(times[name]):7.1f}-{1e3 * max(times[name]):<7.1f} "
             f"{args.batch_size / median:9.1f} {flops / median / 1e12:8.3f} {100 * flops / median / 1e12 / args.peak_tflops:10.3f} {memory:>9}"
         )
+    if device.type == "cuda":
+        syncs = {name: host_syncs(*built[name], images, MODES[name]) for name in args.modes}
+        print("host syncs in one step: " + ", ".join(f"{name} {count}" for name, count in syncs.items()))
     if device.type == "cpu":
         print(f"peak resident memory of the process (all modes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     flops = step_flops(pair, args.batch_size)

@@ -138,8 +138,7 @@ def build(pair: Pair, mode: Mode, device: torch.device, seed: int):
     if mode.teacher_bf16:
         model.cast_teacher(torch.bfloat16)
     if mode.compile:
-        for block in [*resolve_vit(model.teacher).blocks, *resolve_vit(model.student).blocks]:
-            block.compile()
+        model.compile_blocks()
     model.train()
     # What the optimiser updates: student, projectors, adapters; never the teacher's own weights.
     trainable = [p for n, p in model.named_parameters() if p.requires_grad and (not n.startswith("teacher.") or "singer_" in n)]

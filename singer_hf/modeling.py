@@ -257,6 +257,15 @@ class DistillationModel(nn.Module):
             if not parameter.requires_grad:
                 parameter.data = parameter.data.to(dtype)
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: `torch.compile` each teacher and student block in place.
+
+        The repeated block is compiled once and reused, while the loss code, the PEFT wrappers and
+        the block loop stay eager; compiling the whole model would break its graph at each of them.
+        """
+        for block in [*self._teacher_vit.blocks, *self._student_vit.blocks]:
+            block.compile(**compile_kwargs)
+
     def _singer_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
         prefix = self._teacher_vit.num_prefix_tokens
         adapters = self.adapters

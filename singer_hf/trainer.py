@@ -66,6 +66,10 @@ class SingerTrainingArguments(TrainingArguments):
         if not _has_accelerator():
             self.use_cpu = True
         super().__post_init__()
+        if not self.use_cpu and self.dataloader_pin_memory:
+            # Performance (issue 9): pinned batches are copied to the accelerator without stalling
+            # the host at every step (the caching host allocator keeps a pinned buffer until its copy is done).
+            self.accelerator_config.non_blocking = True
 
     def distillation_config(self) -> DistillationConfig:
         names = {f.name for f in fields(DistillationConfig)}

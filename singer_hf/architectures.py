@@ -16,30 +16,29 @@ import transformers
 from transformers import AutoConfig, AutoModel
 
 
-def _hf_block_outputs(interpolation_flag: bool = True):
-    """Reads `hidden_states`; at another image size than the model's, `interpolation_flag` says whether
-    its forward must be asked to interpolate the position embeddings (DINOv2's always does)."""
+def _hf_embed(interpolation_flag: bool = True, pre_norm: str | None = None):
+    """The tokens entering block 0, as the family's own forward computes them.
 
-    def block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    `interpolation_flag`: whether the embeddings must be asked to interpolate the position embeddings
+    at another image size than the model's (DINOv2's always do); `pre_norm`: a norm the forward
+    applies after the embeddings (CLIP's `pre_layrnorm`).
+    """
+
+    def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         kwargs = {}
-        if interpolation_flag and pixel_values.shape[-1] != backbone.config.image_size:
-            kwargs["interpolate_pos_encoding"] = True
-        # hidden_states[0] is the embedding output; hidden_states[l + 1] is block l before the final norm.
-        return backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states[1:]
+        if interpolation_flag:
+            kwargs["interpolate_pos_encoding"] = pixel_values.shape[-1] != backbone.config.image_size
+        hidden_states = backbone.embeddings(pixel_values, **kwargs)
+        return getattr(backbone, pre_norm)(hidden_states) if pre_norm else hidden_states
 
-    return block_outputs
+    return embed
 
 
-def _timm_block_outputs(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _timm_embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     # TimmWrapperModel's hidden states are B×C×H×W maps without the prefix tokens, so run the timm
-    # model's own stem and blocks to read token features with them.
+    # model's own stem to read token features with them.
     vit = backbone.timm_model
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))
-    outputs = []
-    for block in vit.blocks:
-        x = block(x)
-        outputs.append(x)
-    return tuple(outputs)
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))
 
 
 def _hf_run_block(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -96,8 +95,8 @@ class Architecture:
     """Path inside a block to the MLP's first linear layer (H×D weight)."""
     fc2: str = "mlp.fc2"
     """Path inside a block to the MLP's second linear layer (D×H weight)."""
-    block_outputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = field(default=_hf_block_outputs())
-    """Every block's output (B×N×D, before the final norm) for a batch of images of any supported size."""
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(default=_hf_embed())
+    """The tokens (B×N×D) entering block 0 for a batch of images of any supported size."""
     run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(default=_hf_run_block)
     """One block's output for B×N×D hidden states."""
     geometry: Callable[[nn.Module], tuple[int, int, int]] = field(default=_hf_geometry)
@@ -114,14 +113,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1),
     "deit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 2),  # CLS + distillation token
     "dinov2": Architecture(
-        blocks="encoder.layer", num_prefix_tokens=lambda m: 1, block_outputs=_hf_block_outputs(interpolation_flag=False)
+        blocks="encoder.layer", num_prefix_tokens=lambda m: 1, embed=_hf_embed(interpolation_flag=False)
     ),
     "dinov2_with_registers": Architecture(
         blocks="encoder.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
-        block_outputs=_hf_block_outputs(interpolation_flag=False),
+        embed=_hf_embed(interpolation_flag=False),
     ),
-    "clip_vision_model": Architecture(blocks="encoder.layers", num_prefix_tokens=lambda m: 1),
+    "clip_vision_model": Architecture(blocks="encoder.layers", num_prefix_tokens=lambda m: 1, embed=_hf_embed(pre_norm="pre_layrnorm")),
     "siglip_vision_model": Architecture(
         blocks="encoder.layers", num_prefix_tokens=lambda m: 0, has_class_token=lambda m: False
     ),
@@ -129,7 +128,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="timm_model.blocks",
         num_prefix_tokens=lambda m: int(m.timm_model.num_prefix_tokens),
         has_class_token=lambda m: m.timm_model.cls_token is not None,
-        block_outputs=_timm_block_outputs,
+        embed=_timm_embed,
         run_block=_timm_run_block,
         geometry=_timm_geometry,
         width=lambda m: int(m.timm_model.embed_dim),
@@ -169,8 +168,21 @@ class ResolvedViT:
     def depth(self) -> int:
         return len(self.blocks)
 
-    def block_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.architecture.block_outputs(self.backbone, pixel_values)
+    def block_outputs(self, pixel_values: torch.Tensor, last_block: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The outputs (B×N×D, before the final norm) of blocks 0..`last_block` (default: all).
+
+        Stopping at the deepest block a loss reads saves the teacher the blocks after it, and its
+        final norm and head, which no distillation loss reads.
+        """
+        last_block = self.depth - 1 if last_block is None else last_block
+        if not 0 <= last_block < self.depth:
+            raise ValueError(f"last_block: must be in 0..{self.depth - 1} for a {self.depth}-block model, got {last_block}")
+        hidden_states = self.architecture.embed(self.backbone, pixel_values)
+        outputs = []
+        for index in range(last_block + 1):
+            hidden_states = self.run_block(index, hidden_states)
+            outputs.append(hidden_states)
+        return tuple(outputs)
 
     def run_block(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         output = self.architecture.run_block(self.blocks[index], hidden_states)

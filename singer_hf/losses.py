@@ -7,7 +7,12 @@ import torch.nn.functional as F
 
 
 def feature_mse(prediction: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error over all elements, or over the tokens where `token_mask` (B×N) is True."""
+    """Mean squared error over all elements, or over the tokens where `token_mask` (B×N) is True.
+
+    Computed in float32 (what autocast does for `mse_loss` too), so a bf16 teacher target and a
+    float32 student prediction can meet outside autocast.
+    """
+    prediction, target = prediction.float(), target.float()
     if token_mask is None:
         return F.mse_loss(prediction, target)
     squared = (prediction - target).pow(2) * token_mask.unsqueeze(-1)

@@ -203,12 +203,38 @@ class DistillationModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:
         self._check_pixel_values(pixel_values)
-        with torch.no_grad():
-            teacher_features = self._teacher_vit.block_outputs(pixel_values)
+        teacher_features = self.teacher_features(pixel_values)
         student_features = self._student_vit.block_outputs(pixel_values)
         losses = getattr(self, f"_{self.config.method}_losses")(teacher_features, student_features)
         loss = sum(self.weights[name] * value for name, value in losses.items())
         return DistillationOutput(loss=loss, losses=losses)
+
+    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The teacher's block outputs up to the deepest distilled block (the losses read no later
+        block: SiNGER's F^{l+1} targets are all at or before the final layer), without gradients."""
+        teacher_dtype = self._teacher_vit.blocks[0].parameters().__next__().dtype
+        with torch.no_grad():
+            return self._teacher_vit.block_outputs(pixel_values.to(teacher_dtype), last_block=self.teacher_layers[-1])
+
+    def cast_teacher(self, dtype: torch.dtype) -> None:
+        """Store the frozen teacher's weights in `dtype` (e.g. bfloat16 when training under bf16 autocast).
+
+        A frozen teacher needs no float32 master weights, and autocast re-casts float32 weights that do
+        not require grad on every step; cast once, the matmuls see the same bf16 weights. Trainable
+        parameters (the SiNGER adapters) keep their dtype.
+        """
+        for parameter in self.teacher.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: `torch.compile` each teacher and student block in place.
+
+        The repeated block is compiled once and reused, while the loss code, the PEFT wrappers and
+        the block loop stay eager; compiling the whole model would break its graph at each of them.
+        """
+        for block in [*self._teacher_vit.blocks, *self._student_vit.blocks]:
+            block.compile(**compile_kwargs)
 
     def _singer_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
         prefix = self._teacher_vit.num_prefix_tokens

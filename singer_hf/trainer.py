@@ -79,6 +79,10 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
         if not _has_accelerator():
             self.use_cpu = True
         super().__post_init__()
+        if not self.use_cpu and self.dataloader_pin_memory:
+            # Performance (issue 9): pinned batches are copied to the accelerator without stalling
+            # the host at every step (the caching host allocator keeps a pinned buffer until its copy is done).
+            self.accelerator_config.non_blocking = True
 
     def distillation_config(self) -> DistillationConfig:
         return DistillationConfig(**self.distillation_values())
@@ -142,6 +146,10 @@ class SingerTrainer(Trainer):
             args = copy.copy(args)
             args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
+        if args.bf16 and not self.is_fsdp_enabled:
+            # Performance (issue 9): the frozen teacher needs no fp32 master weights, and autocast
+            # would re-cast them on every step. FSDP shards expect one dtype, so it keeps fp32 there.
+            model.cast_teacher(torch.bfloat16)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Speed of the input pipeline: JPEG decode + training augmentation, images/s in one worker.
+
+    python benchmarks/data.py                                  # 512 ImageNet-sized JPEGs → 224px
+    python benchmarks/data.py --step_rates 2700 6700           # workers needed at these step rates
+
+Writes JPEG-encoded images (ImageNet's typical 500×375) to a Parquet file in a temporary folder and
+reads them back the way scripts/distill.py does (`load_image_dataset`, `ImageTransform` with the
+training transforms, `with_image_transform`): map-style (`with_transform`) and streaming (`.map`),
+one process, i.e. one DataLoader worker's rate. From it: how many workers a given training step rate
+needs. Streaming also reports the time to the first example: `IterableDataset.map` decodes a whole
+batch (datasets' default 1,000 examples) before it yields anything.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from transformers import HfArgumentParser
+
+from singer_hf.data import ImageTransform, build_transforms, load_image_dataset, with_image_transform
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataBenchmarkArguments:
+    num_images: int = field(default=512, metadata={"help": "JPEGs written and decoded per pass."})
+    source_size: list[int] = field(default_factory=lambda: [500, 375], metadata={"help": "Width and height of the JPEGs."})
+    image_size: int = field(default=224, metadata={"help": "Training crop size."})
+    repeats: int = field(default=3, metadata={"help": "Passes per pipeline; the median is reported."})
+    step_rates: list[float] = field(
+        default_factory=lambda: [2700.0, 6700.0],
+        metadata={"help": "Training rates (images/s) to size the workers for; default: 40 % and 100 % of SPEC §11's H100 limit."},
+    )
+    threads: int = field(default=1, metadata={"help": "torch.set_num_threads (a DataLoader worker uses 1)."})
+
+
+def write_jpegs(path: Path, count: int, width: int, height: int) -> None:
+    """Photo-like JPEGs (smooth colour fields plus noise, quality 90) in an `image` column."""
+    generator = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        coarse = generator.integers(0, 256, size=(height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+        smooth = np.asarray(PIL.Image.fromarray(coarse).resize((width, height), PIL.Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + generator.integers(-12, 13, size=smooth.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features(image=datasets.Image())
+    datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(str(path))
+
+
+def pipeline(path: Path, streaming: bool, image_size: int):
+    dataset = load_image_dataset(str(path), None, "train", "image", streaming=streaming, shuffle_buffer=0)
+    return with_image_transform(dataset, ImageTransform(build_transforms(IMAGENET_MEAN, IMAGENET_STD, image_size, train=True)))
+
+
+def one_pass(dataset) -> tuple[float, float, int]:
+    """(seconds for the pass, seconds to the first example, examples)."""
+    start = time.perf_counter()
+    first, count = None, 0
+    iterator = iter(dataset) if isinstance(dataset, datasets.IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    for example in iterator:
+        if first is None:
+            first = time.perf_counter() - start
+        assert example["pixel_values"] is not None
+        count += 1
+    return time.perf_counter() - start, first, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(DataBenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    if len(args.source_size) != 2 or min(args.source_size) < args.image_size // 4:
+        raise SystemExit(f"error: --source_size: give width and height (at least {args.image_size // 4}px), got {args.source_size}")
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "images.parquet"
+        write_jpegs(path, args.num_images, *args.source_size)
+        jpeg_kib = path.stat().st_size / args.num_images / 1024
+        print(f"{args.num_images} JPEGs of {args.source_size[0]}×{args.source_size[1]} (~{jpeg_kib:.0f} KiB each) → "
+              f"RandomResizedCrop({args.image_size}) + flip + normalise, one process, {args.threads} torch thread(s)")  # fmt: skip
+        rates = {}
+        for name, streaming in [("map-style", False), ("streaming", True)]:
+            passes = [one_pass(pipeline(path, streaming, args.image_size)) for _ in range(args.repeats)]
+            seconds, first, count = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes), passes[0][2]
+            rates[name] = count / seconds
+            print(f"  {name:<10} {rates[name]:7.1f} images/s per worker; first example after {1e3 * first:.0f} ms")
+    per_image = 3 * args.image_size**2
+    print(f"bytes per image a worker ships: float32 {4 * per_image / 1024:.0f} KiB (today), uint8 {per_image / 1024:.0f} KiB")
+    for rate in args.step_rates:
+        needed = ", ".join(f"{name} {math.ceil(rate / value)}" for name, value in rates.items())
+        print(f"workers for {rate:.0f} images/s: {needed}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -147,3 +147,24 @@ def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypa
     message = exit_info.value.code
     assert message.startswith("evaluate.py: error: model_name_or_path: unsupported model type 'resnet'")
     assert "\n" not in message and "supported: " in message
+
+
+def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
+    data = classification_data(tmp_path / "cls")
+    results = run(backbone, data, tmp_path / "out", "--augmentation", "paper", "--epochs", "3",
+                  "--learning_rates", "0.01", "0.5")  # fmt: skip
+    (result,) = results["results"]
+    settings = result["settings"]
+    assert settings["augmentation"].startswith("paper: RandomResizedCrop 32 (scale 0.08–1), horizontal flip")
+    assert "held-out 0.1 of the training split" in settings["selection_rule"] and settings["num_train_examples"] == 43
+    (metric,) = result["metrics"]
+    assert metric["type"] == "accuracy" and 0 <= metric["value"] <= 100
+
+
+def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch):
+    argv = ["evaluate.py", "--model_name_or_path", backbone, "--dataset_name", str(tmp_path / "missing"),
+            "--output_dir", str(tmp_path / "out"), "--augmentation", "randaugment"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:  # checked before any dataset or model is loaded
+        runpy.run_path(str(ROOT / "scripts" / "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == "evaluate.py: error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']"

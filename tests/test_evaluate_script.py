@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -159,6 +160,22 @@ def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
     assert "held-out 0.1 of the training split" in settings["selection_rule"] and settings["num_train_examples"] == 43
     (metric,) = result["metrics"]
     assert metric["type"] == "accuracy" and 0 <= metric["value"] <= 100
+
+
+@pytest.mark.parametrize(
+    "make_data, flags, augmentation",
+    [
+        (segmentation_data, ["--task", "image-segmentation", "--label_column", "annotation", "--reduce_labels", "true"],
+         "paper: RandomResizedCrop 32 (scale 0.7–1), horizontal flip, colour jitter"),
+        (depth_data, ["--task", "depth-estimation", "--label_column", "depth"],
+         "paper: random 0.8 square crop of the centre square resized to 32, horizontal flip, colour jitter"),
+    ],
+)  # fmt: skip
+def test_augmented_dense_probes_end_to_end(backbone, tmp_path, make_data, flags, augmentation):
+    results = run(backbone, make_data(tmp_path / "data"), tmp_path / "out", *flags, "--augmentation", "paper", "--epochs", "2")
+    (result,) = results["results"]
+    assert result["settings"]["augmentation"].startswith(augmentation)
+    assert all(math.isfinite(metric["value"]) for metric in result["metrics"])
 
 
 def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch):

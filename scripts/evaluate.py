@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          data_args.reduce_labels, data_args.depth_scale, augmentation="paper")  # fmt: skip
 
         def augmented_epoch(indices: torch.Tensor, epoch: int):
+            torch.manual_seed(1_000_003 * probe_args.seed + epoch)  # epoch e's draws depend on (seed, e) only
             subset = train_set.select(indices.tolist())
             return extract(loader(subset, train_transform), f"{data_args.train_split}, augmented, epoch {epoch + 1}")
 

@@ -152,8 +152,7 @@ def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypa
 
 def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
     data = classification_data(tmp_path / "cls")
-    results = run(backbone, data, tmp_path / "out", "--augmentation", "paper", "--epochs", "3",
-                  "--learning_rates", "0.01", "0.5")  # fmt: skip
+    results = run(backbone, data, tmp_path / "out", "--augmentation", "paper", "--epochs", "3", "--learning_rates", "0.01", "0.5")
     (result,) = results["results"]
     settings = result["settings"]
     assert settings["augmentation"].startswith("paper: RandomResizedCrop 32 (scale 0.08–1), horizontal flip")
@@ -172,10 +171,13 @@ def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
     ],
 )  # fmt: skip
 def test_augmented_dense_probes_end_to_end(backbone, tmp_path, make_data, flags, augmentation):
-    results = run(backbone, make_data(tmp_path / "data"), tmp_path / "out", *flags, "--augmentation", "paper", "--epochs", "2")
+    data, flags = make_data(tmp_path / "data"), [*flags, "--augmentation", "paper", "--epochs", "2", "--feature_cache_dir", str(tmp_path / "cache")]
+    results = run(backbone, data, tmp_path / "out", *flags)
     (result,) = results["results"]
     assert result["settings"]["augmentation"].startswith(augmentation)
     assert all(math.isfinite(metric["value"]) for metric in result["metrics"])
+    again = run(backbone, data, tmp_path / "again", *flags)  # test features from the cache this time
+    assert again["results"][0]["metrics"] == result["metrics"]  # the augmentation draws depend on the seed only
 
 
 def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch):

@@ -171,7 +171,8 @@ def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
     ],
 )  # fmt: skip
 def test_augmented_dense_probes_end_to_end(backbone, tmp_path, make_data, flags, augmentation):
-    data, flags = make_data(tmp_path / "data"), [*flags, "--augmentation", "paper", "--epochs", "2", "--feature_cache_dir", str(tmp_path / "cache")]
+    data = make_data(tmp_path / "data")
+    flags = [*flags, "--augmentation", "paper", "--epochs", "2", "--feature_cache_dir", str(tmp_path / "cache")]
     results = run(backbone, data, tmp_path / "out", *flags)
     (result,) = results["results"]
     assert result["settings"]["augmentation"].startswith(augmentation)

@@ -162,7 +162,8 @@ def test_augmented_training_features_change_every_epoch_and_plain_ones_do_not():
 
         def extract(indices: torch.Tensor, epoch: int) -> FeatureSet:
             subset = dataset.select(indices.tolist()).with_transform(transform)
-            seen.append(extract_features(model, torch.utils.data.DataLoader(subset, batch_size=4, collate_fn=collate_probe_batch), False))
+            loader = torch.utils.data.DataLoader(subset, batch_size=4, collate_fn=collate_probe_batch)
+            seen.append(extract_features(model, loader, keep_patches=False))
             return seen[-1]
 
         return extract, seen

@@ -41,7 +41,8 @@ def paper_augmentation(task: str, size: int) -> tuple[list[v2.Transform], str]:
     # NYUd: a random 0.8 square of the centre square, resized to `size` (= centre square resized to size/0.8, then a random crop)
     square = round(size / NYUD_CROP)
     geometry = [v2.Resize(square), v2.CenterCrop(square), v2.RandomCrop(size), v2.RandomHorizontalFlip()]
-    return [*geometry, jitter], f"random {NYUD_CROP:g} square crop of the centre square resized to {size}, horizontal flip, {colour}; depth alike (nearest)"
+    description = f"random {NYUD_CROP:g} square crop of the centre square resized to {size}, horizontal flip, {colour}"
+    return [*geometry, jitter], f"{description}; depth alike (nearest)"
 
 
 def check_probe_example(example: dict, task: str, image_column: str, target_column: str, source: str) -> None:

@@ -14,11 +14,15 @@
     python scripts/evaluate.py ... --learning_rates 0.05 0.1 0.5 1.0
     # extraction split across processes
     accelerate launch scripts/evaluate.py ...
+    # the official probes' training augmentation (slower: a backbone pass per training epoch)
+    python scripts/evaluate.py ... --augmentation paper
 
 Features (the chosen block's output before the final norm, read through singer_hf's architecture
 table) are extracted once per split and kept in memory, or with --feature_cache_dir in
-safetensors shards that later runs reuse. The output directory gets results.json (schema
-"singer-hf/probe-results", documented in the README) and results.md.
+safetensors shards that later runs reuse. With --augmentation paper the training split is run
+through the backbone again every epoch on freshly augmented images (not cached). The output
+directory gets results.json (schema "singer-hf/probe-results", documented in the README) and
+results.md.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, set_se
 from singer_hf import resolve_vit
 from singer_hf.data import image_processor_stats, load_image_dataset
 from singer_hf.evaluation import (
+    AugmentedFeatures,
     ClassificationProbe,
     DepthProbe,
     SegmentationProbe,
@@ -50,7 +55,14 @@ from singer_hf.evaluation import (
 )
 from singer_hf.evaluation.features import summary_name, weights_digest
 from singer_hf.evaluation.metrics import IGNORE_INDEX
-from singer_hf.evaluation.probe_data import DENSE_TASKS, ProbeTransform, check_probe_example, collate_probe_batch
+from singer_hf.evaluation.probe_data import (
+    AUGMENTATIONS,
+    DENSE_TASKS,
+    ProbeTransform,
+    check_probe_example,
+    collate_probe_batch,
+    paper_augmentation,
+)
 from singer_hf.evaluation.probes import MOMENTUM, WEIGHT_DECAY
 from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries, published_name
 
@@ -108,7 +120,13 @@ class ProbeArguments:
     held_out_fraction: float = field(
         default=0.1, metadata={"help": "With several learning rates: share of the training split held out to select one."}
     )
-    seed: int = field(default=0, metadata={"help": "Seeds head initialisation, batch order and the held-out split."})
+    augmentation: str = field(
+        default="none",
+        metadata={"help": f"Training-image augmentation, one of {list(AUGMENTATIONS)}. none: features extracted once (fast; "
+                  "training images get the test preprocessing). paper: the official probes' random crops/flips (and colour "
+                  "jitter for the dense tasks), the backbone re-run on freshly augmented images every epoch."},
+    )  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "Seeds head initialisation, batch order, the held-out split and augmentation."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Keep extracted features here (safetensors shards) for later runs."})
     extraction_batch_size: int = field(default=128, metadata={"help": "Images per backbone forward pass."})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding images for extraction."})
@@ -129,6 +147,8 @@ def check_arguments(backbone: BackboneArguments, data: ProbeDataArguments, probe
         raise ValueError(f"learning_rates={probe.learning_rates}: give one or more positive values")
     if len(set(probe.learning_rates)) != len(probe.learning_rates):
         raise ValueError(f"learning_rates={probe.learning_rates}: values must be distinct")
+    if probe.augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={probe.augmentation!r} is not supported; expected one of {list(AUGMENTATIONS)}")
     if not 0 < probe.held_out_fraction < 1:
         raise ValueError(f"held_out_fraction={probe.held_out_fraction} must lie strictly between 0 and 1")
     if probe.epochs is not None and probe.epochs < 1:
@@ -183,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_arguments(backbone_args, data_args, probe_args)
     start = time.perf_counter()
     accelerator = Accelerator()
+    if probe_args.augmentation != "none" and accelerator.num_processes > 1:
+        raise ValueError("augmentation: the augmented probe runs in one process; drop `accelerate launch` or use --augmentation none")
     set_seed(probe_args.seed)
 
     # Datasets first: a wrong column or shape fails before the backbone is loaded.
@@ -209,6 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = torch.bfloat16
     weights = weights_digest(model) if probe_args.feature_cache_dir else None
 
+    def loader(dataset, image_transform) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset.with_transform(image_transform), batch_size=probe_args.extraction_batch_size,
+                                           num_workers=probe_args.num_workers, collate_fn=collate_probe_batch)  # fmt: skip
+
+    def extract(data_loader, description: str):
+        return extract_features(model, data_loader, data_args.task in DENSE_TASKS, block, accelerator, dtype, description)
+
     def features(name: str, split: str, dataset):
         key = {
             "backbone": backbone_args.model_name_or_path, "weights": weights, "layer": block, "dtype": str(dtype),
@@ -217,21 +246,31 @@ def main(argv: list[str] | None = None) -> dict:
             "label_column": data_args.label_column, "image_size": vit.image_size, "mean": mean, "std": std,
             "reduce_labels": data_args.reduce_labels, "depth_scale": data_args.depth_scale,
         }  # fmt: skip
-        loader = torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=probe_args.extraction_batch_size,
-                                             num_workers=probe_args.num_workers, collate_fn=collate_probe_batch)  # fmt: skip
-        extract = lambda: extract_features(model, loader, data_args.task in DENSE_TASKS, block, accelerator, dtype, f"{name} [{split}]")  # noqa: E731
-        return cached_features(probe_args.feature_cache_dir, key, extract, write=accelerator.is_main_process)
+        return cached_features(probe_args.feature_cache_dir, key, lambda: extract(loader(dataset, transform), f"{name} [{split}]"),
+                               write=accelerator.is_main_process)  # fmt: skip
 
     train_features = features(data_args.dataset_name, data_args.train_split, train_set)
     test_features = [(name, split, indices, dataset, features(name, split, dataset)) for name, split, indices, dataset in test_data]
     if not accelerator.is_main_process:
         return {}  # the heads are cheap: the main process trains them on the gathered features
 
+    augmented = None
+    if probe_args.augmentation == "paper":
+        train_transform = ProbeTransform(data_args.task, mean, std, vit.image_size, data_args.image_column, data_args.label_column,
+                                         data_args.reduce_labels, data_args.depth_scale, augmentation="paper")  # fmt: skip
+
+        def augmented_epoch(indices: torch.Tensor, epoch: int):
+            torch.manual_seed(1_000_003 * probe_args.seed + epoch)  # epoch e's draws depend on (seed, e) only
+            subset = train_set.select(indices.tolist())
+            return extract(loader(subset, train_transform), f"{data_args.train_split}, augmented, epoch {epoch + 1}")
+
+        augmented = AugmentedFeatures(augmented_epoch, torch.arange(len(train_set)))
+
     probe = build_probe(data_args, num_classes, train_features.targets)
     check_imagenet_r_head(data_args, getattr(probe, "num_classes", None))
     epochs = probe_args.epochs or PAPER_EPOCHS[data_args.task]
     fitted = fit_probe(probe, train_features, probe_args.learning_rates, epochs, probe_args.batch_size,
-                       probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True)  # fmt: skip
+                       probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True, augmented=augmented)  # fmt: skip
     settings = {
         "head": probe.head,
         "feature": f"output of block {block + 1} of {vit.depth}, before the final norm",
@@ -245,7 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train_examples": fitted.num_train_examples,
         "train_split": data_args.train_split,
         "max_train_samples": data_args.max_train_samples,
-        "augmentation": "none: features extracted once",
+        "augmentation": (
+            f"paper: {paper_augmentation(data_args.task, vit.image_size)[1]}; training images re-augmented and run "
+            "through the backbone every epoch, held-out and test images with the preprocessing below"
+            if probe_args.augmentation == "paper"
+            else "none: features extracted once, training images with the preprocessing below (a deviation from the paper)"
+        ),
         "preprocessing": (
             f"resize shorter side to {vit.image_size}, centre crop {vit.image_size}"
             if data_args.task in DENSE_TASKS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -147,3 +148,43 @@ def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypa
     message = exit_info.value.code
     assert message.startswith("evaluate.py: error: model_name_or_path: unsupported model type 'resnet'")
     assert "\n" not in message and "supported: " in message
+
+
+def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
+    data = classification_data(tmp_path / "cls")
+    results = run(backbone, data, tmp_path / "out", "--augmentation", "paper", "--epochs", "3", "--learning_rates", "0.01", "0.5")
+    (result,) = results["results"]
+    settings = result["settings"]
+    assert settings["augmentation"].startswith("paper: RandomResizedCrop 32 (scale 0.08–1), horizontal flip")
+    assert "held-out 0.1 of the training split" in settings["selection_rule"] and settings["num_train_examples"] == 43
+    (metric,) = result["metrics"]
+    assert metric["type"] == "accuracy" and 0 <= metric["value"] <= 100
+
+
+@pytest.mark.parametrize(
+    "make_data, flags, augmentation",
+    [
+        (segmentation_data, ["--task", "image-segmentation", "--label_column", "annotation", "--reduce_labels", "true"],
+         "paper: RandomResizedCrop 32 (scale 0.7–1), horizontal flip, colour jitter"),
+        (depth_data, ["--task", "depth-estimation", "--label_column", "depth"],
+         "paper: random 0.8 square crop of the centre square resized to 32, horizontal flip, colour jitter"),
+    ],
+)  # fmt: skip
+def test_augmented_dense_probes_end_to_end(backbone, tmp_path, make_data, flags, augmentation):
+    data = make_data(tmp_path / "data")
+    flags = [*flags, "--augmentation", "paper", "--epochs", "2", "--feature_cache_dir", str(tmp_path / "cache")]
+    results = run(backbone, data, tmp_path / "out", *flags)
+    (result,) = results["results"]
+    assert result["settings"]["augmentation"].startswith(augmentation)
+    assert all(math.isfinite(metric["value"]) for metric in result["metrics"])
+    again = run(backbone, data, tmp_path / "again", *flags)  # test features from the cache this time
+    assert again["results"][0]["metrics"] == result["metrics"]  # the augmentation draws depend on the seed only
+
+
+def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch):
+    argv = ["evaluate.py", "--model_name_or_path", backbone, "--dataset_name", str(tmp_path / "missing"),
+            "--output_dir", str(tmp_path / "out"), "--augmentation", "randaugment"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:  # checked before any dataset or model is loaded
+        runpy.run_path(str(ROOT / "scripts" / "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == "evaluate.py: error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']"

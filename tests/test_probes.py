@@ -1,15 +1,20 @@
-"""Probe metrics against hand-computed values, the ImageNet-R mapping, parallel-lr heads, and the feature cache."""
+"""Probe metrics against hand-computed values, the ImageNet-R mapping, parallel-lr heads, the feature
+cache, and the paper's training augmentation (fresh per epoch, targets transformed with the image)."""
 
 from __future__ import annotations
 
 import math
 
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import IMAGE, make_vit
 
 from singer_hf.evaluation import (
     IMAGENET_R_CLASSES,
+    AugmentedFeatures,
     ClassificationProbe,
     DepthProbe,
     FeatureSet,
@@ -20,7 +25,7 @@ from singer_hf.evaluation import (
     train_heads,
 )
 from singer_hf.evaluation.metrics import IGNORE_INDEX, DepthMetrics, mean_iou
-from singer_hf.evaluation.probe_data import collate_probe_batch
+from singer_hf.evaluation.probe_data import ProbeTransform, collate_probe_batch
 
 
 def test_miou_is_dataset_level_from_one_confusion_matrix():
@@ -136,3 +141,58 @@ def test_disk_cached_features_give_the_same_head_as_fresh_ones(tmp_path):
         expected = model(pixel_values=pixel_values[:5], output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(fresh.summary[:5], expected[:, 0])
     torch.testing.assert_close(fresh.patches[:5], expected[:, 1:])
+
+
+def _half_bright_image(height: int = 40, width: int = 48) -> np.ndarray:
+    """Dark left half, bright right half: brightness tells which half a pixel came from."""
+    image = np.full((height, width, 3), 10, np.uint8)
+    image[:, width // 2 :] = 230
+    return image
+
+
+def test_augmented_training_features_change_every_epoch_and_plain_ones_do_not():
+    model = make_vit(hidden=32, layers=2)
+    images = [PIL.Image.fromarray(np.roll(_half_bright_image(), 7 * k, axis=1)) for k in range(6)]
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [k % 2 for k in range(6)]})
+    torch.manual_seed(0)  # torchvision's random transforms draw from torch's global generator
+
+    def extractor(augmentation: str):
+        transform = ProbeTransform("image-classification", [0.5] * 3, [0.5] * 3, IMAGE, "image", "label", augmentation=augmentation)
+        seen = []
+
+        def extract(indices: torch.Tensor, epoch: int) -> FeatureSet:
+            subset = dataset.select(indices.tolist()).with_transform(transform)
+            loader = torch.utils.data.DataLoader(subset, batch_size=4, collate_fn=collate_probe_batch)
+            seen.append(extract_features(model, loader, keep_patches=False))
+            return seen[-1]
+
+        return extract, seen
+
+    probe = ClassificationProbe(2)
+    extract, fed = extractor("paper")
+    train_heads(probe, AugmentedFeatures(extract, torch.arange(6)), [0.1], epochs=2, batch_size=4)
+    assert len(fed) == 2  # one backbone pass over the training images per epoch
+    torch.testing.assert_close(fed[0].targets, fed[1].targets, rtol=0, atol=0)
+    assert all(not torch.allclose(a, b) for a, b in zip(fed[0].summary, fed[1].summary))  # every example re-augmented
+    extract, fed = extractor("none")
+    plain = extract(torch.arange(6), 0)
+    assert plain.for_epoch(1) is plain  # without augmentation the heads see the same features every epoch
+    torch.testing.assert_close(extract(torch.arange(6), 1).summary, plain.summary, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", ["image-segmentation", "depth-estimation"])
+def test_paper_augmentation_moves_masks_and_depth_maps_with_the_image(task):
+    image = _half_bright_image()
+    target = np.where(image[..., 0] > 100, 2, 1).astype(np.uint8 if task == "image-segmentation" else np.float32)
+    transform = ProbeTransform(task, [0.0] * 3, [1.0] * 3, IMAGE, "image", "target", augmentation="paper")
+    torch.manual_seed(0)
+    crops = []
+    for _ in range(8):
+        out = transform({"image": [PIL.Image.fromarray(image)], "target": [target]})
+        pixels, dense = out["pixel_values"][0], out["targets"][0]
+        assert pixels.shape == (3, IMAGE, IMAGE) and dense.shape == (IMAGE, IMAGE)
+        assert set(dense.unique().tolist()) <= {1, 2}  # nearest: no blended labels or depths
+        bright = pixels.mean(0) > 0.5
+        assert (bright == (dense == 2)).float().mean() > 0.95  # the target followed the image's crop and flip
+        crops.append(dense)
+    assert any(not torch.equal(crops[0], crop) for crop in crops[1:])  # a fresh random crop per call

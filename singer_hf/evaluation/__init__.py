@@ -5,7 +5,7 @@ torchmetrics-based metrics, `probe_data` turns datasets into images and targets;
 puts them together. `linear_probe_accuracy` is the demo's quick L-BFGS probe.
 """
 
-from .features import FeatureSet, cached_features, cls_features, extract_features, load_features, save_features
+from .features import AugmentedFeatures, FeatureSet, cached_features, cls_features, extract_features, load_features, save_features
 from .imagenet_r import IMAGENET_R_CLASSES, imagenet_r_logit_indices
 from .probes import (
     ClassificationProbe,
@@ -20,6 +20,7 @@ from .probes import (
 from .quick_probe import linear_probe_accuracy
 
 __all__ = [
+    "AugmentedFeatures",
     "IMAGENET_R_CLASSES",
     "ClassificationProbe",
     "DepthProbe",

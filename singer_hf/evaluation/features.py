@@ -3,7 +3,8 @@
 Probes train for 150–200 epochs on features of a frozen backbone; without augmentation those
 features never change, so they are extracted once (batched, bf16 on GPU, across Accelerate
 processes) and kept in memory or in safetensors shards on disk. A probe epoch is then a matrix
-multiply, not a backbone pass.
+multiply, not a backbone pass. With augmentation (`AugmentedFeatures`) the training split is run
+through the backbone again every epoch, on freshly augmented images, and nothing is cached.
 """
 
 from __future__ import annotations
@@ -45,11 +46,34 @@ class FeatureSet:
         patches = None if self.patches is None else self.patches[indices]
         return FeatureSet(self.summary[indices], patches, self.targets[indices], self.grid)
 
+    def for_epoch(self, epoch: int) -> FeatureSet:
+        """The same features every epoch (no augmentation)."""
+        return self
+
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"summary": self.summary, "targets": self.targets}
         if self.patches is not None:
             tensors["patches"] = self.patches
         return tensors
+
+
+@dataclass
+class AugmentedFeatures:
+    """Training features recomputed every epoch from freshly augmented images, never cached.
+    Trains the heads like a `FeatureSet` (`len`, `select`, `for_epoch`)."""
+
+    extract: Callable[[torch.Tensor, int], FeatureSet]
+    """(indices into the training split, epoch) → features of those images, freshly augmented."""
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def select(self, indices: torch.Tensor) -> AugmentedFeatures:
+        return AugmentedFeatures(self.extract, self.indices[indices])
+
+    def for_epoch(self, epoch: int) -> FeatureSet:
+        return self.extract(self.indices, epoch)
 
 
 def summary_name(vit: ResolvedViT) -> str:

@@ -1,10 +1,12 @@
 """Probe datasets: images with a label, a segmentation mask or a depth map, turned into
 `pixel_values` and `targets` with one geometry for image and target.
 
-No augmentation: features are extracted once (see features.py). Classification uses the eval
-geometry of `build_transforms` (resize by 256/224, centre crop); dense tasks resize the shorter
-side to the model's size and centre-crop, the mask (nearest) or depth map (nearest, so invalid
-zeros never blend into valid depths) with it.
+Evaluation geometry (test splits, and training splits with `augmentation="none"`, whose features
+are then extracted once, see features.py): classification uses `build_transforms`' eval path
+(resize by 256/224, centre crop); dense tasks resize the shorter side to the model's size and
+centre-crop. `augmentation="paper"` gives the training splits the official probes' random
+augmentation (`paper_augmentation`). Masks and depth maps follow the image's geometry with
+nearest interpolation (so invalid zero depths never blend into valid ones).
 """
 
 from __future__ import annotations
@@ -19,6 +21,28 @@ from ..data import build_transforms, to_rgb
 from .metrics import IGNORE_INDEX
 
 DENSE_TASKS = ("image-segmentation", "depth-estimation")
+AUGMENTATIONS = ("none", "paper")
+NYUD_CROP = 0.8
+
+
+def paper_augmentation(task: str, size: int) -> tuple[list[v2.Transform], str]:
+    """The official probes' training augmentation (SiNGER repo, `mdistiller/dataset/{imagenet,
+    ade20k,nyud_v2}.py` and `tools/lineval/nyud.py`) as torchvision v2 transforms on a uint8 image
+    (and its `tv_tensors.Mask`), with a description for results.json."""
+    if task == "image-classification":
+        return [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()], f"RandomResizedCrop {size} (scale 0.08–1), horizontal flip"
+    jitter = v2.RandomApply(
+        [v2.ColorJitter(brightness=(0.8, 1.2), contrast=(0.8, 1.2), saturation=(0.9, 1.1), hue=(-0.05, 0.05))], p=0.7
+    )
+    colour = "colour jitter (brightness/contrast 0.8–1.2, saturation 0.9–1.1, hue ±0.05) with p 0.7"
+    if task == "image-segmentation":
+        geometry = [v2.RandomResizedCrop(size, scale=(0.7, 1.0)), v2.RandomHorizontalFlip()]
+        return [*geometry, jitter], f"RandomResizedCrop {size} (scale 0.7–1), horizontal flip, {colour}; mask alike (nearest)"
+    # NYUd: a random 0.8 square of the centre square, resized to `size` (= centre square resized to size/0.8, then a random crop)
+    square = round(size / NYUD_CROP)
+    geometry = [v2.Resize(square), v2.CenterCrop(square), v2.RandomCrop(size), v2.RandomHorizontalFlip()]
+    description = f"random {NYUD_CROP:g} square crop of the centre square resized to {size}, horizontal flip, {colour}"
+    return [*geometry, jitter], f"{description}; depth alike (nearest)"
 
 
 def check_probe_example(example: dict, task: str, image_column: str, target_column: str, source: str) -> None:
@@ -45,6 +69,7 @@ class ProbeTransform:
 
     Segmentation with `reduce_labels` (ADE20K's `scene_parse_150`): label 0 ("other") becomes
     `IGNORE_INDEX` and 1..K become 0..K−1. Depth maps are divided by `depth_scale` to give metres.
+    `augmentation="paper"`: random training augmentation (`paper_augmentation`), a fresh draw per call.
     """
 
     def __init__(
@@ -57,22 +82,23 @@ class ProbeTransform:
         target_column: str,
         reduce_labels: bool = False,
         depth_scale: float = 1.0,
+        augmentation: str = "none",
     ):
         self.task, self.image_column, self.target_column = task, image_column, target_column
         self.reduce_labels, self.depth_scale = reduce_labels, depth_scale
-        if task in DENSE_TASKS:
-            self.transforms = v2.Compose(
-                [
-                    v2.Lambda(to_rgb, PIL.Image.Image),
-                    v2.ToImage(),
-                    v2.Resize(size),
-                    v2.CenterCrop(size),
-                    v2.ToDtype(torch.float32, scale=True),
-                    v2.Normalize(mean=list(mean), std=list(std)),
-                ]
-            )
-        else:
+        if augmentation == "none" and task not in DENSE_TASKS:
             self.transforms = build_transforms(mean, std, size, train=False)
+            return
+        geometry = paper_augmentation(task, size)[0] if augmentation == "paper" else [v2.Resize(size), v2.CenterCrop(size)]
+        self.transforms = v2.Compose(
+            [
+                v2.Lambda(to_rgb, PIL.Image.Image),
+                v2.ToImage(),
+                *geometry,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
 
     def _target(self, value) -> torch.Tensor:
         if self.task == "depth-estimation":

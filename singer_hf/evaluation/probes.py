@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .features import FeatureSet
+from .features import AugmentedFeatures, FeatureSet
 from .metrics import IGNORE_INDEX, DepthMetrics, mean_iou, top1_accuracy
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-6
@@ -203,7 +203,7 @@ def _batches(features: FeatureSet, order: torch.Tensor, batch_size: int, device)
 
 def train_heads(
     probe,
-    features: FeatureSet,
+    features: FeatureSet | AugmentedFeatures,
     learning_rates: list[float],
     epochs: int,
     batch_size: int,
@@ -211,9 +211,11 @@ def train_heads(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ParallelLinear:
-    """One head per learning rate, trained on the same shuffled batches (seeded)."""
+    """One head per learning rate, trained on the same shuffled batches (seeded), on
+    `features.for_epoch(epoch)`: the same features every epoch, or freshly augmented ones."""
     generator = torch.Generator().manual_seed(seed)
-    heads = ParallelLinear(len(learning_rates), probe.in_features(features), probe.out_features, generator).to(device)
+    epoch_features = features.for_epoch(0)
+    heads = ParallelLinear(len(learning_rates), probe.in_features(epoch_features), probe.out_features, generator).to(device)
     groups = [
         {"params": [weight, bias], "lr": lr} for weight, bias, lr in zip(heads.weights, heads.biases, learning_rates)
     ]
@@ -221,9 +223,11 @@ def train_heads(
     total_steps = epochs * math.ceil(len(features) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     heads.train()
-    for _ in tqdm(range(epochs), desc=f"probe heads ({len(learning_rates)})", disable=not progress):
-        order = torch.randperm(len(features), generator=generator)
-        for batch in _batches(features, order, batch_size, device):
+    for epoch in tqdm(range(epochs), desc=f"probe heads ({len(learning_rates)})", disable=not progress):
+        if epoch > 0:
+            epoch_features = features.for_epoch(epoch)
+        order = torch.randperm(len(epoch_features), generator=generator)
+        for batch in _batches(epoch_features, order, batch_size, device):
             loss = probe.loss(probe.outputs(heads, batch), batch.targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -275,16 +279,21 @@ def fit_probe(
     held_out_fraction: float = 0.1,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    augmented: AugmentedFeatures | None = None,
 ) -> FittedProbe:
     """The paper's protocol with one learning rate (the last epoch's head, all training data);
     with several, heads are trained on all but a seeded `held_out_fraction` of the training
-    split and the best on that held-out part is kept — the test split never selects anything."""
+    split and the best on that held-out part is kept — the test split never selects anything.
+
+    `augmented` (the same training split, freshly augmented each epoch) replaces `features` for
+    training; the held-out part is still scored on `features`, the un-augmented images."""
+    training = features if augmented is None else augmented
     if len(learning_rates) == 1:
-        heads = train_heads(probe, features, learning_rates, epochs, batch_size, seed, device, progress)
+        heads = train_heads(probe, training, learning_rates, epochs, batch_size, seed, device, progress)
         return FittedProbe(heads, list(learning_rates), 0, "single learning rate; head after the last epoch", {}, len(features))
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     held_out_count = max(1, round(held_out_fraction * len(features)))
-    held_out, train = features.select(order[:held_out_count]), features.select(order[held_out_count:])
+    held_out, train = features.select(order[:held_out_count]), training.select(order[held_out_count:])
     heads = train_heads(probe, train, learning_rates, epochs, batch_size, seed, device, progress)
     scores = [primary_value(probe, metrics) for metrics in evaluate_heads(probe, heads, held_out, batch_size)]
     pick = max if probe.higher_is_better else min

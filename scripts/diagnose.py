@@ -16,16 +16,16 @@ patch tokens, norm quantiles, CLS norm), `patch_norms.png`, `norm_histograms.png
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import peft
 import torch
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModel
 
 import singer_hf  # noqa: F401  (registers the SINGER PEFT type for PeftModel.from_pretrained)
+from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf import resolve_vit
 from singer_hf.data import ImageTransform, build_transforms, image_processor_stats, load_image_dataset
 from singer_hf.diagnostics import (
@@ -85,7 +85,7 @@ def block_outputs(model, pixel_values: torch.Tensor, batch_size: int = 64) -> li
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(DiagnoseArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    (args,) = StrictArgumentParser(DiagnoseArguments).parse(sys.argv[1:] if argv is None else argv)
     distillation = check_arguments(args)
     dataset = load_image_dataset(args.dataset_name, args.dataset_config, args.split, args.image_column, streaming=False)
     dataset = dataset.select(range(min(args.num_images, len(dataset))))
@@ -158,9 +158,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad input: one line, no traceback (SINGER_HF_DEBUG=1 shows it)
-        if os.environ.get("SINGER_HF_DEBUG"):
-            raise
-        sys.exit(f"diagnose.py: error: {error}")
+    run_cli(main)

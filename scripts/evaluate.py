@@ -28,7 +28,6 @@ results.md.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,9 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+from transformers import AutoImageProcessor, AutoModel, set_seed
 
+from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf import resolve_vit
 from singer_hf.data import image_processor_stats, load_image_dataset
 from singer_hf.evaluation import (
@@ -133,8 +133,7 @@ class ProbeArguments:
 
 
 def parse_arguments(argv: list[str]) -> tuple[BackboneArguments, ProbeDataArguments, ProbeArguments]:
-    parser = HfArgumentParser((BackboneArguments, ProbeDataArguments, ProbeArguments))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return StrictArgumentParser((BackboneArguments, ProbeDataArguments, ProbeArguments)).parse(argv)
 
 
 def check_arguments(backbone: BackboneArguments, data: ProbeDataArguments, probe: ProbeArguments) -> None:
@@ -351,9 +350,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad input: one line, no traceback (SINGER_HF_DEBUG=1 shows it)
-        if os.environ.get("SINGER_HF_DEBUG"):
-            raise
-        sys.exit(f"evaluate.py: error: {error}")
+    run_cli(main)

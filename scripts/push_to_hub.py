@@ -17,8 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
+from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf.publishing import PublishError, publish_student
 
 
@@ -40,11 +39,10 @@ class PublishArguments:
 
 
 def main(argv: list[str] | None = None):
-    parser = HfArgumentParser(PublishArguments)
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-"):
         argv = ["--run_dir", *argv]  # the run folder, given first without its flag
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (args,) = StrictArgumentParser(PublishArguments).parse(argv)
     try:
         published = publish_student(
             args.run_dir,
@@ -70,4 +68,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

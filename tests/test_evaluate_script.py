@@ -137,17 +137,17 @@ def test_bad_input_fails_naming_the_argument(backbone, tmp_path, make_data, flag
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypatch):
+def test_unsupported_backbone_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "resnet"
     transformers.ResNetModel(transformers.ResNetConfig(hidden_sizes=[8], depths=[1], embedding_size=8)).save_pretrained(folder)
     data = classification_data(tmp_path / "cls")
     argv = ["evaluate.py", "--model_name_or_path", str(folder), "--dataset_name", data, "--output_dir", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:  # what `python scripts/evaluate.py ...` prints to stderr, status 1
+    with pytest.raises(SystemExit) as exit_info:  # what `python scripts/evaluate.py ...` prints to stderr, status 2
         runpy.run_path(str(ROOT / "scripts" / "evaluate.py"), run_name="__main__")
-    message = exit_info.value.code
-    assert message.startswith("evaluate.py: error: model_name_or_path: unsupported model type 'resnet'")
-    assert "\n" not in message and "supported: " in message
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+    assert message.startswith("error: model_name_or_path: unsupported model type 'resnet'") and "supported: " in message
 
 
 def test_augmented_classification_probe_end_to_end(backbone, tmp_path):
@@ -181,10 +181,12 @@ def test_augmented_dense_probes_end_to_end(backbone, tmp_path, make_data, flags,
     assert again["results"][0]["metrics"] == result["metrics"]  # the augmentation draws depend on the seed only
 
 
-def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch):
+def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path, monkeypatch, capsys):
     argv = ["evaluate.py", "--model_name_or_path", backbone, "--dataset_name", str(tmp_path / "missing"),
             "--output_dir", str(tmp_path / "out"), "--augmentation", "randaugment"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:  # checked before any dataset or model is loaded
         runpy.run_path(str(ROOT / "scripts" / "evaluate.py"), run_name="__main__")
-    assert exit_info.value.code == "evaluate.py: error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']"
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+    assert message.startswith("error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']")

@@ -44,21 +44,26 @@ def probe_images(split: str, count: int, processor) -> tuple[torch.Tensor, torch
 
 def main(extra_flags: list[str]) -> None:
     start = time.perf_counter()
-    teacher_dir, data_file, student_dir = OUTPUT / "teacher", OUTPUT / "fashion_mnist_train.parquet", OUTPUT / "student"
+    teacher_dir, data_dir, student_dir = OUTPUT / "teacher", OUTPUT / "fashion_mnist", OUTPUT / "student"
     if (teacher_dir / "config.json").exists():
         print(f"Reusing the demo teacher in {teacher_dir} (delete it to retrain).")
     else:
+        print(f"1/3 Training the demo teacher on Fashion-MNIST (one epoch) into {teacher_dir} ...")
         train_demo_teacher(DemoTeacherArguments(output_dir=str(teacher_dir)))
-    if not data_file.exists():
-        load_fashion_mnist("train").to_parquet(str(data_file))
+    for split in ("train", "test"):  # train.parquet / test.parquet: an HF dataset folder, also for evaluate.py
+        if not (data_dir / f"{split}.parquet").exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            load_fashion_mnist(split).to_parquet(str(data_dir / f"{split}.parquet"))
     teacher_seconds = time.perf_counter() - start
+    print(f"2/3 Distilling it with SiNGER into a student trained from scratch ({student_dir}) ...")
 
     result = distill.main(
         [str(ROOT / "configs" / "demo.yaml"), "--teacher_name_or_path", str(teacher_dir),
-         "--dataset_name", str(data_file), "--output_dir", str(student_dir), "--overwrite_output_dir", "true", *extra_flags]
+         "--dataset_name", str(data_dir), "--output_dir", str(student_dir), "--overwrite_output_dir", "true", *extra_flags]
     )  # fmt: skip
     distill_seconds = time.perf_counter() - start - teacher_seconds
 
+    print("3/3 Linear probes on the frozen features of the teacher, the student and an untrained student ...")
     processor = AutoImageProcessor.from_pretrained(str(student_dir))
     train_images, train_labels = probe_images("train", PROBE_TRAIN, processor)
     test_images, test_labels = probe_images("test", PROBE_TEST, processor)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,10 @@ from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, Si
 from singer_hf.tuner import basis_block
 
 logger = logging.getLogger("singer_hf.distill")
+# Library noise a user can do nothing about: PEFT calls a deprecated transformers helper, and
+# torchdata's stateful DataLoader (resumable streams) calls a deprecated torch one.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
 
 # ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
 # patch size and resolution, like the paper's from-scratch students.

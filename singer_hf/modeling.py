@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 from .architectures import ResolvedViT, backbone_of, resolve_vit
 from .losses import feature_mse, gram_loss, outlier_loss
 from .tuner import SingerConfig, check_basis_blocks
-from .validation import METHODS, DistillationFields
+from .validation import DistillationFields
 
 # Loss weights each method uses when the config leaves them as None (SPEC §6, §8).
 DEFAULT_WEIGHTS = {

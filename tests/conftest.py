@@ -51,7 +51,7 @@ def images():
 
 
 @pytest.fixture(scope="session")
-def distill_script():
+def distill():
     """scripts/distill.py as a module, so a test calls its main(argv) as the command line does."""
     import importlib.util
     import sys

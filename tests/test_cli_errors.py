@@ -4,7 +4,6 @@ Each case runs the script's real entry point (`run_cli(main)`) in-process; a spy
 `PreTrainedModel.from_pretrained` proves no model weights were loaded before the error.
 """
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -24,15 +23,6 @@ from singer_hf.cli import run_cli
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distill.py"
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
-
-
-@pytest.fixture(scope="module")
-def distill():
-    spec = importlib.util.spec_from_file_location("distill_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,7 @@
 """scripts/distill.py end to end on a tiny teacher and a local Parquet dataset."""
 
-import importlib.util
 import io
 import json
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,17 +11,7 @@ import torch
 import transformers
 from conftest import IMAGE, PATCH, make_vit
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "distill.py"
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
-
-
-@pytest.fixture(scope="module")
-def distill():
-    spec = importlib.util.spec_from_file_location("distill_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

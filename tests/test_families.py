@@ -26,7 +26,7 @@ def images(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_distils_through_the_script(distill_script, images, tmp_path, family):
+def test_family_distils_through_the_script(distill, images, tmp_path, family):
     teacher = tmp_path / "teacher"
     if family in TIMM:
         save_timm(teacher, **TIMM[family])
@@ -35,7 +35,7 @@ def test_family_distils_through_the_script(distill_script, images, tmp_path, fam
     output = tmp_path / "run"
     # One family also evaluates on a held-out split, as `--eval_split` users do.
     evaluation = ["--eval_split", "train", "--max_eval_samples", "8", "--eval_strategy", "steps", "--eval_steps", "1"]
-    result = distill_script.main([
+    result = distill.main([
         "--teacher_name_or_path", str(teacher), "--student_size", "tiny", "--student_config_overrides", STUDENT,
         "--dataset_name", str(images), "--output_dir", str(output), "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none", "--save_strategy", "no",
@@ -52,7 +52,7 @@ def test_family_distils_through_the_script(distill_script, images, tmp_path, fam
     processor = transformers.AutoImageProcessor.from_pretrained(output)
     student = transformers.AutoModel.from_pretrained(output)
     teacher_processor = transformers.AutoImageProcessor.from_pretrained(teacher)
-    size = distill_script.image_processor_stats(teacher_processor)[2]
+    size = distill.image_processor_stats(teacher_processor)[2]
     assert student.config.image_size == size == 32
     inputs = processor(images=PIL.Image.new("RGB", (45, 37), (10, 200, 90)), return_tensors="pt")
     assert tuple(inputs["pixel_values"].shape[-2:]) == (size, size)

@@ -1,6 +1,5 @@
 """Fault injection on scripts/distill.py: clobbered outputs, foreign checkpoints, kills, bad data, non-finite losses."""
 
-import importlib.util
 import io
 import json
 import sys
@@ -17,15 +16,6 @@ from conftest import IMAGE, make_vit
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distill.py"
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
-
-
-@pytest.fixture(scope="module")
-def distill():
-    spec = importlib.util.spec_from_file_location("distill_faults", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _png(pixels: np.ndarray, mode: str = "RGB", **save) -> bytes:
@@ -269,8 +259,6 @@ def _run_with_fault(tmp_path, fault, step, argv):
 
 @pytest.fixture(scope="module")
 def uninterrupted(distill, workspace, tmp_path_factory):
-    from safetensors.torch import load_file
-
     results = {}
     for mode in RESUME_MODES:
         output = tmp_path_factory.mktemp("uninterrupted")
@@ -403,7 +391,6 @@ def test_no_token_and_no_local_path_in_what_a_run_writes(distill, workspace, tmp
 def test_one_rank_dying_ends_the_two_process_run_with_a_clear_error(tmp_path):
     """A real two-process launch (see tests/test_multiprocess.py); rank 1 is SIGKILLed after step 2."""
     import os
-    import shutil
     import subprocess
 
     from test_multiprocess import CONFIG, _free_port, _write_tiny_setup

@@ -44,7 +44,7 @@ def test_every_recipe_is_tested():
 
 
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[path.stem for path in RECIPES])
-def test_recipe_runs_with_its_own_settings(distill_script, recipe_path, tmp_path, caplog, capsys):
+def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplog, capsys):
     recipe = yaml.safe_load(recipe_path.read_text())
     teacher = _stand_in_teacher(recipe, tmp_path / "teacher")
     data = write_images(tmp_path / "train.parquet", column=recipe.get("image_column", "image"))
@@ -54,11 +54,11 @@ def test_recipe_runs_with_its_own_settings(distill_script, recipe_path, tmp_path
         "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
     ]  # fmt: skip
     with caplog.at_level("INFO", logger="singer_hf.distill"):
-        result = distill_script.main(argv)
+        result = distill.main(argv)
     assert result["metrics"]["train_runtime"] > 0
     # What the run says and writes is the recipe's method's, not SiNGER's for every method.
     singer = recipe["method"] == "singer"
-    assert f"{distill_script.METHOD_NAMES[recipe['method']]} distillation" in caplog.text
+    assert f"{distill.METHOD_NAMES[recipe['method']]} distillation" in caplog.text
     assert ("adapter on block" in caplog.text) == singer and ("adapters" in capsys.readouterr().out) == singer
     research = (output / "distillation" / "README.md").read_text()
     assert "More Information Needed" not in research and ("PeftModel.from_pretrained" in research) == singer

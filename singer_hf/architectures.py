@@ -1,8 +1,8 @@
 """Per-architecture facts SiNGER needs, in one table.
 
 A new ViT family is one entry in `ARCHITECTURES`: where its blocks live, which prefix tokens (CLS,
-distillation token, registers) precede the patch tokens, how to read every block's output and how to
-run one block. Everything else in the package goes through `resolve_vit`.
+distillation token, registers) precede the patch tokens, how images become the tokens entering block 0,
+and how to run one block. Everything else in the package goes through `resolve_vit`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers import AutoConfig, AutoModel
 
 

@@ -4,16 +4,17 @@ A NaN or Inf loss (or gradient) must not reach the weights, and checking `loss.i
 host every step would stall a GPU. `NonFiniteGuard` keeps every flag on the device:
 
 - `observe(losses, loss)` records, per step, which loss terms were non-finite;
-- `guarded_step(step, optimizer, n)` runs the optimizer step and puts back the parameters and the optimizer
-  state (those on the parameters' device) when the step's loss or gradients were non-finite, with
-  `torch.where`, so the step is skipped without the host ever looking;
+- `guarded_step(step, optimizer, n)` runs the optimizer step so that it changes nothing when the step's
+  loss or gradients were non-finite, without the host ever looking: fused Adam/AdamW (the Trainer's
+  default) take the flag as `found_inf` and skip the update, moments and step count in the kernel, as
+  under a GradScaler; other optimizers get their parameters and state put back with `torch.where`;
 - `report(step)` is called where the trainer syncs anyway (each log): it names the terms and steps
   that were skipped, and raises after `max_consecutive` non-finite steps in a row.
 
-Limits: a state tensor kept on another device than its parameter (Adam's `step` count on the CPU
-when `capturable=False`, the default on GPU) still advances on a skipped step; and a run of bad
-steps is noticed at the next log, so it can run up to `logging_steps` past `max_consecutive` (those
-steps are skipped too).
+Limits: with an optimizer that is not fused Adam/AdamW, the put-back copies the trainable parameters
+and optimizer state every step, and a state tensor on another device than its parameter (a CPU step
+count) still advances on a skipped step; a run of bad steps is noticed at the next log, so it can run
+up to `logging_steps` past `max_consecutive` (those steps are skipped too).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ logger = logging.get_logger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _skips_in_kernel(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW skip a step on the device when given `found_inf` (GradScaler's protocol)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 class NonFiniteGuard:
@@ -57,11 +63,18 @@ class NonFiniteGuard:
         bad = (self._step_bad.to(device) | grads_bad).reshape(())
         for grad in grads:
             torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)  # so the (discarded) update stays finite
-        saved = [(tensor, tensor.detach().clone()) for tensor in self._tensors(optimizer, params, device)]
-        result = step(closure)
-        with torch.no_grad():
-            for tensor, before in saved:
-                tensor.copy_(torch.where(bad, before, tensor))
+        if _skips_in_kernel(optimizer):
+            optimizer.found_inf = bad.float()  # read by the fused kernel: no copies of weights or state
+            try:
+                result = step(closure)
+            finally:
+                del optimizer.found_inf
+        else:
+            saved = [(tensor, tensor.detach().clone()) for tensor in self._tensors(optimizer, params, device)]
+            result = step(closure)
+            with torch.no_grad():
+                for tensor, before in saved:
+                    tensor.copy_(torch.where(bad, before, tensor))
         self._count(bad, step_number)
         self._step_bad = None
         return result

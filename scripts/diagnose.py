@@ -22,9 +22,10 @@ from pathlib import Path
 
 import peft
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor
 
 import singer_hf  # noqa: F401  (registers the SINGER PEFT type for PeftModel.from_pretrained)
+from singer_hf.architectures import load_backbone
 from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf import resolve_vit
 from singer_hf.data import ImageTransform, build_transforms, image_processor_stats, load_image_dataset
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_image_dataset(args.dataset_name, args.dataset_config, args.split, args.image_column, streaming=False)
     dataset = dataset.select(range(min(args.num_images, len(dataset))))
 
-    teacher = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    teacher = load_backbone(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     teacher_vit = resolve_vit(teacher, "model_name_or_path")
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     mean, std, _ = image_processor_stats(processor)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     if distillation:
         adapted = peft.PeftModel.from_pretrained(teacher, str(Path(args.run_dir) / DISTILLATION_DIR))
         adapters = adapted.base_model.singer_layers
-        student = AutoModel.from_pretrained(args.run_dir)
+        student = load_backbone(args.run_dir)
         student_vit = resolve_vit(student, "run_dir")
         student_outputs = block_outputs(student, pixel_values)
         pairs = dict(zip(distillation["teacher_layers"], distillation["student_layers"]))

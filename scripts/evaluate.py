@@ -37,8 +37,9 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModel, set_seed
+from transformers import AutoImageProcessor, set_seed
 
+from singer_hf.architectures import load_backbone
 from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf import resolve_vit
 from singer_hf.data import image_processor_stats, load_image_dataset
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = declared_classes(data_args, train_set)
     check_imagenet_r_head(data_args, num_classes)
 
-    model = AutoModel.from_pretrained(backbone_args.model_name_or_path, trust_remote_code=backbone_args.trust_remote_code)
+    model = load_backbone(backbone_args.model_name_or_path, trust_remote_code=backbone_args.trust_remote_code)
     vit = resolve_vit(model, "model_name_or_path")
     if not -vit.depth <= backbone_args.layer < vit.depth:
         raise ValueError(f"layer={backbone_args.layer} is out of range for a {vit.depth}-block backbone")

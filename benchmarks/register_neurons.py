@@ -14,8 +14,8 @@ trained teacher, with two of its existing hidden units, so the model stays a pla
 
 1. a linear read-out of the MLP's input (fc1's input, after the block's LayerNorm) is fitted by
    logistic regression to tell blank patches (every pixel below 5 % intensity) from the rest;
-2. its threshold is set at the (1 − `share`) quantile of the read-out over patch tokens, so the units
-   fire on the `share` most confidently blank patches (which patches varies from image to image);
+2. its threshold is set at the (1 − `share`) quantile of the read-out over the sample's patch tokens,
+   so the units fire on the `share` most confidently blank patches (which ones varies by image);
 3. two hidden units (the least used ones) get the read-out as fc1 rows, one shifted by a margin, and
    opposite fc2 columns along one random direction: GELU(z) − GELU(z − c) is a saturating step, so
    a firing token receives one fixed large vector (`ratio` × the block's median patch norm) and the
@@ -40,8 +40,8 @@ BLANK_INTENSITY = 0.05
 """A patch is blank (low-information) when all its pixels are below this intensity (0..1)."""
 STEP_HEIGHT = 10.0
 """c: the units' saturating step GELU(z) − GELU(z − c) rises from 0 to c."""
-STEP_WIDTH = 0.05
-"""Width of the step in standard deviations of the read-out: how sharp "fire or not" is."""
+RAMP_SHARE = 0.1
+"""Share of the firing tokens that fall on the step's ramp (partial vector) rather than its top."""
 
 
 def blank_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -113,9 +113,10 @@ def plant_register_neurons(
         weight, bias = _fit_blank_readout(patch_inputs, blank.flatten())
     readout = patch_inputs @ weight + bias
     accuracy = ((readout > 0) == blank.flatten()).float().mean().item()
-    spread = readout.std().item()
-    threshold = torch.quantile(readout, 1 - share).item()
-    slope = STEP_HEIGHT / (STEP_WIDTH * spread)  # z = slope·(readout − threshold) rises by c over STEP_WIDTH std
+    # The step starts at the (1 − share) quantile of the read-out and is at full height from the
+    # (1 − (1 − RAMP_SHARE)·share) quantile on: most firing tokens get the whole vector.
+    threshold, full = torch.quantile(readout, torch.tensor([1 - share, 1 - (1 - RAMP_SHARE) * share])).tolist()
+    slope = STEP_HEIGHT / max(full - threshold, 1e-6)
 
     fc1, fc2 = _fc_layers(vit, block)
     # The least used units: smallest mean |activation| × outgoing weight norm over the sample.

@@ -258,6 +258,7 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
         f"{count(model) - count(model.student) - adapters:,}"
         + (f", adapters {adapters:,}" if model.adapters else "")
         + f"; teacher frozen {count(model.teacher, False):,}"
+        + (f"; student frozen (no loss reaches them) {count(model.student, False):,}" if model.frozen_student_parameters else "")
     )
     lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
     return "\n".join(lines)

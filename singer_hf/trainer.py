@@ -66,6 +66,13 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. Off: DistillationModel freezes the student parameters no loss reaches, "
+            "so every trainable parameter gets a gradient at every step and DDP need not search the graph for unused ones."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import datasets
 import peft
 import torch
-from accelerate.utils import is_torchdata_stateful_dataloader_available
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stateful_dataloader_available
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -157,6 +157,8 @@ class SingerTrainer(Trainer):
             # Performance (issue 9): the frozen teacher needs no fp32 master weights, and autocast
             # would re-cast them on every step. FSDP shards expect one dtype, so it keeps fp32 there.
             model.cast_teacher(torch.bfloat16)
+        if self._block_compile_kwargs is not None:  # after the cast: compiled for the dtype the blocks train in
+            model.compile_blocks(**self._block_compile_kwargs)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
@@ -167,6 +169,17 @@ class SingerTrainer(Trainer):
         if self._resume_stream:
             self.accelerator.dataloader_config.use_stateful_dataloader = True
         self._stream_state, self._rng_checkpoint = None, None
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """`--torch_compile` (or an Accelerate config's dynamo backend) compiles each teacher and student
+        block in place (`DistillationModel.compile_blocks`, called in __init__) with the same backend and
+        mode, instead of Accelerate compiling the whole model, whose graph breaks at the PEFT wrappers,
+        the block loop and the losses, and whose compiled wrapper the model's cached blocks would bypass."""
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin") or TorchDynamoPlugin()
+        self._block_compile_kwargs = plugin.to_kwargs() if plugin.backend != DynamoBackend.NO else None
+        args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     def _accumulate(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[phase]

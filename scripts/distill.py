@@ -223,11 +223,12 @@ def open_split(data_args: DataArguments, training_args: SingerTrainingArguments,
 
 
 def with_transforms(dataset, data_args: DataArguments, image_processor, train: bool, seed: int):
-    """`pixel_values` at the image processor's size: augmented for training, from a seed per example (see
-    `ImageTransform`; its epoch must be kept up to date), resized and centre-cropped for evaluation."""
+    """uint8 `pixel_values` at the image processor's size (SingerTrainer normalises each batch on the device):
+    augmented for training, from a seed per example (see `ImageTransform`; its epoch must be kept up to date),
+    resized and centre-cropped for evaluation."""
     mean, std, image_size = image_processor_stats(image_processor)
     transform = ImageTransform(
-        build_transforms(mean, std, image_size, train=train), data_args.image_column, seed=seed if train else None
+        build_transforms(mean, std, image_size, train=train, normalize=False), data_args.image_column, seed=seed if train else None
     )
     return with_image_transform(dataset, transform), transform
 

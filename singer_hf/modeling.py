@@ -326,6 +326,8 @@ class DistillationModel(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values: expected normalised float images, got {pixel_values.dtype} (see data.PixelNormalizer)")
 
 
 def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int) -> None:

@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_files, resolve_checkpoint, write_fingerprint
+from .data import PixelNormalizer, image_processor_stats
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
 from .validation import DistillationFields, check_training_arguments
@@ -169,6 +170,7 @@ class SingerTrainer(Trainer):
         if self._resume_stream:
             self.accelerator.dataloader_config.use_stateful_dataloader = True
         self._stream_state, self._rng_checkpoint = None, None
+        self._pixel_normalizer = None
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """`--torch_compile` (or an Accelerate config's dynamo backend) compiles each teacher and student
@@ -189,6 +191,19 @@ class SingerTrainer(Trainer):
                 value = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
             sums[name] = value if name not in sums else sums[name] + value
         self._loss_steps[phase] += 1
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        """The batch on the device; uint8 pixels (what the workers ship, `build_transforms(normalize=False)`)
+        normalised there with the image processor's mean and std."""
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
+            if self._pixel_normalizer is None:
+                if self.processing_class is None:
+                    raise ValueError("processing_class: uint8 pixel_values are normalised with its mean and std; pass the image processor")
+                self._pixel_normalizer = PixelNormalizer(*image_processor_stats(self.processing_class)[:2])
+            inputs["pixel_values"] = self._pixel_normalizer(pixel_values)
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

@@ -220,3 +220,8 @@ def test_teacher_built_for_another_size_reads_the_students_images():
     assert torch.isfinite(output.loss)
     with pytest.raises(ValueError, match=r"pixel_values: expected B×3×32×32 images, got \(2, 3, 64, 64\)"):
         model(pixel_values=torch.randn(2, 3, 2 * IMAGE, 2 * IMAGE))
+
+
+def test_unnormalised_uint8_pixels_raise():
+    with pytest.raises(ValueError, match="pixel_values: expected normalised float images, got torch.uint8"):
+        _model(rank=4)(pixel_values=torch.zeros(2, 3, IMAGE, IMAGE, dtype=torch.uint8))

@@ -229,15 +229,21 @@ class DistillationModel(nn.Module):
 
     def _freeze_unreached_student_parameters(self) -> list[str]:
         """Freezes the student parameters outside the autograd graph of its distilled blocks' outputs,
-        traced on one blank image (the graph does not depend on the pixel values); returns their names."""
+        traced on one blank image (the graph does not depend on the pixel values) in eval mode (no
+        random draws, no running statistics updated); returns their names."""
         vit, parameters = self._student_vit, dict(self.student.named_parameters())
         trainable = {name: parameter for name, parameter in parameters.items() if parameter.requires_grad}
         reference = next(iter(parameters.values()))
         blank = reference.new_zeros(1, vit.num_channels, self.image_size, self.image_size)
-        with torch.enable_grad():
-            features = self.student_features(blank)
-            traced = sum(features[layer].sum() for layer in self.student_layers)
-            gradients = torch.autograd.grad(traced, list(trainable.values()), allow_unused=True)
+        training = self.student.training
+        self.student.eval()
+        try:
+            with torch.enable_grad():
+                features = self.student_features(blank)
+                traced = sum(features[layer].sum() for layer in self.student_layers)
+                gradients = torch.autograd.grad(traced, list(trainable.values()), allow_unused=True)
+        finally:
+            self.student.train(training)
         unreached = [name for name, gradient in zip(trainable, gradients) if gradient is None]
         for name in unreached:
             parameters[name].requires_grad_(False)

@@ -225,3 +225,15 @@ def test_teacher_built_for_another_size_reads_the_students_images():
 def test_unnormalised_uint8_pixels_raise():
     with pytest.raises(ValueError, match="pixel_values: expected normalised float images, got torch.uint8"):
         _model(rank=4)(pixel_values=torch.zeros(2, 3, IMAGE, IMAGE, dtype=torch.uint8))
+
+
+def test_tracing_the_student_leaves_its_mode_and_the_random_state_alone():
+    """The projectors, initialised after the trace, come out the same with and without student dropout."""
+    projectors = {}
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(0)
+        student = transformers.ViTModel(tiny_config(transformers.ViTConfig, 32, 4, hidden_dropout_prob=dropout))
+        model = DistillationModel(make_vit(), student, DistillationConfig(rank=4))
+        assert student.training
+        projectors[dropout] = model.projectors.state_dict()
+    assert all(torch.equal(value, projectors[0.5][key]) for key, value in projectors[0.0].items())

@@ -133,6 +133,9 @@ class SingerTrainer(Trainer):
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
+    - uint8 `pixel_values` (what `scripts/distill.py`'s workers ship) are normalised on the device with
+      the image processor's mean and std; `--torch_compile` compiles each teacher and student block
+      (`DistillationModel.compile_blocks`), never the whole model.
     - Faults: a step with a non-finite loss or gradient is skipped on the device (`numerics.py`);
       checkpoints are written under a temporary name and renamed when complete, with a fingerprint
       that resuming checks (`checkpoints.py`); SIGTERM saves a checkpoint and stops (`preempted`).

@@ -7,9 +7,10 @@
 Writes JPEG-encoded images (ImageNet's typical 500×375) to a Parquet file in a temporary folder and
 reads them back the way scripts/distill.py does (`load_image_dataset`, `ImageTransform` with the
 training transforms, `with_image_transform`): map-style (`with_transform`) and streaming (`.map`),
-one process, i.e. one DataLoader worker's rate. From it: how many workers a given training step rate
-needs. Streaming also reports the time to the first example: `IterableDataset.map` decodes a whole
-batch (datasets' default 1,000 examples) before it yields anything.
+one process, i.e. one DataLoader worker's rate, each with the float32 output (normalised in the worker)
+and the uint8 output scripts/distill.py ships (normalised per batch on the device). From it: how many
+workers a given training step rate needs. Streaming also reports the time to the first example
+(`IterableDataset.map` decodes a whole map batch, `STREAM_MAP_BATCH` examples, before it yields anything).
 """
 
 from __future__ import annotations
@@ -62,22 +63,23 @@ def write_jpegs(path: Path, count: int, width: int, height: int) -> None:
     datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(str(path))
 
 
-def pipeline(path: Path, streaming: bool, image_size: int):
+def pipeline(path: Path, streaming: bool, image_size: int, normalize: bool):
     dataset = load_image_dataset(str(path), None, "train", "image", streaming=streaming, shuffle_buffer=0)
-    return with_image_transform(dataset, ImageTransform(build_transforms(IMAGENET_MEAN, IMAGENET_STD, image_size, train=True)))
+    transforms = build_transforms(IMAGENET_MEAN, IMAGENET_STD, image_size, train=True, normalize=normalize)
+    return with_image_transform(dataset, ImageTransform(transforms))
 
 
-def one_pass(dataset) -> tuple[float, float, int]:
-    """(seconds for the pass, seconds to the first example, examples)."""
+def one_pass(dataset) -> tuple[float, float, int, int]:
+    """(seconds for the pass, seconds to the first example, examples, bytes of one example's pixel_values)."""
     start = time.perf_counter()
     first, count = None, 0
     iterator = iter(dataset) if isinstance(dataset, datasets.IterableDataset) else (dataset[i] for i in range(len(dataset)))
     for example in iterator:
         if first is None:
             first = time.perf_counter() - start
-        assert example["pixel_values"] is not None
+            size = example["pixel_values"].nbytes
         count += 1
-    return time.perf_counter() - start, first, count
+    return time.perf_counter() - start, first, count, size
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,15 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         write_jpegs(path, args.num_images, *args.source_size)
         jpeg_kib = path.stat().st_size / args.num_images / 1024
         print(f"{args.num_images} JPEGs of {args.source_size[0]}×{args.source_size[1]} (~{jpeg_kib:.0f} KiB each) → "
-              f"RandomResizedCrop({args.image_size}) + flip + normalise, one process, {args.threads} torch thread(s)")  # fmt: skip
+              f"RandomResizedCrop({args.image_size}) + flip, one process, {args.threads} torch thread(s)")  # fmt: skip
         rates = {}
         for name, streaming in [("map-style", False), ("streaming", True)]:
-            passes = [one_pass(pipeline(path, streaming, args.image_size)) for _ in range(args.repeats)]
-            seconds, first, count = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes), passes[0][2]
-            rates[name] = count / seconds
-            print(f"  {name:<10} {rates[name]:7.1f} images/s per worker; first example after {1e3 * first:.0f} ms")
-    per_image = 3 * args.image_size**2
-    print(f"bytes per image a worker ships: float32 {4 * per_image / 1024:.0f} KiB (today), uint8 {per_image / 1024:.0f} KiB")
+            for output, normalize in [("float32", True), ("uint8", False)]:
+                passes = [one_pass(pipeline(path, streaming, args.image_size, normalize)) for _ in range(args.repeats)]
+                seconds, first = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
+                count, size = passes[0][2], passes[0][3]
+                rates[f"{name} {output}"] = count / seconds
+                print(f"  {name:<10} {output:<7} {count / seconds:7.1f} images/s per worker, {size / 1024:.0f} KiB per image "
+                      f"shipped ({count * size / seconds / 2**20:.1f} MiB/s); first example after {1e3 * first:.0f} ms")  # fmt: skip
     for rate in args.step_rates:
         needed = ", ".join(f"{name} {math.ceil(rate / value)}" for name, value in rates.items())
         print(f"workers for {rate:.0f} images/s: {needed}")

@@ -38,7 +38,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from singer_hf import DistillationConfig, DistillationModel, resolve_vit
+from singer_hf import DistillationConfig, DistillationModel, map_layers, resolve_vit
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class BenchmarkArguments:
 
 
 class OfficialCodeModel(DistillationModel):
-    """`DistillationModel` with the official code's two costs (SPEC §7): trainable teacher weights,
-    and block l+1 re-run on F^l instead of reading F^{l+1} from the teacher forward."""
+    """`DistillationModel` with the official code's costs (SPEC §7): trainable teacher weights, block
+    l+1 re-run on F^l instead of reading F^{l+1} from the teacher forward, and every student block run."""
 
     def __init__(self, teacher, student, config):
         super().__init__(teacher, student, config)
@@ -113,6 +113,9 @@ class OfficialCodeModel(DistillationModel):
         for layer in self.teacher_layers[:-1]:
             features[layer + 1] = teacher.run_block(layer + 1, features[layer])  # with weight gradients
         return tuple(features)
+
+    def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return resolve_vit(self.student).block_outputs(pixel_values)
 
 
 def vit_config(width: int, depth: int, heads: int, pair: Pair) -> transformers.ViTConfig:
@@ -163,9 +166,10 @@ def train_step(model, optimizer, images, mode: Mode) -> None:
 
 def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only: bool = False) -> float:
     """FLOPs of one step's necessary work (SPEC §11): teacher forward up to the deepest distilled
-    block, block l+1 forward and backward per intermediate layer, student forward and backward,
-    projectors and adapters. `official`: the reference's work instead, which also runs the teacher's
-    later blocks, re-runs block l+1 on F^l and computes block l+1's weight gradients on both runs."""
+    block, block l+1 forward and backward per intermediate layer, student forward and backward up
+    to its deepest distilled block, projectors and adapters. `official`: the reference's work instead,
+    which also runs the teacher's and the student's later blocks, re-runs block l+1 on F^l and
+    computes block l+1's weight gradients on both runs."""
     tokens = (pair.image_size // pair.patch_size) ** 2 + 1
     pixels_per_patch = 3 * pair.patch_size**2
 
@@ -177,6 +181,8 @@ def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only
 
     teacher_width, student_width = pair.teacher[0], pair.student[0]
     layers = len(pair.teacher_layers)
+    student_blocks = max(map_layers(list(pair.teacher_layers), pair.teacher[1], pair.student[1])) + 1
+    student = 3 * (embed(student_width) + student_blocks * block(student_width))
     teacher = embed(teacher_width) + (pair.teacher_layers[-1] + 1) * block(teacher_width)
     info = 3 * (layers - 1) * block(teacher_width)
     if teacher_only:
@@ -184,7 +190,7 @@ def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only
     if official:
         teacher += (pair.teacher[1] - 1 - pair.teacher_layers[-1]) * block(teacher_width)
         info += 3 * (layers - 1) * block(teacher_width)  # the re-run's forward, and two weight-gradient passes
-    student = 3 * (embed(student_width) + pair.student[1] * block(student_width))
+        student += (pair.student[1] - student_blocks) * block(student_width)  # forward only: no loss reads them
     heads = 3 * layers * (2 * tokens * student_width * teacher_width + 2 * 2 * tokens * teacher_width * 64)
     return batch_size * (teacher + info + student + heads)
 

@@ -56,6 +56,8 @@ warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
 # patch size and resolution, like the paper's from-scratch students.
 STUDENT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 METHOD_NAMES = {"singer": "SiNGER", "fitnet": "FitNet", "vitkd": "ViTKD"}
+IMAGENET_JPEG_BYTES = 110_000
+"""Mean size of an ImageNet-1k training JPEG: what a streamed shuffle buffer holds per example."""
 
 
 @dataclass
@@ -88,7 +90,13 @@ class DataArguments:
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
-    shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
+    shuffle_buffer: int = field(
+        default=10_000,
+        metadata={
+            "help": "Shuffle buffer of a streamed dataset, in examples (0: none). Each DataLoader worker holds its own "
+            "buffer of encoded examples: ~110 KB per ImageNet JPEG, so 10,000 is ~1.1 GB per worker."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only the first N examples."})
     max_bad_image_share: float = field(
@@ -112,6 +120,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     check_local_path("dataset_name", data_args.dataset_name)
     if model_args.image_processor_name_or_path != "default":
         check_local_path("image_processor_name_or_path", model_args.image_processor_name_or_path)
+    if data_args.shuffle_buffer < 0:
+        raise UsageError(f"shuffle_buffer: must be >= 0 examples (0: no shuffling), got {data_args.shuffle_buffer}")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
     teacher = Path(model_args.teacher_name_or_path).expanduser()
@@ -223,16 +233,19 @@ def open_split(data_args: DataArguments, training_args: SingerTrainingArguments,
 
 
 def with_transforms(dataset, data_args: DataArguments, image_processor, train: bool, seed: int):
-    """`pixel_values` at the image processor's size: augmented for training, from a seed per example (see
-    `ImageTransform`; its epoch must be kept up to date), resized and centre-cropped for evaluation."""
+    """uint8 `pixel_values` at the image processor's size (SingerTrainer normalises each batch on the device):
+    augmented for training, from a seed per example (see `ImageTransform`; its epoch must be kept up to date),
+    resized and centre-cropped for evaluation."""
     mean, std, image_size = image_processor_stats(image_processor)
     transform = ImageTransform(
-        build_transforms(mean, std, image_size, train=train), data_args.image_column, seed=seed if train else None
+        build_transforms(mean, std, image_size, train=train, normalize=False), data_args.image_column, seed=seed if train else None
     )
     return with_image_transform(dataset, transform), transform
 
 
-def describe(model: DistillationModel, model_args: ModelArguments, data_args: DataArguments) -> str:
+def describe(
+    model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments
+) -> str:
     teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
     adapters = sum(count(layer) for layer in model.adapters.values())
@@ -258,8 +271,16 @@ def describe(model: DistillationModel, model_args: ModelArguments, data_args: Da
         f"{count(model) - count(model.student) - adapters:,}"
         + (f", adapters {adapters:,}" if model.adapters else "")
         + f"; teacher frozen {count(model.teacher, False):,}"
+        + (f"; student frozen (no loss reaches them) {count(model.student, False):,}" if model.frozen_student_parameters else "")
     )
     lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
+    if data_args.streaming and data_args.shuffle_buffer:
+        buffers = max(training_args.dataloader_num_workers, 1)  # one per worker; the main process's with none
+        gigabytes = data_args.shuffle_buffer * buffers * IMAGENET_JPEG_BYTES / 1e9
+        lines.append(
+            f"  shuffle buffer: {data_args.shuffle_buffer:,} encoded examples in each of {buffers} DataLoader worker(s) of "
+            f"each process; ~{gigabytes:.1f} GB per process for ImageNet-sized JPEGs (~110 KB each)"
+        )
     return "\n".join(lines)
 
 
@@ -281,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args, teacher)
     student = load_student(model_args, teacher, image_processor_stats(image_processor)[2])
     model = DistillationModel(teacher, student, training_args.distillation_config())
-    logger.info("%s distillation\n%s", METHOD_NAMES[model.config.method], describe(model, model_args, data_args))
+    logger.info("%s distillation\n%s", METHOD_NAMES[model.config.method], describe(model, model_args, data_args, training_args))
 
     train_dataset, augmentation = with_transforms(dataset, data_args, image_processor, train=True, seed=training_args.seed)
     if eval_dataset is not None:

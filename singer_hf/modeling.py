@@ -128,6 +128,12 @@ class DistillationModel(nn.Module):
     `forward(pixel_values)` runs the teacher once without gradients, the student with them, and
     returns the method's losses. Gradients reach the adapters through the frozen teacher block l+1
     of the information-preservation loss; the teacher's own weights never get any.
+
+    Student parameters that no loss reaches (its final norm and pooler, blocks after the deepest
+    distilled one, DINOv2's mask token) are frozen (`frozen_student_parameters`): every trainable
+    parameter then gets a gradient at every step, so DDP runs without `find_unused_parameters`.
+    They keep their values and are saved with the student; a student loaded from the saved folder
+    has them trainable again.
     """
 
     # Each loss is a per-batch mean; the Trainer must divide it by the accumulation steps itself
@@ -163,6 +169,7 @@ class DistillationModel(nn.Module):
         self._adapters = teacher.base_model.singer_layers if config.method == "singer" else {}
         self.student = student
         self._teacher_vit, self._student_vit = teacher_vit, student_vit
+        self.frozen_student_parameters = self._freeze_unreached_student_parameters()
 
         distilled = self.teacher_layers if config.method != "vitkd" else self.teacher_layers[:-1]
         self.projectors = nn.ModuleList(nn.Linear(student_vit.width, teacher_vit.width) for _ in distilled)
@@ -204,7 +211,7 @@ class DistillationModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:
         self._check_pixel_values(pixel_values)
         teacher_features = self.teacher_features(pixel_values)
-        student_features = self._student_vit.block_outputs(pixel_values)
+        student_features = self.student_features(pixel_values)
         losses = getattr(self, f"_{self.config.method}_losses")(teacher_features, student_features)
         loss = sum(self.weights[name] * value for name, value in losses.items())
         return DistillationOutput(loss=loss, losses=losses)
@@ -215,6 +222,32 @@ class DistillationModel(nn.Module):
         teacher_dtype = self._teacher_vit.blocks[0].parameters().__next__().dtype
         with torch.no_grad():
             return self._teacher_vit.block_outputs(pixel_values.to(teacher_dtype), last_block=self.teacher_layers[-1])
+
+    def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The student's block outputs up to its deepest distilled block (the later ones are frozen, unread)."""
+        return self._student_vit.block_outputs(pixel_values, last_block=max(self.student_layers))
+
+    def _freeze_unreached_student_parameters(self) -> list[str]:
+        """Freezes the student parameters outside the autograd graph of its distilled blocks' outputs,
+        traced on one blank image (the graph does not depend on the pixel values) in eval mode (no
+        random draws, no running statistics updated); returns their names."""
+        vit, parameters = self._student_vit, dict(self.student.named_parameters())
+        trainable = {name: parameter for name, parameter in parameters.items() if parameter.requires_grad}
+        reference = next(iter(parameters.values()))
+        blank = reference.new_zeros(1, vit.num_channels, self.image_size, self.image_size)
+        training = self.student.training
+        self.student.eval()
+        try:
+            with torch.enable_grad():
+                features = self.student_features(blank)
+                traced = sum(features[layer].sum() for layer in self.student_layers)
+                gradients = torch.autograd.grad(traced, list(trainable.values()), allow_unused=True)
+        finally:
+            self.student.train(training)
+        unreached = [name for name, gradient in zip(trainable, gradients) if gradient is None]
+        for name in unreached:
+            parameters[name].requires_grad_(False)
+        return unreached
 
     def cast_teacher(self, dtype: torch.dtype) -> None:
         """Store the frozen teacher's weights in `dtype` (e.g. bfloat16 when training under bf16 autocast).
@@ -299,6 +332,8 @@ class DistillationModel(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values: expected normalised float images, got {pixel_values.dtype} (see data.PixelNormalizer)")
 
 
 def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import datasets
 import peft
 import torch
-from accelerate.utils import is_torchdata_stateful_dataloader_available
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stateful_dataloader_available
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_files, resolve_checkpoint, write_fingerprint
+from .data import PixelNormalizer, image_processor_stats
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
 from .validation import DistillationFields, check_training_arguments
@@ -66,6 +67,13 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
     save_safetensors: bool = True
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. Off: DistillationModel freezes the student parameters no loss reaches, "
+            "so every trainable parameter gets a gradient at every step and DDP need not search the graph for unused ones."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
     )
@@ -125,6 +133,9 @@ class SingerTrainer(Trainer):
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
       format), projectors and distillation config go to `distillation/`. The teacher is never saved.
+    - uint8 `pixel_values` (what `scripts/distill.py`'s workers ship) are normalised on the device with
+      the image processor's mean and std; `--torch_compile` compiles each teacher and student block
+      (`DistillationModel.compile_blocks`), never the whole model.
     - Faults: a step with a non-finite loss or gradient is skipped on the device (`numerics.py`);
       checkpoints are written under a temporary name and renamed when complete, with a fingerprint
       that resuming checks (`checkpoints.py`); SIGTERM saves a checkpoint and stops (`preempted`).
@@ -150,6 +161,8 @@ class SingerTrainer(Trainer):
             # Performance (issue 9): the frozen teacher needs no fp32 master weights, and autocast
             # would re-cast them on every step. FSDP shards expect one dtype, so it keeps fp32 there.
             model.cast_teacher(torch.bfloat16)
+        if self._block_compile_kwargs is not None:  # after the cast: compiled for the dtype the blocks train in
+            model.compile_blocks(**self._block_compile_kwargs)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
@@ -160,6 +173,18 @@ class SingerTrainer(Trainer):
         if self._resume_stream:
             self.accelerator.dataloader_config.use_stateful_dataloader = True
         self._stream_state, self._rng_checkpoint = None, None
+        self._pixel_normalizer = None
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """`--torch_compile` (or an Accelerate config's dynamo backend) compiles each teacher and student
+        block in place (`DistillationModel.compile_blocks`, called in __init__) with the same backend and
+        mode, instead of Accelerate compiling the whole model, whose graph breaks at the PEFT wrappers,
+        the block loop and the losses, and whose compiled wrapper the model's cached blocks would bypass."""
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin") or TorchDynamoPlugin()
+        self._block_compile_kwargs = plugin.to_kwargs() if plugin.backend != DynamoBackend.NO else None
+        args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     def _accumulate(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[phase]
@@ -169,6 +194,19 @@ class SingerTrainer(Trainer):
                 value = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
             sums[name] = value if name not in sums else sums[name] + value
         self._loss_steps[phase] += 1
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        """The batch on the device; uint8 pixels (what the workers ship, `build_transforms(normalize=False)`)
+        normalised there with the image processor's mean and std."""
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
+            if self._pixel_normalizer is None:
+                if self.processing_class is None:
+                    raise ValueError("processing_class: uint8 pixel_values are normalised with its mean and std; pass the image processor")
+                self._pixel_normalizer = PixelNormalizer(*image_processor_stats(self.processing_class)[:2])
+            inputs["pixel_values"] = self._pixel_normalizer(pixel_values)
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

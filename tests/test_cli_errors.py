@@ -96,6 +96,7 @@ CASES = [
     ("missing student folder", lambda a, r: _set(_drop(a, "--student_size"), "--student_name_or_path", str(r / "x")), "student_name_or_path"),
     ("teacher without processor", lambda a, r: _set(a, "--teacher_name_or_path", str(r / "bare_teacher")), "preprocessor_config.json"),
     ("incompatible student", lambda a, r: _set(_drop(a, "--student_size"), "--student_name_or_path", str(r / "big_student")), "student_name_or_path: the student is built for 64px"),
+    ("negative shuffle buffer", lambda a, r: _set(a, "--shuffle_buffer", "-1"), "shuffle_buffer"),
     ("streaming without max_steps", lambda a, r: _set(_drop(a, "--max_steps"), "--streaming", "true"), "max_steps"),
     ("wrong image column", lambda a, r: _set(a, "--image_column", "picture"), "image_column"),
     ("non-image column", lambda a, r: _set(a, "--image_column", "label"), "image_column='label' holds"),

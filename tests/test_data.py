@@ -14,6 +14,7 @@ from transformers import BitImageProcessor, ViTImageProcessor
 from singer_hf.data import (
     FASHION_MNIST_DIR,
     ImageTransform,
+    PixelNormalizer,
     PixelValuesCollator,
     build_transforms,
     image_processor_stats,
@@ -59,6 +60,23 @@ def test_transforms_give_normalized_rgb_tensors(mode, train):
     pixels = build_transforms(MEAN, STD, SIZE, train)(image)
     assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_batches_normalised_later_equal_the_float_transforms(train):
+    """Workers ship uint8 (a quarter of float32's bytes); PixelNormalizer on the batch gives the float
+    pipeline's values exactly, with the same augmentation draws."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    floats, uint8 = (build_transforms(mean, std, SIZE, train, normalize=normalize) for normalize in (True, False))
+    expected, shipped = [], []
+    for seed, image in enumerate(_images()):
+        for transforms, out in ((floats, expected), (uint8, shipped)):
+            torch.manual_seed(seed)
+            out.append(transforms(image))
+    expected, shipped = torch.stack(expected), torch.stack(shipped)
+    assert shipped.dtype == torch.uint8 and shipped.element_size() * 4 == expected.element_size()
+    assert torch.equal(PixelNormalizer(mean, std)(shipped), expected)
+    assert PixelNormalizer(mean, std)(expected) is expected  # float batches pass through
 
 
 def test_transforms_rescale_16_bit_images_instead_of_clipping():

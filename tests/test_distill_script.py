@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 
 import datasets
 import numpy as np
@@ -44,10 +45,13 @@ def _argv(workspace, output, *extra):
 
 
 @pytest.mark.parametrize("streaming", [True, False])
-def test_distill_script_end_to_end(distill, workspace, tmp_path, streaming):
+def test_distill_script_end_to_end(distill, workspace, tmp_path, streaming, caplog):
     output = tmp_path / "student"
-    flags = ["--streaming", "true", "--max_steps", "4"] if streaming else ["--num_train_epochs", "1"]
-    result = distill.main(_argv(workspace, output, *flags))
+    flags = ["--streaming", "true", "--max_steps", "4", "--shuffle_buffer", "5000"] if streaming else ["--num_train_epochs", "1"]
+    with caplog.at_level(logging.INFO):
+        result = distill.main(_argv(workspace, output, *flags))
+    # The shuffle buffer's memory is stated at start: 5,000 examples × ~110 KB in the one (main-process) reader.
+    assert ("shuffle buffer: 5,000 encoded examples in each of 1 DataLoader worker(s) of each process; ~0.6 GB" in caplog.text) == streaming
     assert result["metrics"]["train_runtime"] > 0
     assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
     logs = json.loads((output / "trainer_state.json").read_text())["log_history"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import ViTImageProcessor
 
 from singer_hf import DistillationConfig, DistillationModel
-from singer_hf.data import PixelValuesCollator
+from singer_hf.data import PixelNormalizer, PixelValuesCollator
 from singer_hf.trainer import SingerTrainer, SingerTrainingArguments
 
 
@@ -213,3 +213,24 @@ def test_tensorboard_logging_records_the_distillation_config(tmp_path):
     assert {"train/loss", "train/loss_kd", "train/loss_outlier", "train/loss_info"} <= set(events.Tags()["scalars"])
     config_text = [tag for tag in events.Tags()["tensors"] if "model_config" in tag]
     assert config_text, events.Tags()
+
+
+def test_uint8_batches_are_normalised_on_the_device_with_the_processors_statistics(tmp_path):
+    """What scripts/distill.py's workers ship: uint8 pixels; the run equals one fed the normalised floats."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = [torch.randint(0, 256, (3, IMAGE, IMAGE), dtype=torch.uint8, generator=generator) for _ in range(16)]
+    processor = ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    normalised = PixelNormalizer(processor.image_mean, processor.image_std)
+    runs = {}
+    for dtype, data in (("uint8", pixels), ("float32", [normalised(p) for p in pixels])):
+        model = _model()
+        trainer = _trainer(model, _args(tmp_path / dtype, max_steps=2, logging_steps=1), data=[{"pixel_values": p} for p in data])
+        trainer.processing_class = processor
+        trainer.train()
+        runs[dtype] = ([e["loss"] for e in trainer.state.log_history if "loss" in e], _trained_state(model))
+    assert runs["uint8"][0] == runs["float32"][0]
+    assert all(torch.equal(runs["uint8"][1][k], v) for k, v in runs["float32"][1].items())
+    trainer = _trainer(_model(), _args(tmp_path / "none", max_steps=1), data=[{"pixel_values": p} for p in pixels])
+    trainer.processing_class = None
+    with pytest.raises(ValueError, match="processing_class: uint8 pixel_values"):
+        trainer.train()

@@ -27,7 +27,6 @@ stopped (`--overwrite true` starts over).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
@@ -38,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import peft
 import torch
 from transformers import AutoImageProcessor, Trainer, ViTConfig, ViTForImageClassification, set_seed
@@ -64,7 +62,7 @@ from singer_hf.data import (  # noqa: E402
 from singer_hf.diagnostics import artifact_stats, norm_histograms_figure, norm_maps_figure, patch_norms  # noqa: E402
 from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
 from singer_hf.modeling import DistillationConfig  # noqa: E402
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainingArguments  # noqa: E402
+from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
 
 RECIPE = ROOT / "configs" / "demo.yaml"
 OUTLIER_RATIO = 4.0
@@ -341,7 +339,7 @@ def run_students(args: EvidenceArguments, output: Path) -> list[dict]:
 
 
 # -- tables and figures ----------------------------------------------------------------------------
-def summarise(args: EvidenceArguments, teachers: dict, results: list[dict]) -> dict:
+def summarise(results: list[dict]) -> dict:
     rows = {}
     for student in [*STUDENTS, *BASELINES]:
         row = {}
@@ -418,7 +416,7 @@ def markdown(args: EvidenceArguments, teachers: dict, summary: dict, seconds: fl
 
 
 @torch.no_grad()
-def figures(args: EvidenceArguments, output: Path, last_layer: int) -> None:
+def figures(output: Path, last_layer: int) -> None:
     """Norm maps (raw vs refined artifact teacher, FitNet vs SiNGER student, seed 0) on the same images, and histograms."""
     processor = AutoImageProcessor.from_pretrained(str(output / "teachers" / "artifact"))
     images, _ = eval_images("test", 400, processor)
@@ -457,8 +455,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[teachers] measuring the {name} teacher ...", flush=True)
         teachers[name]["report"] = teacher_report(output / "teachers" / name, layers, args.plant_block, args.stats_images, args.probe_images)
     results = run_students(args, output)
-    summary = summarise(args, teachers, results)
-    figures(args, output, layers[-1])
+    summary = summarise(results)
+    figures(output, layers[-1])
     seconds = time.perf_counter() - start
     report = {"arguments": asdict(args), "teachers": teachers, "summary": summary, "runs": results, "seconds": seconds,
               "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip

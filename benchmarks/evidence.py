@@ -27,7 +27,6 @@ stopped (`--overwrite true` starts over).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -245,8 +244,7 @@ def student_jobs(args: EvidenceArguments, output: Path) -> list[dict]:
 
 
 def run_job(job: dict) -> dict:
-    """Trains and measures one student (in a worker process, one thread); the result is also kept on disk."""
-    torch.set_num_threads(1)
+    """Trains and measures one student; the result is also kept on disk."""
     run_dir = Path(job["output"]) / "runs" / job["name"]
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -333,8 +331,8 @@ def run_students(args: EvidenceArguments, output: Path) -> list[dict]:
     print(f"[runs] {len(jobs)} runs, {args.workers} at a time ...", flush=True)
     if args.workers == 1:
         return [run_job(job) for job in jobs]
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' torch at import
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+    # One thread per worker: for these small models, parallel runs use the cores better than threads.
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         return list(pool.map(run_job, jobs))
 
 

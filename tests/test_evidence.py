@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = ["--seeds", "1", "--student_steps", "2", "--base_teacher_steps", "2", "--finetune_steps", "2",
@@ -26,7 +27,9 @@ def evidence():
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_the_study_runs_every_student_and_resumes(evidence, tmp_path):
     output = tmp_path / "evidence"
+    threads = torch.get_num_threads()
     report = evidence.main([*SMOKE, "--output_dir", str(output)])
+    assert torch.get_num_threads() == threads  # the process is left as it was (later tests compare runs bit for bit)
     expected = {f"{t}-{s}-seed0" for t in evidence.TEACHERS for s in evidence.STUDENTS} | {f"{b}-seed0" for b in evidence.BASELINES}
     assert {run["name"] for run in report["runs"]} == expected
     assert all(0 <= run["linear_probe"] <= 1 for run in report["runs"])

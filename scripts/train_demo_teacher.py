@@ -22,6 +22,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
+    set_seed,
 )
 
 from singer_hf.data import (
@@ -48,6 +49,7 @@ class DemoTeacherArguments:
     weight_decay: float = 0.05
     seed: int = 0
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N images only."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Report accuracy on the first N test images only."})
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 autocast; default: on where bf16 is native (a GPU, or a CPU with AMX / AVX512-BF16), "
@@ -87,6 +89,8 @@ def train_demo_teacher(args: DemoTeacherArguments) -> tuple[str, float]:
     test_set = load_fashion_mnist("test", args.data_dir)
     if args.max_train_samples is not None:
         train_set = train_set.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_test_samples is not None:
+        test_set = test_set.select(range(min(args.max_test_samples, len(test_set))))
     names = train_set.features["label"].names
 
     processor = ViTImageProcessor(
@@ -99,6 +103,8 @@ def train_demo_teacher(args: DemoTeacherArguments) -> tuple[str, float]:
     train_set = with_image_transform(train_set, ImageTransform(transforms, "image", "label"))
     test_set = with_image_transform(test_set, ImageTransform(transforms, "image", "label"))
 
+    # Seeded before the weights are drawn: the Trainer seeds only after the model exists.
+    set_seed(args.seed)
     model = ViTForImageClassification(teacher_config(len(names), dict(enumerate(names))))
     training_args = TrainingArguments(
         output_dir=args.output_dir,

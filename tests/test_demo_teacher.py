@@ -1,0 +1,27 @@
+"""scripts/train_demo_teacher.py, which the demo and the evidence study build their teachers with."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
+
+
+def test_the_same_seed_gives_the_same_teacher_whatever_ran_before(tmp_path):
+    weights = []
+    for run, earlier_draws in enumerate((0, 1)):
+        torch.manual_seed(1000 + run)  # what ran before in the process must not matter
+        torch.randn(earlier_draws + 1)
+        output = tmp_path / f"run{run}"
+        arguments = DemoTeacherArguments(
+            output_dir=str(output), max_steps=2, batch_size=16, max_train_samples=64, max_test_samples=64, bf16=False
+        )
+        train_demo_teacher(arguments)
+        weights.append(load_file(str(output / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -60,7 +60,7 @@ from singer_hf.data import (  # noqa: E402
 )
 from singer_hf.diagnostics import artifact_stats, norm_histograms_figure, norm_maps_figure, patch_norms  # noqa: E402
 from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
-from singer_hf.modeling import DistillationConfig  # noqa: E402
+from singer_hf.modeling import DistillationModelConfig  # noqa: E402
 from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
 
 RECIPE = ROOT / "configs" / "demo.yaml"
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
             data_dir.mkdir(parents=True, exist_ok=True)
             load_fashion_mnist(split).to_parquet(str(data_dir / f"{split}.parquet"))
     teachers = build_teachers(args, output)
-    layers = DistillationConfig().layers_for(resolve_vit(load_backbone(str(output / "teachers" / "natural"))).depth)
+    layers = DistillationModelConfig().layers_for(resolve_vit(load_backbone(str(output / "teachers" / "natural"))).depth)
     for name in TEACHERS:
         print(f"[teachers] measuring the {name} teacher ...", flush=True)
         teachers[name]["report"] = teacher_report(output / "teachers" / name, layers, args.plant_block, args.stats_images, args.probe_images)

@@ -38,7 +38,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from singer_hf import DistillationConfig, DistillationModel, map_layers, resolve_vit
+from singer_hf import DistillationModelConfig, DistillationModel, map_layers, resolve_vit
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def build(pair: Pair, mode: Mode, device: torch.device, seed: int):
     teacher = transformers.ViTModel(vit_config(*pair.teacher, pair), add_pooling_layer=False)
     student = transformers.ViTModel(vit_config(*pair.student, pair))
     model_class = OfficialCodeModel if mode.official else DistillationModel
-    model = model_class(teacher, student, DistillationConfig(teacher_layers=list(pair.teacher_layers))).to(device)
+    model = model_class(teacher, student, DistillationModelConfig(teacher_layers=list(pair.teacher_layers))).to(device)
     if mode.teacher_bf16:
         model.cast_teacher(torch.bfloat16)
     if mode.compile:

@@ -55,7 +55,6 @@ warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
 # ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
 # patch size and resolution, like the paper's from-scratch students.
 STUDENT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
-METHOD_NAMES = {"singer": "SiNGER", "fitnet": "FitNet", "vitkd": "ViTKD"}
 IMAGENET_JPEG_BYTES = 110_000
 """Mean size of an ImageNet-1k training JPEG: what a streamed shuffle buffer holds per example."""
 
@@ -259,8 +258,8 @@ def describe(
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
     for layer, adapter in model.adapters.items():
-        found = adapter.null_directions["default"]
-        rank = adapter.singer_down["default"].shape[1]
+        found = adapter.nullspace_row_count[model.adapter_name]
+        rank = adapter.singer_down[model.adapter_name].shape[1]
         source = basis_block(layer, model.teacher_layers)
         lines.append(
             f"  adapter on block {layer}: {found}/{rank} nullspace directions below τ={model.config.null_threshold} "
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args, teacher)
     student = load_student(model_args, teacher, image_processor_stats(image_processor)[2])
     model = DistillationModel(teacher, student, training_args.distillation_config())
-    logger.info("%s distillation\n%s", METHOD_NAMES[model.config.method], describe(model, model_args, data_args, training_args))
+    logger.info("%s distillation\n%s", model.method.label, describe(model, model_args, data_args, training_args))
 
     train_dataset, augmentation = with_transforms(dataset, data_args, image_processor, train=True, seed=training_args.seed)
     if eval_dataset is not None:

@@ -1,13 +1,13 @@
 """SiNGER ViT feature distillation, Hugging Face native."""
 
 from .architectures import ARCHITECTURES, resolve_vit
-from .modeling import DistillationConfig, DistillationModel, DistillationOutput, map_layers
+from .modeling import DistillationModel, DistillationModelConfig, DistillationOutput, map_layers
 from .trainer import SingerTrainer, SingerTrainingArguments
 from .tuner import SingerConfig, SingerLayer, SingerModel, nullspace_basis, nullspace_directions
 
 __all__ = [
     "ARCHITECTURES",
-    "DistillationConfig",
+    "DistillationModelConfig",
     "DistillationModel",
     "DistillationOutput",
     "SingerConfig",

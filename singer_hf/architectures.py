@@ -168,6 +168,14 @@ class ResolvedViT:
     def depth(self) -> int:
         return len(self.blocks)
 
+    def check_blocks(self, blocks: list[int], argument: str) -> None:
+        """One-line error naming `argument` unless every index is a block of this model."""
+        if any(not 0 <= block < self.depth for block in blocks):
+            bad = next(block for block in blocks if not 0 <= block < self.depth)
+            raise ValueError(
+                f"{argument}: block {bad} is out of range for a {self.depth}-block {self.model_type} model (valid: 0..{self.depth - 1})"
+            )
+
     def block_outputs(self, pixel_values: torch.Tensor, last_block: int | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs (B×N×D, before the final norm) of blocks 0..`last_block` (default: all).
 
@@ -175,8 +183,7 @@ class ResolvedViT:
         final norm and head, which no distillation loss reads.
         """
         last_block = self.depth - 1 if last_block is None else last_block
-        if not 0 <= last_block < self.depth:
-            raise ValueError(f"last_block: must be in 0..{self.depth - 1} for a {self.depth}-block model, got {last_block}")
+        self.check_blocks([last_block], "last_block")
         hidden_states = self.architecture.embed(self.backbone, pixel_values)
         outputs = []
         for index in range(last_block + 1):

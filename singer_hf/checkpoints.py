@@ -110,7 +110,7 @@ def run_fingerprint(model) -> dict:
         "method": config.method,
         "teacher_layers": list(model.teacher_layers),
         "student_layers": list(model.student_layers),
-        "rank": config.rank if config.method == "singer" else None,
+        "rank": config.rank if model.adapters else None,
         "teacher": _architecture(model.teacher),
         "student": _architecture(model.student),
     }

@@ -26,7 +26,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .modeling import DistillationConfig
+from .methods import METHODS, get_method
+from .modeling import DistillationModelConfig
 from .trainer import CONFIG_FILE, DISTILLATION_DIR
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "student.md"
@@ -47,31 +48,6 @@ BIBTEX = """\
     url={https://openreview.net/forum?id=exjrxVc2yT}
 }"""
 
-METHOD_LABELS = {"singer": "SiNGER", "fitnet": "FitNet", "vitkd": "ViTKD"}
-METHOD_SUMMARIES = {
-    "singer": (
-        "SiNGER (Singular Nullspace-Guided Energy Reallocation) refines the teacher's features before "
-        "distilling them: a low-rank adapter on each distilled teacher block adds a perturbation that "
-        "lowers the norm of high-norm artifact tokens while lying near the nullspace of the next block, "
-        "so the information the teacher carries forward is preserved. The student mimics the refined "
-        "features through a linear projector."
-    ),
-    "fitnet": (
-        "FitNet (the paper's baseline): the student mimics the teacher's raw features, high-norm artifact "
-        "tokens included, through a linear projector and a mean-squared error."
-    ),
-    "vitkd": (
-        "ViTKD (a baseline in the paper): the student mimics the teacher's shallow blocks through linear "
-        "projectors, and a generator reconstructs the teacher's last block from randomly masked student "
-        "tokens."
-    ),
-}
-HEADS = {
-    "singer": "the linear projectors (student width → teacher width), one per block pair.",
-    "fitnet": "the linear projectors (student width → teacher width), one per block pair.",
-    "vitkd": "the mimic projectors, the generation projector, the generator and the mask token.",
-}
-WEIGHT_LABELS = {"kd": "KD", "mimic": "mimic", "outlier": "outlier", "info": "information", "generation": "generation"}
 
 # Training settings shown first, in this order, when `training` holds them (e.g. `args.to_dict()`).
 TRAINING_KEYS = (
@@ -123,7 +99,7 @@ def write_student_card(
         teacher_name: the teacher's Hub id or local path (a local path is shown by its folder name).
         dataset_name: the training data's Hub id or local path (same rule).
         distillation: the contents of `distillation/distillation_config.json` as `SingerTrainer`
-            writes them: the `DistillationConfig` fields plus the resolved `teacher_layers` and
+            writes them: the `DistillationModelConfig` fields plus the resolved `teacher_layers` and
             `student_layers`.
         training: optional training settings, e.g. `training_args.to_dict()` (only the usual
             optimisation settings of a `TrainingArguments` dict are shown) or a small dict of your own
@@ -248,21 +224,22 @@ def _render(
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
-    if method not in METHOD_LABELS:
-        raise ValueError(f"distillation: unknown method {method!r}; expected one of {sorted(METHOD_LABELS)}")
+    if method not in METHODS:
+        raise ValueError(f"distillation: unknown method {method!r}; expected one of {sorted(METHODS)}")
+    method_class = get_method(method)
     teacher_layers, student_layers = distillation.get("teacher_layers"), distillation.get("student_layers")
     if not teacher_layers or not student_layers or len(teacher_layers) != len(student_layers):
         raise ValueError(
             "distillation: needs `teacher_layers` and `student_layers` of the same length, as in "
             f"distillation/distillation_config.json; got {teacher_layers!r} and {student_layers!r}"
         )
-    known = {f.name for f in fields(DistillationConfig)}
-    config = DistillationConfig(**{k: v for k, v in distillation.items() if k in known})
+    known = {f.name for f in fields(DistillationModelConfig)}
+    config = DistillationModelConfig(**{k: v for k, v in distillation.items() if k in known})
 
     last = int(student_layers[-1])
     feature_is_last = student_depth is not None and last == student_depth - 1
     unused = list(range(last + 1, student_depth)) if student_depth is not None else []
-    final_role, other_role = ("generated", "mimicked") if method == "vitkd" else ("final", "intermediate")
+    final_role, other_role = method_class.final_role, method_class.other_role
     layer_pairs = [
         {"teacher": int(t), "student": int(s), "role": final_role if i == len(teacher_layers) - 1 else other_role}
         for i, (t, s) in enumerate(zip(teacher_layers, student_layers))
@@ -277,10 +254,10 @@ def _render(
         dataset=dataset,
         dataset_is_hub=dataset_hub is not None,
         method=method,
-        method_label=METHOD_LABELS[method],
-        method_summary=METHOD_SUMMARIES[method],
+        method_label=method_class.label,
+        method_summary=method_class.summary,
         layer_pairs=layer_pairs,
-        settings=_settings(config),
+        settings=config.method_class.settings(config),
         training=_training_rows(training),
         budget=_budget_rows(trainer_state, training, hardware),
         results_columns=[model_name] + [_backbone_name(other) for other in baseline_results],
@@ -295,8 +272,8 @@ def _render(
         feature_is_last=feature_is_last,
         student_depth=student_depth,
         unused_student_blocks=unused,
-        has_adapters=method == "singer",
-        heads_description=HEADS[method],
+        has_adapters=method_class.adapter_config(config, list(teacher_layers)) is not None,
+        heads_description=method_class.heads_description,
         distillation_json=json.dumps(distillation, indent=2, default=str),
         distillation_included=distillation_included,
     )
@@ -397,27 +374,12 @@ def _student_depth(output_dir: Path) -> int | None:
     return int(depth) if isinstance(depth, int) else None
 
 
-def _settings(config: DistillationConfig) -> list[tuple[str, str]]:
-    weights = ", ".join(f"{WEIGHT_LABELS.get(name, name)} {value:g}" for name, value in config.weights().items())
-    if config.method == "singer":
-        return [
-            ("Adapter rank", str(config.rank)),
-            ("Nullspace threshold τ", f"{config.null_threshold:g}"),
-            ("Adapter initialisation", f"{config.adapter_init} (seed {config.adapter_seed})"),
-            ("Outlier quantile q", f"{config.outlier_quantile:g}"),
-            ("Loss weights", weights),
-        ]
-    if config.method == "vitkd":
-        return [("Mask ratio", f"{config.mask_ratio:g}"), ("Loss weights", weights)]
-    return [("Loss weights", weights)]
-
-
 def _training_rows(training: dict | None) -> list[tuple[str, str]]:
     if not training:
         return []
     from transformers import TrainingArguments  # lazily: only to recognise a full TrainingArguments dict
 
-    standard = {f.name for f in fields(TrainingArguments)} | {f.name for f in fields(DistillationConfig)}
+    standard = {f.name for f in fields(TrainingArguments)} | {f.name for f in fields(DistillationModelConfig)}
     training = _scrub(dict(training))
     max_steps = training.get("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:

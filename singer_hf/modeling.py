@@ -1,4 +1,4 @@
-"""`DistillationModel`: a frozen ViT teacher, an HF student, projectors and the distillation losses."""
+"""`DistillationModel`: a frozen ViT teacher, an HF student, and the method that distils one into the other."""
 
 from __future__ import annotations
 
@@ -12,62 +12,34 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .architectures import ResolvedViT, backbone_of, resolve_vit
-from .losses import feature_mse, gram_loss, outlier_loss
-from .tuner import SingerConfig, check_basis_blocks
-from .validation import DistillationFields
-
-# Loss weights each method uses when the config leaves them as None (SPEC §6, §8).
-DEFAULT_WEIGHTS = {
-    "singer": {"kd": 1.0, "outlier": 0.01, "info": 1.0},
-    "fitnet": {"kd": 10.0},
-    "vitkd": {"mimic": 1.0, "generation": 1.0},
-}
+from .checks import check_fields
+from .methods import DistillationMethod, MethodFields, get_method
+from .tuner import SingerConfig
 
 
 @dataclass
-class DistillationConfig(DistillationFields):
-    """What to distil and how; the fields, their defaults and checks are in `validation.DISTILLATION_FIELDS`.
-
-    `None` fields take the method's defaults, scaled to the teacher's depth: `teacher_layers` singer
-    [¾L−1, L−1] (ViT-L: [17, 23]), fitnet [½L−1, ¾L−1, L−1], vitkd [0, 1, L−1]; loss weights as in
-    `DEFAULT_WEIGHTS`. Students get one block per teacher block by Hungarian assignment.
-    """
+class DistillationModelConfig(MethodFields):
+    """What to distil and how (the fields are declared in `methods.MethodFields` and the adapter's
+    `tuner.config.AdapterFields`). `None` fields take the method's defaults: its teacher layers scaled
+    to the teacher's depth (SiNGER on ViT-L: [17, 23]) and its loss weights. Students get one block per
+    teacher block by Hungarian assignment (`map_layers`)."""
 
     def __post_init__(self):
-        self.check_distillation_fields()
+        check_fields(self)
+        if self.teacher_layers is not None:
+            self.teacher_layers = sorted(self.teacher_layers)
 
-    def weights(self) -> dict[str, float]:
-        """The loss weights of this config's method, defaults filled in."""
-        given = {
-            "kd": self.kd_weight,
-            "mimic": self.kd_weight,
-            "outlier": self.outlier_weight,
-            "info": self.info_weight,
-            "generation": self.generation_weight,
-        }
-        return {name: default if given[name] is None else given[name] for name, default in DEFAULT_WEIGHTS[self.method].items()}
+    @property
+    def method_class(self) -> type[DistillationMethod]:
+        return get_method(self.method)
 
     def layers_for(self, teacher_depth: int) -> list[int]:
         """`teacher_layers`, or the method's default for a teacher of this depth."""
-        if self.teacher_layers is not None:
-            return list(self.teacher_layers)
-        last = teacher_depth - 1
-        three_quarters = int(0.75 * teacher_depth + 0.5) - 1
-        defaults = {
-            "singer": [three_quarters, last],
-            "fitnet": [int(0.5 * teacher_depth + 0.5) - 1, three_quarters, last],
-            "vitkd": [0, 1, last],
-        }[self.method]
-        return sorted({max(layer, 0) for layer in defaults})
+        return list(self.teacher_layers) if self.teacher_layers is not None else self.method_class.default_layers(teacher_depth)
 
-    def singer_config(self, teacher_depth: int) -> SingerConfig:
-        return SingerConfig(
-            layers=self.layers_for(teacher_depth),
-            rank=self.rank,
-            null_threshold=self.null_threshold,
-            init=self.adapter_init,
-            seed=self.adapter_seed,
-        )
+    def weights(self) -> dict[str, float]:
+        """The weight of each of the method's loss terms, defaults filled in."""
+        return self.method_class.weights(self)
 
     # The parts of `PretrainedConfig` that the Trainer and its logging callbacks (tensorboard, wandb,
     # mlflow, ...) read from `model.config`.
@@ -79,7 +51,7 @@ class DistillationConfig(DistillationFields):
 
 
 def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int) -> list[int]:
-    """Student block for each teacher block: Hungarian assignment on |l/L_T − j/(L_S−1)| (SPEC §3).
+    """Student block for each teacher block: Hungarian assignment on |l/L_T − j/(L_S−1)|.
 
     Kept as the official code does it, quirk included: for equal depths the last student block can
     go unused (12→12 maps [5, 11] to [5, 10]).
@@ -96,7 +68,7 @@ def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int
     return [int(column) for _, column in sorted(zip(rows, columns))]
 
 
-def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: DistillationConfig) -> tuple[list[int], list[int]]:
+def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: DistillationModelConfig) -> tuple[list[int], list[int]]:
     """(teacher blocks, student blocks) to distil, after checking that the two models fit together.
 
     Needs only the models' structure, not their weights: scripts run it on models built on the meta
@@ -104,13 +76,8 @@ def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: Distillation
     """
     _check_compatible(teacher, student)
     teacher_layers = config.layers_for(teacher.depth)
-    if teacher_layers[-1] >= teacher.depth:
-        raise ValueError(
-            f"teacher_layers: block {teacher_layers[-1]} is out of range for a {teacher.depth}-block "
-            f"teacher (valid: 0..{teacher.depth - 1})"
-        )
-    if config.method == "singer":
-        check_basis_blocks(teacher, teacher_layers)
+    teacher.check_blocks(teacher_layers, "teacher_layers")
+    config.method_class.check_teacher(teacher, teacher_layers)
     return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
 
 
@@ -123,11 +90,11 @@ class DistillationOutput(ModelOutput):
 
 
 class DistillationModel(nn.Module):
-    """Teacher (frozen, eval mode), student, projectors, and for SiNGER the teacher's adapters.
+    """Teacher (frozen, eval mode), student, and the method (its heads; for SiNGER the teacher's adapters).
 
     `forward(pixel_values)` runs the teacher once without gradients, the student with them, and
-    returns the method's losses. Gradients reach the adapters through the frozen teacher block l+1
-    of the information-preservation loss; the teacher's own weights never get any.
+    returns the method's losses. Gradients reach SiNGER's adapters through the frozen teacher block
+    l+1 of the information-preservation loss; the teacher's own weights never get any.
 
     Student parameters that no loss reaches (its final norm and pooler, blocks after the deepest
     distilled one, DINOv2's mask token) are frozen (`frozen_student_parameters`): every trainable
@@ -139,12 +106,16 @@ class DistillationModel(nn.Module):
     # Each loss is a per-batch mean; the Trainer must divide it by the accumulation steps itself
     # (transformers 5 would otherwise assume `**kwargs` means "normalised by num_items_in_batch").
     accepts_loss_kwargs = False
+    adapter_name = "default"
+    """The name of this model's PEFT adapter on the teacher (methods that train one)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationConfig | None = None):
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationModelConfig | None = None):
         super().__init__()
-        self.config = config = config or DistillationConfig()
+        self.config = config = config or DistillationModelConfig()
+        method_class = config.method_class
         if not isinstance(teacher, peft.PeftModel):
             teacher = backbone_of(teacher)  # no task head, no text tower: only what distillation reads
+        _check_not_meta(teacher, "teacher")
         teacher_vit = resolve_vit(teacher, "teacher")
         student_vit = resolve_vit(student, "student")
         self.teacher_layers, self.student_layers = plan_layers(teacher_vit, student_vit, config)
@@ -154,33 +125,23 @@ class DistillationModel(nn.Module):
         teacher_vit.run_at(self.image_size)
         self.weights = config.weights()
 
-        if config.method == "singer":
+        adapter_config = method_class.adapter_config(config, self.teacher_layers)
+        if adapter_config is not None:
             if not isinstance(teacher, peft.PeftModel):
-                teacher = peft.get_peft_model(teacher, config.singer_config(teacher_vit.depth))
+                teacher = peft.get_peft_model(teacher, adapter_config, adapter_name=self.adapter_name)
             else:
-                _check_adapters_match(teacher, self.teacher_layers, config.rank)
+                _check_adapters_match(teacher, self.adapter_name, adapter_config)
             teacher_vit = resolve_vit(teacher, "teacher")
-        # Only the active SiNGER adapters train; a PeftModel loaded for inference has them frozen.
+        # Only this model's adapters train; a PeftModel loaded for inference has them frozen.
         teacher.requires_grad_(False)
-        if config.method == "singer":
-            teacher.base_model.set_requires_grad(teacher.active_adapter, True)
-        self.teacher = teacher
-        # Resolved once: looking them up walks the teacher's blocks, which a training step need not repeat.
-        self._adapters = teacher.base_model.singer_layers if config.method == "singer" else {}
-        self.student = student
+        if adapter_config is not None:
+            teacher.base_model.set_requires_grad(self.adapter_name, True)
+        self.teacher, self.student = teacher, student
         self._teacher_vit, self._student_vit = teacher_vit, student_vit
         self.frozen_student_parameters = self._freeze_unreached_student_parameters()
-
-        distilled = self.teacher_layers if config.method != "vitkd" else self.teacher_layers[:-1]
-        self.projectors = nn.ModuleList(nn.Linear(student_vit.width, teacher_vit.width) for _ in distilled)
-        if config.method == "vitkd":
-            width, side = teacher_vit.width, self.image_size // teacher_vit.patch_size
-            self.generation_projector = nn.Linear(student_vit.width, width)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-            self.generator = nn.Sequential(
-                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
-            )
-            self._patch_grid = side
+        self.method = method_class(config, teacher_vit, student_vit, self.teacher_layers, self.student_layers)
+        if adapter_config is not None:
+            self.method.bind_adapters(teacher.base_model.singer_layers, self.adapter_name)
         self.teacher.eval()
 
     # -- nn.Module and the Trainer's model protocol -----------------------------------------------
@@ -204,15 +165,15 @@ class DistillationModel(nn.Module):
 
     @property
     def adapters(self) -> dict[int, nn.Module]:
-        """SiNGER adapter layers by teacher block (empty for the baselines)."""
-        return self._adapters
+        """The teacher's adapter layers by block, for methods that train adapters (else empty)."""
+        return self.teacher.base_model.singer_layers if isinstance(self.teacher, peft.PeftModel) else {}
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:
         self._check_pixel_values(pixel_values)
         teacher_features = self.teacher_features(pixel_values)
         student_features = self.student_features(pixel_values)
-        losses = getattr(self, f"_{self.config.method}_losses")(teacher_features, student_features)
+        losses = self.method.losses(teacher_features, student_features)
         loss = sum(self.weights[name] * value for name, value in losses.items())
         return DistillationOutput(loss=loss, losses=losses)
 
@@ -269,63 +230,6 @@ class DistillationModel(nn.Module):
         for block in [*self._teacher_vit.blocks, *self._student_vit.blocks]:
             block.compile(**compile_kwargs)
 
-    def _singer_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
-        prefix = self._teacher_vit.num_prefix_tokens
-        adapters = self.adapters
-        kd, outlier, info = [], [], []
-        reference = None  # the last refined intermediate feature: the final layer's Gram reference
-        for index, (layer, student_layer) in enumerate(zip(self.teacher_layers, self.student_layers)):
-            feature = teacher_features[layer]
-            refined = adapters[layer].refine(feature)
-            kd.append(self._kd(index, student_features[student_layer], refined))
-            outlier.append(outlier_loss(refined[:, prefix:], self.config.outlier_quantile))
-            if layer == self.teacher_layers[-1]:
-                # One distilled layer: the Gram reference is that layer's unrefined feature (SPEC §7).
-                reference = feature if reference is None else reference
-                info.append(gram_loss(refined[:, prefix:], reference[:, prefix:]))
-            else:
-                # Block l+1 on F^l is F^{l+1}, already computed by the teacher forward.
-                info.append(feature_mse(self._teacher_vit.run_block(layer + 1, refined), teacher_features[layer + 1]))
-                reference = refined
-        count = len(self.teacher_layers)
-        return {"kd": sum(kd) / count, "outlier": sum(outlier) / count, "info": sum(info) / count}
-
-    def _fitnet_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
-        pairs = zip(self.teacher_layers, self.student_layers)
-        return {"kd": sum(self._kd(i, student_features[s], teacher_features[t]) for i, (t, s) in enumerate(pairs))}
-
-    def _vitkd_losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
-        pairs = list(zip(self.teacher_layers, self.student_layers))
-        mimic = sum(self._kd(i, student_features[s], teacher_features[t]) for i, (t, s) in enumerate(pairs[:-1]))
-        teacher_layer, student_layer = pairs[-1]
-        patches = self.generation_projector(student_features[student_layer][:, self._student_vit.num_prefix_tokens :])
-        batch, count, width = patches.shape
-        masked = torch.rand(batch, count, device=patches.device) < self.config.mask_ratio
-        patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
-        grid = patches.transpose(1, 2).reshape(batch, width, self._patch_grid, self._patch_grid)
-        generated = self.generator(grid).flatten(2).transpose(1, 2)
-        target = teacher_features[teacher_layer][:, self._teacher_vit.num_prefix_tokens :]
-        generation = feature_mse(generated, target, token_mask=masked)
-        return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}
-
-    def _kd(self, index: int, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-        student_tokens, teacher_tokens = self._aligned(student_feature, teacher_feature)
-        return feature_mse(self.projectors[index](student_tokens), teacher_tokens)
-
-    def _aligned(self, student_feature, teacher_feature):
-        """All tokens when both models have the same prefix tokens; else the patches, after the CLS
-        token when both have one (registers and distillation tokens have no counterpart)."""
-        student, teacher = self._student_vit, self._teacher_vit
-        same_prefix = (student.num_prefix_tokens, student.has_class_token) == (teacher.num_prefix_tokens, teacher.has_class_token)
-        if same_prefix:
-            return student_feature, teacher_feature
-        cls = 1 if student.has_class_token and teacher.has_class_token else 0
-
-        def keep(feature, vit):
-            return torch.cat([feature[:, :cls], feature[:, vit.num_prefix_tokens :]], dim=1)
-
-        return keep(student_feature, student), keep(teacher_feature, teacher)
-
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vit = self._teacher_vit
         expected = (vit.num_channels, self.image_size, self.image_size)
@@ -336,14 +240,26 @@ class DistillationModel(nn.Module):
             raise ValueError(f"pixel_values: expected normalised float images, got {pixel_values.dtype} (see data.PixelNormalizer)")
 
 
-def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int) -> None:
-    adapter = teacher.peft_config[teacher.active_adapter]
+def _check_adapters_match(teacher: peft.PeftModel, name: str, wanted: SingerConfig) -> None:
+    """A teacher passed in with its adapters must carry the ones this configuration would create."""
+    adapter = teacher.peft_config.get(name)
     if not isinstance(adapter, SingerConfig):
-        raise ValueError(f"teacher: its active adapter is {adapter.peft_type}, not SiNGER; pass the plain teacher instead")
-    if adapter.layers != layers:
-        raise ValueError(f"teacher_layers: {layers} differ from the teacher's SiNGER adapters on {adapter.layers}")
-    if adapter.rank != rank:
-        raise ValueError(f"rank: {rank} differs from the teacher's SiNGER adapters of rank {adapter.rank}")
+        found = f"a {adapter.peft_type} adapter" if adapter is not None else f"no adapter (it has {sorted(teacher.peft_config)})"
+        raise ValueError(f"teacher: its adapter {name!r} is {found}, not SiNGER; pass the plain teacher instead")
+    if adapter.layers != wanted.layers:
+        raise ValueError(f"teacher_layers: {wanted.layers} differ from the teacher's SiNGER adapters on {adapter.layers}")
+    if adapter.rank != wanted.rank:
+        raise ValueError(f"rank: {wanted.rank} differs from the teacher's SiNGER adapters of rank {adapter.rank}")
+
+
+def _check_not_meta(model: nn.Module, argument: str) -> None:
+    """Weights on the meta device (a model built under `torch.device("meta")` or `init_empty_weights`)
+    cannot be distilled from; say so before PEFT fails copying them."""
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(
+            f"{argument}: its weights are on the meta device (built without weights); load it with from_pretrained "
+            "or materialise it (model.to_empty(device=...) and load a state dict) first"
+        )
 
 
 def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:

@@ -30,7 +30,8 @@ try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, ht
 except ImportError:
     from httpx import HTTPError as ClientError
 
-from .model_card import METHOD_LABELS, RUN_RECORD, TRAINER_STATE, strip_local_paths, student_card_from_run
+from .methods import method_label
+from .model_card import RUN_RECORD, TRAINER_STATE, strip_local_paths, student_card_from_run
 from .trainer import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE
 
 STUDENT_FILES = ("config.json", "preprocessor_config.json", "model.safetensors.index.json")
@@ -213,7 +214,7 @@ def _commit_message(run_dir: Path) -> str:
     steps = ""
     if (run_dir / TRAINER_STATE).is_file():
         steps = f", {json.loads((run_dir / TRAINER_STATE).read_text()).get('global_step', 0):,} steps"
-    return f"Upload {METHOD_LABELS.get(method, method)} student distilled from {record['teacher']['name']}{steps}"
+    return f"Upload {method_label(method)} student distilled from {record['teacher']['name']}{steps}"
 
 
 # -- upload ------------------------------------------------------------------------------------------

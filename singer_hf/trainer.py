@@ -23,9 +23,10 @@ from transformers.utils import logging
 
 from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_files, resolve_checkpoint, write_fingerprint
 from .data import PixelNormalizer, image_processor_stats
-from .modeling import DistillationConfig, DistillationModel
+from .checks import check_fields, check_value, checked_field, integer_at_least, number_above, number_at_least
+from .methods import MethodFields
+from .modeling import DistillationModel, DistillationModelConfig
 from .numerics import NonFiniteGuard, NonFiniteLossError
-from .validation import DistillationFields, check_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -44,14 +45,30 @@ class ReliabilityFields:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
     )
-    max_nonfinite_steps: int = field(
-        default=10, metadata={"help": "Stop after this many consecutive skipped steps with a non-finite loss (0: at the first)."}
+    max_nonfinite_steps: int = checked_field(
+        10, help="Stop after this many consecutive skipped steps with a non-finite loss (0: at the first).", check=integer_at_least(0)
     )
 
 
+# `TrainingArguments` fields a distillation run needs in range; transformers checks some of them only
+# when they are used (a batch size of 0 fails inside the DataLoader), so they are checked up front.
+TRAINING_CHECKS = {
+    "per_device_train_batch_size": integer_at_least(1),
+    "gradient_accumulation_steps": integer_at_least(1),
+    "learning_rate": number_above(0),
+    "weight_decay": number_at_least(0),
+    "num_train_epochs": number_above(0),
+    "max_steps": lambda value: None if isinstance(value, int) and (value > 0 or value == -1) else "must be > 0, or -1 to use num_train_epochs",
+    "warmup_steps": number_at_least(0),
+    "max_grad_norm": number_at_least(0, optional=True),
+    "seed": integer_at_least(0),
+    "dataloader_num_workers": integer_at_least(0),
+}
+
+
 @dataclass
-class SingerTrainingArguments(TrainingArguments, DistillationFields, ReliabilityFields):
-    """`TrainingArguments` plus the distillation method's fields (`validation.DistillationFields`).
+class SingerTrainingArguments(TrainingArguments, MethodFields, ReliabilityFields):
+    """`TrainingArguments` plus the distillation method's fields (`methods.MethodFields`).
 
     Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
     lr·1e-4 after a 5 % warm-up, no gradient clipping.
@@ -79,8 +96,9 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
     )
 
     def __post_init__(self):
-        self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device
-        check_training_arguments(self)
+        check_fields(self)  # before TrainingArguments' own set-up, which may touch the device
+        for name, check in TRAINING_CHECKS.items():
+            check_value(name, getattr(self, name), check)
         # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
         # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
         # CPU ranks over gloo instead of each training alone and writing the output.
@@ -92,8 +110,8 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
             # the host at every step (the caching host allocator keeps a pinned buffer until its copy is done).
             self.accelerator_config.non_blocking = True
 
-    def distillation_config(self) -> DistillationConfig:
-        return DistillationConfig(**self.distillation_values())
+    def distillation_config(self) -> DistillationModelConfig:
+        return DistillationModelConfig(**self.method_values())
 
 
 class EpochCallback(TrainerCallback):
@@ -373,7 +391,7 @@ class SingerTrainer(Trainer):
                 if "singer_" in key:  # the frozen teacher's own weights are never written
                     adapters[key.removeprefix("teacher.")] = value
             else:
-                heads[key] = value
+                heads[key.removeprefix("method.")] = value
         os.makedirs(output_dir, exist_ok=True)
         model.student.save_pretrained(output_dir, state_dict=student, safe_serialization=True)
         if self.processing_class is not None:
@@ -418,7 +436,7 @@ class SingerTrainer(Trainer):
             adapter_name = model.teacher.active_adapter
             for key, value in peft.utils.load_peft_weights(research_dir).items():
                 full[f"teacher.{key}.{adapter_name}"] = value  # PEFT saves keys without the adapter name
-        full.update(load_file(os.path.join(research_dir, HEADS_FILE)))
+        full.update({f"method.{key}": value for key, value in load_file(os.path.join(research_dir, HEADS_FILE)).items()})
         trainable = {key for key, parameter in model.named_parameters() if parameter.requires_grad}
         trainable |= {key for key, _ in model.named_buffers() if not key.startswith("teacher.")}
         missing = sorted(trainable - set(full))

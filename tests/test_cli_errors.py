@@ -70,7 +70,7 @@ def _drop(argv: list[str], flag: str) -> list[str]:
 
 # (case id, argv edit, the argument the one-line error must name)
 CASES = [
-    ("method typo", lambda a, r: _set(a, "--method", "singerr"), "--method"),
+    ("method typo", lambda a, r: _set(a, "--method", "singerr"), "method: must be one of"),
     ("rank zero", lambda a, r: _set(a, "--rank", "0"), "rank"),
     ("rank not an int", lambda a, r: _set(a, "--rank", "four"), "--rank"),
     ("quantile out of range", lambda a, r: _set(a, "--outlier_quantile", "1.5"), "outlier_quantile"),

@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub import ModelCard
 from transformers.utils import is_torch_bf16_gpu_available
 
-from singer_hf import DistillationConfig, map_layers
+from singer_hf import DistillationModelConfig, map_layers
 from singer_hf.model_card import TEMPLATE_PATH, write_student_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_recipe_parses_with_the_script_and_matches_the_paper(name, distill_scrip
 # -- model card ------------------------------------------------------------------------------------
 def distillation_summary(method="singer", teacher_layers=(17, 23), teacher_depth=24, student_depth=12, **kwargs):
     """What SingerTrainer writes to distillation/distillation_config.json."""
-    config = DistillationConfig(method=method, teacher_layers=list(teacher_layers), **kwargs)
+    config = DistillationModelConfig(method=method, teacher_layers=list(teacher_layers), **kwargs)
     layers = config.layers_for(teacher_depth)
     return {**config.to_dict(), "teacher_layers": layers, "student_layers": map_layers(layers, teacher_depth, student_depth)}
 

@@ -6,7 +6,7 @@ import torch
 import transformers
 from conftest import IMAGE, PATCH, TEACHER_FACTORIES, make_vit, tiny_config
 
-from singer_hf import DistillationConfig, DistillationModel, SingerConfig, map_layers
+from singer_hf import DistillationModelConfig, DistillationModel, SingerConfig, map_layers
 
 
 def _teacher_with_known_nullspace(null_dims=8, width=32, seed=0):
@@ -40,9 +40,9 @@ def test_nullspace_init_barely_changes_the_next_block(images):
     deltas = {}
     for init in ("nullspace", "random"):
         teacher = _teacher_with_known_nullspace()
-        model = peft.get_peft_model(teacher, SingerConfig(layers=[1, 3], rank=8, null_threshold=1e-3, init=init))
+        model = peft.get_peft_model(teacher, SingerConfig(layers=[1, 3], rank=8, null_threshold=1e-3, adapter_init=init))
         layer = model.base_model.singer_layers[1]
-        assert layer.null_directions["default"] == (8 if init == "nullspace" else 0)
+        assert layer.nullspace_row_count["default"] == (8 if init == "nullspace" else 0)
         with torch.no_grad():
             feature = teacher.layers[1](teacher.layers[0](teacher.embeddings(images)))
             deltas[init] = layer.refine(feature) - feature
@@ -59,7 +59,7 @@ def test_nullspace_init_barely_changes_the_next_block(images):
 
 
 def test_gradients_reach_student_projectors_and_adapters_only(images):
-    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[2, 5], rank=8)).train()
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=8)).train()
     model(pixel_values=images).loss.backward()
     for name, param in model.named_parameters():
         if name.startswith("teacher.") and "singer_" not in name:
@@ -78,16 +78,16 @@ def test_hungarian_mapping_matches_the_official_assignment():
     assert map_layers([17, 23], 24, 12) == [8, 11]
     assert map_layers([11, 17, 23], 24, 12) == [5, 8, 11]
     assert map_layers([5, 11], 12, 12) == [5, 10]  # the official quirk, kept
-    assert DistillationConfig().layers_for(24) == [17, 23]
-    assert DistillationConfig(method="fitnet").layers_for(24) == [11, 17, 23]
-    assert DistillationConfig().layers_for(1) == [0]
+    assert DistillationModelConfig().layers_for(24) == [17, 23]
+    assert DistillationModelConfig(method="fitnet").layers_for(24) == [11, 17, 23]
+    assert DistillationModelConfig().layers_for(1) == [0]
 
 
 @pytest.mark.parametrize("family", sorted(TEACHER_FACTORIES))
 @pytest.mark.parametrize("method", ["singer", "fitnet", "vitkd"])
 def test_every_family_trains_with_every_method(family, method, images):
     model = DistillationModel(
-        TEACHER_FACTORIES[family](), make_vit(32, 4, seed=1), DistillationConfig(method=method, rank=4, null_threshold=1.0)
+        TEACHER_FACTORIES[family](), make_vit(32, 4, seed=1), DistillationModelConfig(method=method, rank=4, null_threshold=1.0)
     )
     output = model(pixel_values=images)
     assert torch.isfinite(output.loss) and output.loss > 0
@@ -108,7 +108,7 @@ def test_every_trainable_parameter_gets_a_gradient(family, method, images, tmp_p
     The 6-block teacher maps onto student blocks up to 4 of 6, so block 5 and the final norm are unreached."""
     student = STUDENT_FACTORIES[family]()
     initial = {name: value.clone() for name, value in student.state_dict().items()}
-    model = DistillationModel(make_vit(), student, DistillationConfig(method=method, rank=4)).train()
+    model = DistillationModel(make_vit(), student, DistillationModelConfig(method=method, rank=4)).train()
     assert max(model.student_layers) == 4
     model(pixel_values=images).loss.backward()
     missing = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
@@ -131,7 +131,7 @@ def test_every_trainable_parameter_gets_a_gradient(family, method, images, tmp_p
 @pytest.mark.parametrize("family", ["deit", "clip_vision_model", "timm_wrapper"])
 def test_other_families_work_as_students(family, images):
     student = TEACHER_FACTORIES[family]()
-    model = DistillationModel(make_vit(), student, DistillationConfig(rank=4))
+    model = DistillationModel(make_vit(), student, DistillationModelConfig(rank=4))
     model(pixel_values=images).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
@@ -139,7 +139,7 @@ def test_other_families_work_as_students(family, images):
 def _model(**overrides):
     teacher = overrides.pop("teacher", None) or make_vit()
     student = overrides.pop("student", None) or make_vit(32, 4, seed=1)
-    return DistillationModel(teacher, student, DistillationConfig(**overrides))
+    return DistillationModel(teacher, student, DistillationModelConfig(**overrides))
 
 
 @pytest.mark.parametrize(
@@ -161,8 +161,8 @@ def _model(**overrides):
         (lambda: _model(teacher_layers=[0, 1, 2, 3, 4]), "teacher_layers: 5 teacher layers cannot map one-to-one onto a 4-block student"),
         (lambda: SingerConfig(layers=[3, 3]), "layers: duplicate"),
         (lambda: SingerConfig(layers=[]), "layers: give at least one"),
-        (lambda: SingerConfig(layers=[1], init="zeros"), "init: must be one of"),
-        (lambda: peft.get_peft_model(make_vit(), SingerConfig(layers=[1, 9])), "layers: block index 9 is out of range for a 6-block teacher"),
+        (lambda: SingerConfig(layers=[1], adapter_init="zeros"), "adapter_init: must be one of"),
+        (lambda: peft.get_peft_model(make_vit(), SingerConfig(layers=[1, 9])), "layers: block 9 is out of range for a 6-block vit model"),
     ],
 )
 def test_bad_configuration_raises_one_clear_error(build, argument):
@@ -200,13 +200,13 @@ def test_kd_compares_matching_tokens_only(teacher_family, images):
             model_args=dict(img_size=IMAGE, patch_size=PATCH, embed_dim=48, depth=6, num_heads=2))), 4, False),
         "deit_cls_and_distillation": (lambda: TEACHER_FACTORIES["deit"](), 2, True),
     }[teacher_family]
-    model = DistillationModel(teacher(), make_vit(32, 4, seed=1), DistillationConfig(method="fitnet", teacher_layers=[5]))
+    model = DistillationModel(teacher(), make_vit(32, 4, seed=1), DistillationModelConfig(method="fitnet", teacher_layers=[5]))
     teacher_feature = torch.randn(2, teacher_prefix + 16, 48)
     student_feature = torch.randn(2, 1 + 16, 32)
     kept = slice(0, None) if has_cls else slice(1, None)  # the student's CLS only when the teacher has one
     teacher_tokens = torch.cat([teacher_feature[:, :1], teacher_feature[:, teacher_prefix:]], 1) if has_cls else teacher_feature[:, teacher_prefix:]
-    expected = F.mse_loss(model.projectors[0](student_feature[:, kept]), teacher_tokens)
-    torch.testing.assert_close(model._kd(0, student_feature, teacher_feature), expected)
+    expected = F.mse_loss(model.method.projectors[0](student_feature[:, kept]), teacher_tokens)
+    torch.testing.assert_close(model.method.kd(model.method.projectors[0], student_feature, teacher_feature), expected)
 
 
 def test_teacher_built_for_another_size_reads_the_students_images():
@@ -214,7 +214,7 @@ def test_teacher_built_for_another_size_reads_the_students_images():
     config = tiny_config(transformers.Dinov2Config, 48, 6)
     config.image_size = 2 * IMAGE
     teacher = transformers.Dinov2Model(config)
-    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(rank=4))
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(rank=4))
     assert model.image_size == IMAGE
     output = model(pixel_values=torch.randn(2, 3, IMAGE, IMAGE))
     assert torch.isfinite(output.loss)
@@ -233,7 +233,7 @@ def test_tracing_the_student_leaves_its_mode_and_the_random_state_alone():
     for dropout in (0.0, 0.5):
         torch.manual_seed(0)
         student = transformers.ViTModel(tiny_config(transformers.ViTConfig, 32, 4, hidden_dropout_prob=dropout))
-        model = DistillationModel(make_vit(), student, DistillationConfig(rank=4))
+        model = DistillationModel(make_vit(), student, DistillationModelConfig(rank=4))
         assert student.training
-        projectors[dropout] = model.projectors.state_dict()
+        projectors[dropout] = model.method.projectors.state_dict()
     assert all(torch.equal(value, projectors[0.5][key]) for key, value in projectors[0.0].items())

@@ -87,18 +87,18 @@ def _student(image=28, patch=7):
     ids=["dinov2_swiglu", "timm_dinov2_giant_swiglu", "timm_parallel_blocks"],
 )
 def test_blocks_without_a_plain_mlp_fail_at_construction_for_singer_only(teacher, message):
-    from singer_hf import DistillationConfig, DistillationModel
+    from singer_hf import DistillationModelConfig, DistillationModel
 
     with pytest.raises(ValueError, match=message) as error:
-        DistillationModel(teacher(), _student(), DistillationConfig(teacher_layers=[1, 2], rank=4))
+        DistillationModel(teacher(), _student(), DistillationModelConfig(teacher_layers=[1, 2], rank=4))
     assert "\n" not in str(error.value) and "fitnet" in str(error.value)
-    model = DistillationModel(teacher(), _student(), DistillationConfig(method="fitnet", teacher_layers=[1, 2]))
+    model = DistillationModel(teacher(), _student(), DistillationModelConfig(method="fitnet", teacher_layers=[1, 2]))
     assert torch.isfinite(model(pixel_values=torch.randn(2, 3, 28, 28)).loss)
 
 
 def test_non_vit_timm_models_fail_at_construction():
-    from singer_hf import DistillationConfig, DistillationModel
+    from singer_hf import DistillationModelConfig, DistillationModel
 
     with pytest.raises(ValueError, match=r"^teacher: timm Eva \(eva02_tiny_patch14_224\) is not supported") as error:
-        DistillationModel(_tiny_timm("eva02_tiny_patch14_224"), _student(), DistillationConfig(method="fitnet"))
+        DistillationModel(_tiny_timm("eva02_tiny_patch14_224"), _student(), DistillationModelConfig(method="fitnet"))
     assert "\n" not in str(error.value)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_vit
 
-from singer_hf import DistillationConfig, DistillationModel, SingerConfig
+from singer_hf import DistillationModelConfig, DistillationModel, SingerConfig
 from singer_hf.losses import outlier_loss
 
 
@@ -38,7 +38,7 @@ def _refine(layer, feature):
 @pytest.mark.parametrize("layers", [[2, 5], [1, 3, 5], [5]])
 def test_singer_losses_match_the_spec(layers, images):
     torch.manual_seed(0)
-    model = DistillationModel(make_vit(48, 6, seed=0), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=layers, rank=8))
+    model = DistillationModel(make_vit(48, 6, seed=0), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=layers, rank=8))
     _perturb_adapters(model)
     output = model(pixel_values=images)
 
@@ -49,7 +49,7 @@ def test_singer_losses_match_the_spec(layers, images):
     for index, (layer, student_layer) in enumerate(zip(layers, model.student_layers)):
         feature = teacher_hidden[layer + 1]
         refined = _refine(model.adapters[layer], feature)
-        kd.append(((model.projectors[index](student_hidden[student_layer + 1]) - refined) ** 2).mean())
+        kd.append(((model.method.projectors[index](student_hidden[student_layer + 1]) - refined) ** 2).mean())
         outlier.append(_spec_outlier(refined[:, 1:], 0.97))
         if layer == layers[-1]:
             reference = previous if previous is not None else feature
@@ -81,22 +81,22 @@ def test_outlier_loss_uses_a_strict_per_image_quantile():
 
 def test_ablations_and_loss_weights(images):
     base = dict(teacher_layers=[2, 5], rank=8)
-    no_info = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(info_weight=0.0, **base))
+    no_info = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(info_weight=0.0, **base))
     output = no_info(pixel_values=images)
     torch.testing.assert_close(output.loss, output.losses["kd"] + 0.01 * output.losses["outlier"])
-    random = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(adapter_init="random", **base))
-    assert all(layer.null_directions["default"] == 0 for layer in random.adapters.values())
-    assert random.teacher.peft_config["default"].init == "random"
+    random = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(adapter_init="random", **base))
+    assert all(layer.nullspace_row_count["default"] == 0 for layer in random.adapters.values())
+    assert random.teacher.peft_config["default"].adapter_init == "random"
 
 
 def test_fitnet_is_lambda_times_the_sum_over_layers(images):
-    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(method="fitnet"))
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(method="fitnet"))
     assert model.teacher_layers == [2, 4, 5]
     output = model(pixel_values=images)
     teacher_hidden = model.teacher(pixel_values=images, output_hidden_states=True).hidden_states
     student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states
     expected = sum(
-        ((model.projectors[i](student_hidden[s + 1]) - teacher_hidden[t + 1]) ** 2).mean()
+        ((model.method.projectors[i](student_hidden[s + 1]) - teacher_hidden[t + 1]) ** 2).mean()
         for i, (t, s) in enumerate(zip(model.teacher_layers, model.student_layers))
     )
     torch.testing.assert_close(output.losses["kd"], expected)
@@ -104,7 +104,7 @@ def test_fitnet_is_lambda_times_the_sum_over_layers(images):
 
 
 def test_vitkd_generation_is_scored_on_masked_tokens_only(images):
-    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationConfig(method="vitkd"))
+    model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(method="vitkd"))
     assert model.teacher_layers == [0, 1, 5] and model.student_layers == [0, 1, 3]
     torch.manual_seed(3)
     output = model(pixel_values=images)
@@ -112,37 +112,37 @@ def test_vitkd_generation_is_scored_on_masked_tokens_only(images):
     masked = torch.rand(2, 16) < 0.5
     student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states
     teacher_hidden = model.teacher(pixel_values=images, output_hidden_states=True).hidden_states
-    tokens = model.generation_projector(student_hidden[4][:, 1:])
-    tokens = torch.where(masked[..., None], model.mask_token, tokens)
-    generated = model.generator(tokens.transpose(1, 2).reshape(2, 48, 4, 4)).flatten(2).transpose(1, 2)
+    tokens = model.method.generation_projector(student_hidden[4][:, 1:])
+    tokens = torch.where(masked[..., None], model.method.mask_token, tokens)
+    generated = model.method.generator(tokens.transpose(1, 2).reshape(2, 48, 4, 4)).flatten(2).transpose(1, 2)
     errors = ((generated - teacher_hidden[6][:, 1:]) ** 2).mean(-1)
     torch.testing.assert_close(output.losses["generation"], errors[masked].mean())
     output.loss.backward()
-    assert model.mask_token.grad is not None and model.generator[0].weight.grad.abs().sum() > 0
+    assert model.method.mask_token.grad is not None and model.method.generator[0].weight.grad.abs().sum() > 0
 
 
 def test_prefix_tokens_align_by_cls_and_patches(images):
     from conftest import TEACHER_FACTORIES
 
     teacher = TEACHER_FACTORIES["dinov2_with_registers"]()
-    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[5], rank=4))
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[5], rank=4))
     output = model(pixel_values=images)
     teacher_hidden = model.teacher.get_base_model()(pixel_values=images, output_hidden_states=True).hidden_states
     refined = model.adapters[5].refine(teacher_hidden[6])
     assert torch.equal(refined[:, :5], teacher_hidden[6][:, :5])  # CLS and registers untouched
     student = model.student(pixel_values=images, output_hidden_states=True).hidden_states[model.student_layers[0] + 1]
     target = torch.cat([refined[:, :1], refined[:, 5:]], 1)  # registers have no student counterpart
-    torch.testing.assert_close(output.losses["kd"], ((model.projectors[0](student) - target) ** 2).mean())
+    torch.testing.assert_close(output.losses["kd"], ((model.method.projectors[0](student) - target) ** 2).mean())
 
 
 def test_peft_teacher_can_be_passed_in(tmp_path, images):
     peft.get_peft_model(make_vit(), SingerConfig(layers=[4, 5], rank=4)).save_pretrained(tmp_path)
     teacher = peft.PeftModel.from_pretrained(make_vit(), tmp_path)  # loaded for inference: adapters frozen
-    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5], rank=4))
+    model = DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[4, 5], rank=4))
     assert model.teacher is teacher and sorted(model.adapters) == [4, 5]
     trainable = [name for name, param in model.teacher.named_parameters() if param.requires_grad]
     assert len(trainable) == 4 and all("singer_" in name for name in trainable)
     with pytest.raises(ValueError, match="teacher_layers"):
-        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[3, 5], rank=4))
+        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[3, 5], rank=4))
     with pytest.raises(ValueError, match="rank: 8 differs from the teacher's SiNGER adapters of rank 4"):
-        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[4, 5], rank=8))
+        DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[4, 5], rank=8))

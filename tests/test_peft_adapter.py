@@ -44,7 +44,7 @@ def test_adapter_leaves_teacher_outputs_unchanged(family, images):
 
 
 def test_save_and_load_round_trip(tmp_path, images):
-    config = SingerConfig(layers=[2, 5], rank=6, null_threshold=0.3, init="nullspace", seed=7)
+    config = SingerConfig(layers=[2, 5], rank=6, null_threshold=0.3, adapter_init="nullspace", adapter_seed=7)
     model = peft.get_peft_model(make_vit(seed=3), config)
     with torch.no_grad():  # move away from the deterministic init so loading must really read the file
         for param in model.parameters():
@@ -56,7 +56,7 @@ def test_save_and_load_round_trip(tmp_path, images):
 
     loaded_config = peft.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded_config, SingerConfig)
-    for field in ("layers", "rank", "null_threshold", "init", "seed", "target_modules"):
+    for field in ("layers", "rank", "null_threshold", "adapter_init", "adapter_seed", "target_modules"):
         assert getattr(loaded_config, field) == getattr(config, field)
 
     loaded = peft.PeftModel.from_pretrained(make_vit(seed=3), tmp_path)
@@ -72,7 +72,7 @@ def test_save_and_load_round_trip(tmp_path, images):
 
 def test_refine_touches_patch_tokens_only(images):
     teacher = TEACHER_FACTORIES["dinov2_with_registers"]()
-    model = peft.get_peft_model(teacher, SingerConfig(layers=[4], rank=4, init="random"))
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[4], rank=4, adapter_init="random"))
     layer = model.base_model.singer_layers[4]
     assert layer.num_prefix_tokens == 5  # CLS + 4 registers
     features = torch.randn(2, 5 + 16, 48)
@@ -105,7 +105,7 @@ def test_nullspace_basis_follows_the_spec():
 
 
 def test_random_padding_is_seeded_per_layer():
-    make = lambda seed: peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 4], rank=4, init="random", seed=seed))  # noqa: E731
+    make = lambda seed: peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 4], rank=4, adapter_init="random", adapter_seed=seed))  # noqa: E731
     a, b, c = make(0).base_model.singer_layers, make(0).base_model.singer_layers, make(1).base_model.singer_layers
     assert torch.equal(a[2].singer_up["default"], b[2].singer_up["default"])
     assert not torch.equal(a[2].singer_up["default"], a[4].singer_up["default"])
@@ -115,7 +115,7 @@ def test_random_padding_is_seeded_per_layer():
 def test_nullspace_init_counts_the_directions_it_found():
     teacher = make_vit()
     model = peft.get_peft_model(teacher, SingerConfig(layers=[2, 5], rank=8, null_threshold=1e9))
-    assert all(layer.null_directions["default"] == 8 for layer in model.base_model.singer_layers.values())
+    assert all(layer.nullspace_row_count["default"] == 8 for layer in model.base_model.singer_layers.values())
     assert isinstance(model.base_model.singer_layers[2], SingerLayer)
 
 
@@ -136,19 +136,60 @@ def test_unload_returns_the_plain_teacher(method, images):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_merge_adapter_says_why_it_is_not_supported():
-    model = peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 5], rank=4))
-    with pytest.raises(NotImplementedError, match="nothing to merge|no weight to merge"):
-        model.merge_adapter()
+def test_merging_changes_no_weight_and_keeps_peft_bookkeeping(images):
+    """A side branch has nothing to add to the teacher's weights: merge_adapter records the merge
+    (for the named adapters only), the forward pass and every weight stay as they were."""
+    model = peft.get_peft_model(make_vit().eval(), SingerConfig(layers=[2, 5], rank=4))
+    model.add_adapter("other", SingerConfig(layers=[2, 5], rank=2, adapter_seed=1))
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    before = singer_hf.resolve_vit(model).block_outputs(images)
+    model.merge_adapter(adapter_names=["other"], safe_merge=True)
+    layer = model.base_model.singer_layers[2]
+    assert layer.merged and layer.merged_adapters == ["other"]
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    after = singer_hf.resolve_vit(model).block_outputs(images)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    model.unmerge_adapter()
+    assert not layer.merged
+    with pytest.raises(ValueError, match=r"adapter_names: 'missing' is not an adapter of this layer"):
+        model.merge_adapter(adapter_names=["missing"])
+
+
+def test_named_adapters_disable_and_switch(images):
+    """Two adapters on one teacher: refine picks one by name or the active one; disable_adapter turns refinement off."""
+    model = peft.get_peft_model(make_vit().eval(), SingerConfig(layers=[2, 5], rank=4))
+    model.add_adapter("other", SingerConfig(layers=[2, 5], rank=2, adapter_seed=1, adapter_init="random"))
+    layer = model.base_model.singer_layers[5]
+    feature = singer_hf.resolve_vit(model).block_outputs(images)[5]
+    by_name = {name: layer.refine(feature, adapter_names=[name]) for name in ("default", "other")}
+    assert not torch.allclose(by_name["default"], by_name["other"])
+    assert torch.equal(layer.refine(feature), by_name["default"])  # "default" is active
+    model.set_adapter("other")
+    assert torch.equal(layer.refine(feature), by_name["other"])
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and all(".other" in name for name in trainable)
+    with model.disable_adapter():
+        assert torch.equal(layer.refine(feature), feature)
+    assert torch.equal(layer.refine(feature), by_name["other"])
+    with pytest.raises(ValueError, match=r"adapter_names: \['nope'\] are not adapters of this layer"):
+        layer.refine(feature, adapter_names=["nope"])
+
+
+def test_teacher_on_the_meta_device_is_one_clear_error():
+    with torch.device("meta"):
+        teacher = make_vit()
+    with pytest.raises(ValueError, match=r"^teacher: its weights are on the meta device") as error:
+        peft.get_peft_model(teacher, SingerConfig(layers=[2, 5], rank=4))
+    assert "\n" not in str(error.value)
 
 
 def test_add_and_delete_adapters():
     model = peft.get_peft_model(make_vit(), SingerConfig(layers=[2, 5], rank=4))
-    model.add_adapter("other", SingerConfig(layers=[2, 5], rank=2, seed=1))
+    model.add_adapter("other", SingerConfig(layers=[2, 5], rank=2, adapter_seed=1))
     layer = model.base_model.singer_layers[2]
-    assert set(layer.singer_down) == {"default", "other"} and layer.null_directions.keys() == {"default", "other"}
+    assert set(layer.singer_down) == {"default", "other"} and layer.nullspace_row_count.keys() == {"default", "other"}
     model.delete_adapter("other")
-    assert set(layer.singer_down) == set(layer.singer_up) == set(layer.null_directions) == {"default"}
+    assert set(layer.singer_down) == set(layer.singer_up) == set(layer.nullspace_row_count) == {"default"}
     assert "other" not in model.peft_config and layer.num_prefix_tokens == 1
 
 

@@ -8,7 +8,7 @@ import transformers
 from conftest import IMAGE, TEACHER_FACTORIES, make_vit, tiny_config
 from test_trainer import _args, _images, _model, _trainer
 
-from singer_hf import DistillationConfig, DistillationModel, resolve_vit
+from singer_hf import DistillationModelConfig, DistillationModel, resolve_vit
 
 HF_FAMILIES = {
     **{name: factory for name, factory in TEACHER_FACTORIES.items() if name != "timm_wrapper"},
@@ -42,7 +42,7 @@ class _FullTeacherModel(DistillationModel):
 def test_teacher_stops_after_the_deepest_distilled_block_with_the_same_losses(method, images):
     def build(model_class):
         torch.manual_seed(0)
-        return model_class(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationConfig(method=method, teacher_layers=[1, 3], rank=4))
+        return model_class(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationModelConfig(method=method, teacher_layers=[1, 3], rank=4))
 
     model, full = build(DistillationModel), build(_FullTeacherModel)
     calls = []
@@ -56,7 +56,7 @@ def test_teacher_stops_after_the_deepest_distilled_block_with_the_same_losses(me
 
 def test_bf16_teacher_weights_give_the_autocast_losses(images):
     def build():
-        return DistillationModel(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[2, 5], rank=4))
+        return DistillationModel(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=4))
 
     model, cast = build(), build()
     cast.cast_teacher(torch.bfloat16)
@@ -70,7 +70,7 @@ def test_bf16_teacher_weights_give_the_autocast_losses(images):
 
 
 def test_bf16_training_casts_the_teacher_once_and_trains_the_adapters(tmp_path):
-    model = DistillationModel(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationConfig(teacher_layers=[2, 5], rank=4))
+    model = DistillationModel(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=4))
     adapter = model.adapters[2].singer_up["default"]
     before = adapter.detach().clone()
     trainer = _trainer(model, _args(tmp_path, bf16=True, max_steps=2, logging_steps=1), data=_images(16))

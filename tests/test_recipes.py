@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from singer_hf.methods import get_method
 from standins import save_hf, save_timm, vit_processor, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplo
     assert result["metrics"]["train_runtime"] > 0
     # What the run says and writes is the recipe's method's, not SiNGER's for every method.
     singer = recipe["method"] == "singer"
-    assert f"{distill.METHOD_NAMES[recipe['method']]} distillation" in caplog.text
+    assert f"{get_method(recipe['method']).label} distillation" in caplog.text
     assert ("adapter on block" in caplog.text) == singer and ("adapters" in capsys.readouterr().out) == singer
     research = (output / "distillation" / "README.md").read_text()
     assert "More Information Needed" not in research and ("PeftModel.from_pretrained" in research) == singer

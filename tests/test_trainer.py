@@ -10,7 +10,7 @@ from conftest import IMAGE, make_vit
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
 
-from singer_hf import DistillationConfig, DistillationModel
+from singer_hf import DistillationModelConfig, DistillationModel
 from singer_hf.data import PixelNormalizer, PixelValuesCollator
 from singer_hf.trainer import SingerTrainer, SingerTrainingArguments
 
@@ -25,7 +25,7 @@ def _model(student_seed=1, **config):
     config = {"teacher_layers": [2, 5], "rank": 8, **config}
     teacher, student = make_vit(seed=0), make_vit(32, 4, seed=student_seed)
     torch.manual_seed(student_seed)
-    model = DistillationModel(teacher, student, DistillationConfig(**config))
+    model = DistillationModel(teacher, student, DistillationModelConfig(**config))
     with torch.no_grad():
         for layer in model.adapters.values():
             layer.singer_up["default"].add_(0.01 * (student_seed - 1) * torch.randn_like(layer.singer_up["default"]))

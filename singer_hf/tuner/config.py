@@ -8,11 +8,34 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..validation import DISTILLATION_FIELDS, check_value
+from ..checks import block_indices, check_fields, checked_field, integer_at_least, number_at_least, one_of
+
+INIT_METHODS = ("nullspace", "random")
 
 
 @dataclass
-class SingerConfig(PeftConfig):
+class AdapterFields:
+    """The adapter's settings, declared once: `SingerConfig` and the distillation settings inherit them."""
+
+    rank: int = checked_field(64, help="SiNGER adapter rank r (basis rows per adapter).", check=integer_at_least(1))
+    null_threshold: float = checked_field(
+        0.05,
+        help="τ: absolute threshold on the singular values of M = (W_fc2 W_fc1)ᵀ; directions with σ < τ form the nullspace.",
+        check=number_at_least(0),
+    )
+    adapter_init: Literal["nullspace", "random"] = checked_field(
+        "nullspace", help=f"One of {list(INIT_METHODS)} (random: the paper's ablation).", check=one_of(INIT_METHODS)
+    )
+    adapter_seed: int = checked_field(
+        0, help="Seed of the adapters' random rows; block l uses seed + l.", check=integer_at_least(0)
+    )
+
+    def adapter_values(self) -> dict:
+        return {name: getattr(self, name) for name in AdapterFields.__dataclass_fields__}
+
+
+@dataclass
+class SingerConfig(PeftConfig, AdapterFields):
     """
     Configuration of a [`SingerModel`]: one low-rank adapter per distilled teacher block.
 
@@ -20,32 +43,21 @@ class SingerConfig(PeftConfig):
     output F^l of block l into F̂^l = F^l + (F^l W_d) W_u on patch tokens (prefix tokens untouched),
     and the refined features are what SiNGER distils. W_d = Nᵀ and W_u = N start from a basis N of the
     approximate left-nullspace of the next block's MLP, so the refinement barely changes what that
-    block computes.
+    block computes. The basis has `rank` rows: nullspace directions first (σ < `null_threshold`),
+    then seeded random unit rows if there are fewer; `adapter_init="random"` uses random rows only.
 
     Args:
         layers (`list[int]`):
             Distilled teacher blocks 𝓛, ascending (0-based). The last one is the "final" layer: its
             basis comes from its own block's MLP; every other layer l uses block l + 1's MLP. The
             paper's ViT-L run uses [17, 23].
-        rank (`int`):
-            r, the number of basis rows per adapter (W_d is D×r, W_u is r×D).
-        null_threshold (`float`):
-            τ, absolute threshold on the singular values of M = (W_fc2 W_fc1)ᵀ: directions with σ < τ
-            form the nullspace candidates. Missing rows are filled with seeded random unit vectors.
-        init (`str`):
-            "nullspace" (the method) or "random" (the paper's ablation: r random unit-norm rows).
-        seed (`int`):
-            Seed of the random rows (padding rows of a short nullspace, or the "random" init); block l
-            uses seed + l, so initialisation is reproducible.
         target_modules (`Optional[Union[list[str], str]]`):
             Filled in from `layers` and the teacher's architecture table entry; leave as None.
     """
 
-    layers: list[int] = field(default_factory=list, metadata={"help": "Distilled teacher blocks, ascending."})
-    rank: int = DISTILLATION_FIELDS["rank"].field()
-    null_threshold: float = DISTILLATION_FIELDS["null_threshold"].field()
-    init: Literal["nullspace", "random"] = DISTILLATION_FIELDS["adapter_init"].field()
-    seed: int = DISTILLATION_FIELDS["adapter_seed"].field()
+    layers: list[int] = checked_field(
+        default_factory=list, help="Distilled teacher blocks, ascending.", check=block_indices(optional=False)
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Regex of the adapted blocks; derived from `layers`, leave None."}
     )
@@ -53,10 +65,5 @@ class SingerConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SINGER
-        # The same checks as DistillationConfig's fields of the same meaning (validation.py).
-        for name, spec_name in (("layers", "teacher_layers"), ("rank", None), ("null_threshold", None),
-                                ("init", "adapter_init"), ("seed", "adapter_seed")):  # fmt: skip
-            check_value(name, getattr(self, name), spec_name)
-        if not self.layers:
-            raise ValueError("layers: give at least one distilled teacher block index, e.g. [17, 23]")
+        check_fields(self)
         self.layers = sorted(self.layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 
@@ -35,14 +35,19 @@ def nullspace_basis(
     return basis_with_count(matrix, rank, threshold, generator)[0]
 
 
+def check_rank(rank: int, width: int) -> None:
+    """A basis has at most as many rows as the teacher is wide."""
+    if not 1 <= rank <= width:
+        raise ValueError(f"rank: must be in [1, {width}] for a {width}-wide teacher, got {rank}")
+
+
 def basis_with_count(
     matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, int]:
     """`nullspace_basis` and how many of its rows are nullspace directions (one SVD)."""
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"matrix: must be square D×D, got shape {tuple(matrix.shape)}")
-    if rank < 1 or rank > matrix.shape[0]:
-        raise ValueError(f"rank: must be in [1, {matrix.shape[0]}] for a {matrix.shape[0]}-wide teacher, got {rank}")
+    check_rank(rank, matrix.shape[0])
     directions = nullspace_directions(matrix, threshold)[:rank]
     if len(directions) == 0:
         warnings.warn(
@@ -56,12 +61,18 @@ def basis_with_count(
 class SingerLayer(nn.Module, BaseTunerLayer):
     """Wraps one teacher block; owns that block's adapters (W_d: D×r, W_u: r×D per adapter name).
 
-    `forward` is the block's own forward, unchanged. `refine(F)` applies the active adapters to the
-    patch tokens of the block's output F; prefix tokens (CLS, registers) are returned as they are.
+    `forward` is the block's own forward, unchanged. `refine(F)` applies the active adapters (or the
+    named ones) to the patch tokens of the block's output F; prefix tokens (CLS, registers) are
+    returned as they are.
+
+    Merging: the adapters never enter the teacher's forward pass, so there is nothing to add to its
+    weights. `merge` records the adapters as merged (PEFT's bookkeeping) and changes no weight, and
+    `merge_and_unload()` returns the plain teacher, which computes exactly what the adapted teacher's
+    forward computed; the refined features exist only through `refine`.
     """
 
     adapter_layer_names = ("singer_down", "singer_up")
-    other_param_names = ("null_directions",)  # per-adapter state besides the weights (deleted with the adapter)
+    other_param_names = ("nullspace_row_count",)  # per-adapter state besides the weights (deleted with the adapter)
 
     def __init__(self, base_layer: nn.Module, num_prefix_tokens: int) -> None:
         super().__init__()
@@ -69,39 +80,45 @@ class SingerLayer(nn.Module, BaseTunerLayer):
         self.num_prefix_tokens = num_prefix_tokens
         self.singer_down = nn.ParameterDict({})
         self.singer_up = nn.ParameterDict({})
-        self.null_directions: dict[str, int] = {}
+        self.nullspace_row_count: dict[str, int] = {}
         """How many basis rows of each adapter came from the nullspace (the rest are random)."""
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, basis: torch.Tensor, null_directions: int) -> None:
+    def update_layer(self, adapter_name: str, basis: torch.Tensor, nullspace_row_count: int) -> None:
         weight = self.get_base_layer().parameters().__next__()
         basis = basis.to(device=weight.device)
         self.singer_down[adapter_name] = nn.Parameter(basis.T.contiguous())
         self.singer_up[adapter_name] = nn.Parameter(basis.clone())
-        self.null_directions[adapter_name] = null_directions
+        self.nullspace_row_count[adapter_name] = nullspace_row_count
         self.set_adapter(self.active_adapters)
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
 
-    def refine(self, features: torch.Tensor) -> torch.Tensor:
-        """F̂ = concat(prefix, X + Σ_active (X W_d) W_u) with X the patch tokens of `features` (B×N×D)."""
+    def refine(self, features: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """F̂ = concat(prefix, X + Σ (X W_d) W_u) with X the patch tokens of `features` (B×N×D), summed
+        over `adapter_names` (default: the active adapters; unknown names raise)."""
         if self.disable_adapters:
             return features
+        if adapter_names is None:
+            adapter_names = [name for name in self.active_adapters if name in self.singer_down]
+        elif unknown := [name for name in adapter_names if name not in self.singer_down]:
+            raise ValueError(f"adapter_names: {unknown} are not adapters of this layer ({sorted(self.singer_down)})")
         prefix, patches = features.split([self.num_prefix_tokens, features.shape[1] - self.num_prefix_tokens], 1)
         refined = patches
-        for name in self.active_adapters:
-            if name in self.singer_down:
-                down, up = self.singer_down[name], self.singer_up[name]
-                refined = refined + (patches @ down.to(patches.dtype)) @ up.to(patches.dtype)
+        for name in adapter_names:
+            down, up = self.singer_down[name], self.singer_up[name]
+            refined = refined + (patches @ down.to(patches.dtype)) @ up.to(patches.dtype)
         return torch.cat([prefix, refined], dim=1)
 
-    def merge(self, *args, **kwargs) -> None:
-        raise NotImplementedError(
-            "SiNGER adapters refine the teacher's features beside its forward pass; there is no weight to merge them "
-            "into (merge_and_unload() returns the plain teacher)"
-        )
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Marks the adapters merged; no weight changes (see the class docstring). `safe_merge` has no
+        merged weight to check."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.singer_down:
+                raise ValueError(f"adapter_names: {name!r} is not an adapter of this layer ({sorted(self.singer_down)})")
+            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        raise NotImplementedError("SiNGER adapters are never merged, so there is nothing to unmerge")
+        self.merged_adapters.clear()

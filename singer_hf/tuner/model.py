@@ -10,18 +10,20 @@ from torch import nn
 
 from ..architectures import ResolvedViT, resolve_vit
 from .config import SingerConfig
-from .layer import SingerLayer, _random_unit_rows, basis_with_count
+from .layer import SingerLayer, _random_unit_rows, basis_with_count, check_rank
 
 
 class SingerModel(BaseTuner):
     """PEFT tuner for SiNGER; build it with `peft.get_peft_model(teacher, SingerConfig(...))`.
 
     Block l of 𝓛 is wrapped in a `SingerLayer` whose basis comes from the MLP of block l + 1 (block
-    l itself for the final layer), following SPEC §4. The wrapped teacher computes exactly what it
+    l itself for the final layer), as docs/method.md describes. The wrapped teacher computes exactly what it
     computed before; `singer_layers` gives the adapters that refine its block outputs.
 
-    The whole PEFT lifecycle works: `delete_adapter`, `unload` and `merge_and_unload` (which, with
-    nothing to merge into the teacher's weights, is `unload`) return or leave the plain teacher.
+    The PEFT lifecycle works as for any method: several named adapters (`add_adapter`,
+    `set_adapter`, `delete_adapter`), `disable_adapter()`, `unload`, and `merge_adapter` /
+    `merge_and_unload`, which change no weight: the adapters never enter the teacher's forward pass
+    (see `SingerLayer`), so the unloaded teacher computes exactly what the adapted one did.
     """
 
     prefix: str = "singer_"
@@ -37,14 +39,14 @@ class SingerModel(BaseTuner):
         `target_modules` is derived from the blocks found in the model (a CLIP model's text tower has
         blocks of the same name); one given by the user or a saved config must select those same blocks.
         """
-        teacher = resolve_vit(model, "teacher")
-        if peft_config.layers[-1] >= teacher.depth:
+        if any(parameter.is_meta for parameter in model.parameters()):
             raise ValueError(
-                f"layers: block index {peft_config.layers[-1]} is out of range for a {teacher.depth}-block teacher "
-                f"(valid: 0..{teacher.depth - 1})"
+                "teacher: its weights are on the meta device (built without weights); the nullspace is computed from "
+                "them: load the teacher with from_pretrained (or materialise it) before adding SiNGER adapters"
             )
-        if peft_config.rank > teacher.width:
-            raise ValueError(f"rank: must be in [1, {teacher.width}] for a {teacher.width}-wide teacher, got {peft_config.rank}")
+        teacher = resolve_vit(model, "teacher")
+        teacher.check_blocks(peft_config.layers, "layers")
+        check_rank(peft_config.rank, teacher.width)
         wanted = {id(teacher.blocks[layer]) for layer in peft_config.layers}
         names = sorted((name for name, module in model.named_modules() if id(module) in wanted), key=_block_index)
         if peft_config.target_modules is None:
@@ -63,8 +65,8 @@ class SingerModel(BaseTuner):
     def _create_and_replace(self, config: SingerConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = int(target_name)
         fc1, fc2 = self._teacher.mlp_weights(basis_block(layer, config.layers))
-        generator = torch.Generator().manual_seed(config.seed + layer)
-        if config.init == "nullspace":
+        generator = torch.Generator().manual_seed(config.adapter_seed + layer)
+        if config.adapter_init == "nullspace":
             matrix = (fc2.detach().double() @ fc1.detach().double()).T  # M = (W_fc2 W_fc1)ᵀ, D×D
             basis, found = basis_with_count(matrix, config.rank, config.null_threshold, generator)
         else:
@@ -82,10 +84,6 @@ class SingerModel(BaseTuner):
         # The tuner wraps whole blocks, not leaf layers: PEFT's version would copy a `weight` that
         # blocks do not have. The adapter's weights are created on the block's device.
         setattr(parent, child_name, new_module)
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """The plain teacher: a SiNGER adapter is a side branch with nothing to merge into its weights."""
-        return self.unload()
 
     @property
     def singer_layers(self) -> dict[int, SingerLayer]:

@@ -1,0 +1,158 @@
+"""What a distillation method is, the settings methods share, and the registry that names them.
+
+A method distils one teacher into one student: it knows its default teacher layers and loss
+weights, builds the heads it trains (projectors, generators, ...), computes its losses from the
+teacher's and the student's block outputs, and describes itself for the model card. The
+`DistillationModel` does everything else (resolving the models, planning the layers, freezing,
+running the teacher once); it never asks which method it runs.
+
+A new method is one file: a subclass of `DistillationMethod` decorated with `@register_method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..architectures import ResolvedViT
+from ..checks import block_indices, checked_field, number_at_least, one_of, open_interval
+from ..losses import feature_mse
+from ..tuner.config import AdapterFields, SingerConfig
+
+METHODS: dict[str, type[DistillationMethod]] = {}
+"""Every registered method by name: the values `--method` accepts."""
+
+
+def register_method(method: type[DistillationMethod]) -> type[DistillationMethod]:
+    """Class decorator: makes `method` available by its `name` (model configs, `--method`, recipes)."""
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise ValueError(f"method: a method named {method.name!r} is already registered ({METHODS[method.name].__name__})")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> type[DistillationMethod]:
+    if name not in METHODS:
+        raise ValueError(f"method: must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def method_label(name: str) -> str:
+    """The method's display name ("SiNGER"), or `name` itself for one that is not registered here."""
+    return METHODS[name].label if name in METHODS else name
+
+
+def _weight_field(help: str):
+    return checked_field(None, help=help, check=number_at_least(0, optional=True))
+
+
+@dataclass
+class MethodFields(AdapterFields):
+    """How one student is distilled from one teacher, declared once (the model's config and the
+    training arguments inherit these fields; the adapter's come from `AdapterFields`).
+
+    `None` takes the method's default: its teacher layers scaled to the teacher's depth, its loss weights.
+    """
+
+    method: str = checked_field("singer", help="Distillation method (singer, fitnet, vitkd, or any registered one).", check=one_of(lambda: METHODS))
+    teacher_layers: list[int] | None = checked_field(
+        None, help="Distilled teacher blocks (0-based); default: the method's, scaled to the teacher's depth.", check=block_indices(optional=True)
+    )
+    outlier_quantile: float = checked_field(
+        0.97, help="q: per-image norm quantile above which patch tokens are outliers (SiNGER).", check=open_interval(0, 1)
+    )
+    kd_weight: float | None = _weight_field("λ_KD (default: singer 1, fitnet 10, vitkd mimic 1).")
+    outlier_weight: float | None = _weight_field("λ_out (default: singer 0.01).")
+    info_weight: float | None = _weight_field("λ_info (default: singer 1; 0 is the ablation).")
+    generation_weight: float | None = _weight_field("ViTKD generation weight (default 1).")
+    mask_ratio: float = checked_field(0.5, help="Fraction of student patch tokens ViTKD masks.", check=open_interval(0, 1))
+
+    def method_values(self) -> dict:
+        return {name: getattr(self, name) for name in MethodFields.__dataclass_fields__}
+
+
+class DistillationMethod(nn.Module):
+    """One method distilling one teacher into one student; owns the heads it trains.
+
+    Subclasses set the class attributes and implement `losses`; `kd` is the feature-mimicking term
+    most methods share (a linear projector per layer pair, MSE on the tokens both models have).
+    """
+
+    name: ClassVar[str]
+    """Registry key: the `method` value."""
+    label: ClassVar[str]
+    """Display name, e.g. "SiNGER"."""
+    summary: ClassVar[str]
+    """What the method does, for the student's model card."""
+    heads_description: ClassVar[str]
+    """What the saved heads are, for the model card and `distillation/README.md`."""
+    loss_weights: ClassVar[dict[str, tuple[str, float]]]
+    """Loss term → (the `MethodFields` weight field that sets it, its default)."""
+    term_labels: ClassVar[dict[str, str]] = {"kd": "KD"}
+    """How the model card names a loss term, where not by its name."""
+    final_role: ClassVar[str] = "final"
+    other_role: ClassVar[str] = "intermediate"
+    """How the model card names the last distilled layer pair and the others."""
+
+    def __init__(self, config: MethodFields, teacher: ResolvedViT, student: ResolvedViT, teacher_layers: list[int], student_layers: list[int]):
+        super().__init__()
+        self.config = config
+        self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
+        self._teacher, self._student = teacher, student  # bound views of models the DistillationModel owns
+
+    @staticmethod
+    def default_layers(depth: int) -> list[int]:
+        """The distilled teacher blocks for a `depth`-block teacher when `teacher_layers` is None."""
+        raise NotImplementedError
+
+    @classmethod
+    def weights(cls, config: MethodFields) -> dict[str, float]:
+        """The weight of each loss term, defaults filled in."""
+        return {term: default if getattr(config, field) is None else getattr(config, field) for term, (field, default) in cls.loss_weights.items()}
+
+    @classmethod
+    def check_teacher(cls, teacher: ResolvedViT, teacher_layers: list[int]) -> None:
+        """Raises a one-line ValueError when this method cannot run on these teacher blocks (structure only, no weights)."""
+
+    @classmethod
+    def adapter_config(cls, config: MethodFields, teacher_layers: list[int]) -> SingerConfig | None:
+        """The PEFT adapter this method trains on the teacher, or None."""
+        return None
+
+    @classmethod
+    def settings(cls, config: MethodFields) -> list[tuple[str, str]]:
+        """(label, value) rows of the method's settings for the model card."""
+        weights = ", ".join(f"{cls.term_labels.get(term, term)} {value:g}" for term, value in cls.weights(config).items())
+        return [("Loss weights", weights)]
+
+    def bind_adapters(self, adapters: dict[int, nn.Module], adapter_name: str) -> None:
+        """The teacher's adapter layers this method trains (methods with an `adapter_config`)."""
+
+    def losses(self, teacher_features: tuple[torch.Tensor, ...], student_features: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """Each loss term (unweighted) from the teacher's and the student's block outputs."""
+        raise NotImplementedError
+
+    # -- shared by the feature-mimicking methods ------------------------------------------------
+    def make_projectors(self, count: int) -> nn.ModuleList:
+        return nn.ModuleList(nn.Linear(self._student.width, self._teacher.width) for _ in range(count))
+
+    def kd(self, projector: nn.Module, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        """MSE between the projected student tokens and the teacher's, on the tokens both models have."""
+        student_tokens, teacher_tokens = self.aligned(student_feature, teacher_feature)
+        return feature_mse(projector(student_tokens), teacher_tokens)
+
+    def aligned(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens when both models have the same prefix tokens; else the patches, after the CLS
+        token when both have one (registers and distillation tokens have no counterpart)."""
+        student, teacher = self._student, self._teacher
+        if (student.num_prefix_tokens, student.has_class_token) == (teacher.num_prefix_tokens, teacher.has_class_token):
+            return student_feature, teacher_feature
+        cls = 1 if student.has_class_token and teacher.has_class_token else 0
+
+        def keep(feature, vit):
+            return torch.cat([feature[:, :cls], feature[:, vit.num_prefix_tokens :]], dim=1)
+
+        return keep(student_feature, student), keep(teacher_feature, teacher)

@@ -1,0 +1,58 @@
+"""ViTKD: mimic the teacher's shallow blocks, generate its deepest one from masked student tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import feature_mse
+from .base import DistillationMethod, register_method
+
+
+@register_method
+class ViTKD(DistillationMethod):
+    """Shallow layers: MSE after a linear projector. Deepest layer: student patch tokens are masked at
+    random (`mask_ratio`) with a learned mask token, a generator (3×3 conv, ReLU, 3×3 conv on the patch
+    grid) reconstructs the teacher's patch tokens, MSE on the masked positions. Unlike the official
+    code, the generator and the mask token are trained."""
+
+    name = "vitkd"
+    label = "ViTKD"
+    summary = (
+        "ViTKD (a baseline in the paper): the student mimics the teacher's shallow blocks through linear "
+        "projectors, and a generator reconstructs the teacher's last block from randomly masked student "
+        "tokens."
+    )
+    heads_description = "the mimic projectors, the generation projector, the generator and the mask token."
+    loss_weights = {"mimic": ("kd_weight", 1.0), "generation": ("generation_weight", 1.0)}
+    final_role, other_role = "generated", "mimicked"
+
+    def __init__(self, config, teacher, student, teacher_layers, student_layers):
+        super().__init__(config, teacher, student, teacher_layers, student_layers)
+        width = teacher.width
+        self.projectors = self.make_projectors(len(teacher_layers) - 1)
+        self.generation_projector = nn.Linear(student.width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.generator = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+
+    @staticmethod
+    def default_layers(depth: int) -> list[int]:
+        return sorted({0, min(1, depth - 1), depth - 1})
+
+    @classmethod
+    def settings(cls, config):
+        return [("Mask ratio", f"{config.mask_ratio:g}"), *super().settings(config)]
+
+    def losses(self, teacher_features, student_features):
+        pairs = list(zip(self.teacher_layers, self.student_layers))
+        mimic = sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, (t, s) in zip(self.projectors, pairs))
+        teacher_layer, student_layer = pairs[-1]
+        patches = self.generation_projector(student_features[student_layer][:, self._student.num_prefix_tokens :])
+        batch, count, width = patches.shape
+        masked = torch.rand(batch, count, device=patches.device) < self.config.mask_ratio
+        patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        side = self._student.image_size // self._student.patch_size
+        generated = self.generator(patches.transpose(1, 2).reshape(batch, width, side, side)).flatten(2).transpose(1, 2)
+        target = teacher_features[teacher_layer][:, self._teacher.num_prefix_tokens :]
+        generation = feature_mse(generated, target, token_mask=masked)
+        return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import peft
@@ -12,7 +13,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .architectures import ResolvedViT, backbone_of, resolve_vit
-from .checks import check_fields
+from .checks import block_indices, check_fields, checked_field, number_at_least
 from .methods import DistillationMethod, MethodFields, get_method
 from .tuner import SingerConfig
 
@@ -68,35 +69,88 @@ def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int
     return [int(column) for _, column in sorted(zip(rows, columns))]
 
 
-def plan_layers(teacher: ResolvedViT, student: ResolvedViT, config: DistillationModelConfig) -> tuple[list[int], list[int]]:
-    """(teacher blocks, student blocks) to distil, after checking that the two models fit together.
+def plan_layers(
+    teacher: ResolvedViT, student: ResolvedViT, config: DistillationModelConfig, teacher_layers: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(teacher blocks, student blocks) to distil, after checking that the two models fit together;
+    `teacher_layers` (default: the config's, else the method's) chooses the teacher blocks.
 
     Needs only the models' structure, not their weights: scripts run it on models built on the meta
     device to fail before anything is downloaded or loaded.
     """
     _check_compatible(teacher, student)
-    teacher_layers = config.layers_for(teacher.depth)
+    teacher_layers = list(teacher_layers) if teacher_layers is not None else config.layers_for(teacher.depth)
     teacher.check_blocks(teacher_layers, "teacher_layers")
     config.method_class.check_teacher(teacher, teacher_layers)
     return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
 
 
 @dataclass
+class TeacherSettings:
+    """How one teacher takes part when a student learns from several (agglomerative distillation)."""
+
+    weight: float = checked_field(1.0, help="This teacher's share of each student's loss.", check=number_at_least(0))
+    layers: list[int] | None = checked_field(
+        None, help="Its distilled blocks; default: each method's, scaled to its depth.", check=block_indices(optional=True)
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.layers is not None:
+            self.layers = sorted(self.layers)
+
+
+@dataclass
 class DistillationOutput(ModelOutput):
-    """`loss`: the weighted total to minimise; `losses`: each term, unweighted, as the method sums it."""
+    """`loss`: the weighted total to minimise; `losses`: each term, unweighted, as the method sums it.
+
+    With one student and one teacher the terms are named as the method names them (`kd`, `outlier`,
+    ...); with several, by student and/or teacher (`tiny/kd`, `tiny/dinov3/kd`), and each student's
+    weighted total is `<student>/total`.
+    """
 
     loss: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One student distilled from one teacher by one method."""
+
+    student: str
+    teacher: str
+    method: DistillationMethod
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return self.method.teacher_layers
+
+    @property
+    def student_layers(self) -> list[int]:
+        return self.method.student_layers
+
+
+DEFAULT_NAME = "default"
+"""The name of the one teacher or student given without a name (and of the one student's PEFT adapters)."""
+
+
 class DistillationModel(nn.Module):
-    """Teacher (frozen, eval mode), student, and the method (its heads; for SiNGER the teacher's adapters).
+    """Frozen teachers (eval mode), students, and the methods that distil each teacher into each student.
 
-    `forward(pixel_values)` runs the teacher once without gradients, the student with them, and
-    returns the method's losses. Gradients reach SiNGER's adapters through the frozen teacher block
-    l+1 of the information-preservation loss; the teacher's own weights never get any.
+    `DistillationModel(teacher, student, config)` distils one teacher into one student. Several
+    students (a family, or a comparison of methods) learn from one teacher pass when `student` and
+    `config` map names to models and configs; several teachers (each with its `TeacherSettings`)
+    teach every student when `teacher` maps names to models. Every student learns from every
+    teacher, through its own method's heads and, for SiNGER, its own PEFT adapters on each teacher
+    (one named adapter per student); the students share nothing trainable, so each trains exactly as
+    it would alone.
 
-    Student parameters that no loss reaches (its final norm and pooler, blocks after the deepest
+    `forward(pixel_values)` runs each teacher once without gradients, up to the deepest block any
+    student reads, each student with gradients, and returns the weighted total and every term.
+    Gradients reach SiNGER's adapters through the frozen teacher block l+1 of the
+    information-preservation loss; the teachers' own weights never get any.
+
+    Student parameters that no loss reaches (the final norm and pooler, blocks after the deepest
     distilled one, DINOv2's mask token) are frozen (`frozen_student_parameters`): every trainable
     parameter then gets a gradient at every step, so DDP runs without `find_unused_parameters`.
     They keep their values and are saved with the student; a student loaded from the saved folder
@@ -106,118 +160,241 @@ class DistillationModel(nn.Module):
     # Each loss is a per-batch mean; the Trainer must divide it by the accumulation steps itself
     # (transformers 5 would otherwise assume `**kwargs` means "normalised by num_items_in_batch").
     accepts_loss_kwargs = False
-    adapter_name = "default"
-    """The name of this model's PEFT adapter on the teacher (methods that train one)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillationModelConfig | None = None):
+    def __init__(
+        self,
+        teacher: nn.Module | Mapping[str, nn.Module],
+        student: nn.Module | Mapping[str, nn.Module],
+        config: DistillationModelConfig | Mapping[str, DistillationModelConfig] | None = None,
+        teacher_settings: Mapping[str, TeacherSettings] | None = None,
+    ):
         super().__init__()
-        self.config = config = config or DistillationModelConfig()
-        method_class = config.method_class
-        if not isinstance(teacher, peft.PeftModel):
-            teacher = backbone_of(teacher)  # no task head, no text tower: only what distillation reads
-        _check_not_meta(teacher, "teacher")
-        teacher_vit = resolve_vit(teacher, "teacher")
-        student_vit = resolve_vit(student, "student")
-        self.teacher_layers, self.student_layers = plan_layers(teacher_vit, student_vit, config)
-        # Images come at the student's size (the saved student and its processor must agree); the
-        # teacher reads them at that size too, interpolating its position embeddings if built for another.
-        self.image_size = student_vit.image_size
-        teacher_vit.run_at(self.image_size)
-        self.weights = config.weights()
+        teachers, students = _named(teacher, "teacher"), _named(student, "student")
+        configs = _per_student(config, students)
+        settings = {name: TeacherSettings() for name in teachers} | dict(teacher_settings or {})
+        if unknown := sorted(set(settings) - set(teachers)):
+            raise ValueError(f"teacher_settings: {unknown} name no teacher (teachers: {sorted(teachers)})")
+        if len(teachers) > 1 and (given := [name for name, c in configs.items() if c.teacher_layers is not None]):
+            raise ValueError(
+                f"teacher_layers: with several teachers, give each teacher's layers in its TeacherSettings (set for students {given})"
+            )
+        self.configs, self.teacher_settings = configs, settings
 
-        adapter_config = method_class.adapter_config(config, self.teacher_layers)
-        if adapter_config is not None:
-            if not isinstance(teacher, peft.PeftModel):
-                teacher = peft.get_peft_model(teacher, adapter_config, adapter_name=self.adapter_name)
-            else:
-                _check_adapters_match(teacher, self.adapter_name, adapter_config)
-            teacher_vit = resolve_vit(teacher, "teacher")
-        # Only this model's adapters train; a PeftModel loaded for inference has them frozen.
-        teacher.requires_grad_(False)
-        if adapter_config is not None:
-            teacher.base_model.set_requires_grad(self.adapter_name, True)
-        self.teacher, self.student = teacher, student
-        self._teacher_vit, self._student_vit = teacher_vit, student_vit
-        self.frozen_student_parameters = self._freeze_unreached_student_parameters()
-        self.method = method_class(config, teacher_vit, student_vit, self.teacher_layers, self.student_layers)
-        if adapter_config is not None:
-            self.method.bind_adapters(teacher.base_model.singer_layers, self.adapter_name)
-        self.teacher.eval()
+        teacher_views = {}
+        for name, model in teachers.items():
+            if not isinstance(model, peft.PeftModel):
+                teachers[name] = model = backbone_of(model)  # no task head, no text tower: only what distillation reads
+            _check_not_meta(model, _argument("teacher", name, teachers))
+            teacher_views[name] = resolve_vit(model, _argument("teacher", name, teachers))
+        student_views = {name: resolve_vit(model, _argument("student", name, students)) for name, model in students.items()}
+        sizes = {name: view.image_size for name, view in student_views.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"student: the students are built for different image sizes {sizes}; students trained together read the same images")
+        # Images come at the students' size (a saved student and its processor must agree); the
+        # teachers read them at that size too, interpolating their position embeddings if built for another.
+        self.image_size = next(iter(sizes.values()))
+
+        plans = {}  # (student, teacher) → (teacher layers, student layers)
+        for student_name, student_view in student_views.items():
+            for teacher_name, teacher_view in teacher_views.items():
+                layers = settings[teacher_name].layers or configs[student_name].teacher_layers
+                plans[student_name, teacher_name] = plan_layers(teacher_view, student_view, configs[student_name], layers)
+        for teacher_name, teacher_view in teacher_views.items():
+            teacher_view.run_at(self.image_size)
+            model = teachers[teacher_name]
+            adapters = {}
+            for student_name in students:
+                config = configs[student_name]
+                adapter_config = config.method_class.adapter_config(config, plans[student_name, teacher_name][0])
+                if adapter_config is not None:
+                    adapters[student_name] = adapter_config
+            for student_name, adapter_config in adapters.items():
+                model = _with_adapter(model, student_name, adapter_config)
+            # Only the students' adapters train; a PeftModel loaded for inference has them frozen.
+            model.requires_grad_(False)
+            if adapters:
+                model.base_model.set_requires_grad(list(adapters), True)
+            teachers[teacher_name] = model
+            teacher_views[teacher_name] = resolve_vit(model, _argument("teacher", teacher_name, teachers))
+        self.teachers, self.students = nn.ModuleDict(teachers), nn.ModuleDict(students)
+        self._teacher_views, self._student_views = teacher_views, student_views
+        self._frozen = {name: self._freeze_unreached_student_parameters(name, plans) for name in students}
+
+        # Each student's heads start as they would if it were built alone: from the random state the
+        # construction began with (the students then train identically alone and in a group).
+        start = torch.get_rng_state()
+        after_first = None
+        methods = {}
+        for student_name in students:
+            torch.set_rng_state(start)
+            config = configs[student_name]
+            methods[student_name] = nn.ModuleDict()
+            for teacher_name in teachers:
+                method = config.method_class(config, teacher_views[teacher_name], student_views[student_name], *plans[student_name, teacher_name])
+                if method.adapter_config(config, method.teacher_layers) is not None:
+                    method.bind_adapters(self.teachers[teacher_name].base_model.singer_layers, student_name)
+                methods[student_name][teacher_name] = method
+            after_first = after_first if after_first is not None else torch.get_rng_state()
+        torch.set_rng_state(after_first)
+        self.methods = nn.ModuleDict(methods)
+        self.pairs = [Pair(s, t, self.methods[s][t]) for s in students for t in teachers]
+        for model in self.teachers.values():
+            model.eval()
+
+    # -- one teacher, one student: the usual case, by its usual names -----------------------------
+    def _only(self, kind: str, names) -> str:
+        names = list(names)
+        if len(names) != 1:
+            raise AttributeError(f"{kind}: this model has several {kind}s ({names}); use model.{kind}s[name]")
+        return names[0]
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.teachers[self._only("teacher", self.teachers)]
+
+    @property
+    def student(self) -> nn.Module:
+        return self.students[self._only("student", self.students)]
+
+    @property
+    def pair(self) -> Pair:
+        if len(self.pairs) != 1:
+            raise AttributeError(f"pair: this model distils {len(self.pairs)} student/teacher pairs; use model.pairs")
+        return self.pairs[0]
+
+    @property
+    def method(self) -> DistillationMethod:
+        return self.pair.method
+
+    @property
+    def config(self) -> DistillationModelConfig | DistillationGroupConfig:
+        """The one student's config, or every student's and teacher's settings (what logging integrations record)."""
+        if len(self.configs) == 1 and len(self.teachers) == 1:
+            return next(iter(self.configs.values()))
+        return DistillationGroupConfig(students=dict(self.configs), teachers=dict(self.teacher_settings))
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return self.pair.teacher_layers
+
+    @property
+    def student_layers(self) -> list[int]:
+        return self.pair.student_layers
+
+    @property
+    def adapters(self) -> dict[int, nn.Module]:
+        """The one teacher's adapter layers by block, for methods that train adapters (else empty)."""
+        teacher = self.teacher
+        return teacher.base_model.singer_layers if isinstance(teacher, peft.PeftModel) else {}
+
+    @property
+    def frozen_student_parameters(self) -> list[str]:
+        return self._frozen[self._only("student", self.students)]
+
+    def adapter_name(self, student: str) -> str:
+        """The name of `student`'s PEFT adapters on each teacher (methods that train adapters)."""
+        return student
 
     # -- nn.Module and the Trainer's model protocol -----------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher is a fixed target: no dropout, no drop-path
+        for teacher in self.teachers.values():
+            teacher.eval()  # a teacher is a fixed target: no dropout, no drop-path
         return self
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
-        """Checkpoint the student's blocks (`--activation_checkpointing`); the teacher keeps no activations anyway."""
-        if not getattr(self.student, "supports_gradient_checkpointing", False):
-            raise ValueError(f"activation_checkpointing: {type(self.student).__name__} students do not support it")
-        self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        """Checkpoint the students' blocks (`--activation_checkpointing`); the teachers keep no activations anyway."""
+        for name, student in self.students.items():
+            if not getattr(student, "supports_gradient_checkpointing", False):
+                raise ValueError(f"activation_checkpointing: {type(student).__name__} students do not support it")
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
-        self.student.activation_checkpointing_disable()
+        for student in self.students.values():
+            student.activation_checkpointing_disable()
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return bool(getattr(self.student, "is_activation_checkpointing", False))
-
-    @property
-    def adapters(self) -> dict[int, nn.Module]:
-        """The teacher's adapter layers by block, for methods that train adapters (else empty)."""
-        return self.teacher.base_model.singer_layers if isinstance(self.teacher, peft.PeftModel) else {}
+        return all(getattr(student, "is_activation_checkpointing", False) for student in self.students.values())
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, **unused) -> DistillationOutput:
+    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True, **unused) -> DistillationOutput:
         self._check_pixel_values(pixel_values)
-        teacher_features = self.teacher_features(pixel_values)
-        student_features = self.student_features(pixel_values)
-        losses = self.method.losses(teacher_features, student_features)
-        loss = sum(self.weights[name] * value for name, value in losses.items())
-        return DistillationOutput(loss=loss, losses=losses)
+        teacher_features = {name: self.teacher_features(pixel_values, name) for name in self.teachers}
+        several_students, several_teachers = len(self.students) > 1, len(self.teachers) > 1
+        total, losses = 0, {}
+        for student_name in self.students:
+            student_features = self.student_features(pixel_values, student_name)
+            student_total = 0
+            for teacher_name, method in self.methods[student_name].items():
+                terms = method.losses(teacher_features[teacher_name], student_features)
+                weights = method.weights(method.config)
+                pair_total = sum(weights[term] * value for term, value in terms.items())
+                student_total = student_total + self.teacher_settings[teacher_name].weight * pair_total
+                prefix = "/".join([student_name] * several_students + [teacher_name] * several_teachers)
+                losses.update({f"{prefix}/{term}" if prefix else term: value for term, value in terms.items()})
+            if several_students:
+                losses[f"{student_name}/total"] = student_total
+            total = total + student_total
+        return DistillationOutput(loss=total, losses=losses)
 
-    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The teacher's block outputs up to the deepest distilled block (the losses read no later
-        block: SiNGER's F^{l+1} targets are all at or before the final layer), without gradients."""
-        teacher_dtype = self._teacher_vit.blocks[0].parameters().__next__().dtype
+    def teacher_features(self, pixel_values: torch.Tensor, teacher: str | None = None) -> tuple[torch.Tensor, ...]:
+        """A teacher's block outputs up to the deepest block any student reads (SiNGER's F^{l+1}
+        targets are all at or before its final layer), without gradients."""
+        name = teacher or self._only("teacher", self.teachers)
+        view = self._teacher_views[name]
+        last = max(pair.teacher_layers[-1] for pair in self.pairs if pair.teacher == name)
         with torch.no_grad():
-            return self._teacher_vit.block_outputs(pixel_values.to(teacher_dtype), last_block=self.teacher_layers[-1])
+            return view.block_outputs(pixel_values.to(next(view.blocks[0].parameters()).dtype), last_block=last)
 
-    def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The student's block outputs up to its deepest distilled block (the later ones are frozen, unread)."""
-        return self._student_vit.block_outputs(pixel_values, last_block=max(self.student_layers))
+    def student_features(self, pixel_values: torch.Tensor, student: str | None = None) -> tuple[torch.Tensor, ...]:
+        """A student's block outputs up to its deepest distilled block (the later ones are frozen, unread)."""
+        name = student or self._only("student", self.students)
+        last = max(max(pair.student_layers) for pair in self.pairs if pair.student == name)
+        return self._student_views[name].block_outputs(pixel_values, last_block=last)
 
-    def _freeze_unreached_student_parameters(self) -> list[str]:
-        """Freezes the student parameters outside the autograd graph of its distilled blocks' outputs,
-        traced on one blank image (the graph does not depend on the pixel values) in eval mode (no
-        random draws, no running statistics updated); returns their names."""
-        vit, parameters = self._student_vit, dict(self.student.named_parameters())
-        trainable = {name: parameter for name, parameter in parameters.items() if parameter.requires_grad}
-        reference = next(iter(parameters.values()))
-        blank = reference.new_zeros(1, vit.num_channels, self.image_size, self.image_size)
-        training = self.student.training
-        self.student.eval()
+    def _freeze_unreached_student_parameters(self, name: str, plans: dict) -> list[str]:
+        """Freezes the parameters of student `name` outside the autograd graph of its distilled
+        blocks' outputs, traced on one blank image (the graph does not depend on the pixel values) in
+        eval mode (no random draws, no running statistics updated); returns their names."""
+        student, view = self.students[name], self._student_views[name]
+        layers = sorted({layer for (student_name, _), (_, student_layers) in plans.items() if student_name == name for layer in student_layers})
+        parameters = dict(student.named_parameters())
+        trainable = {key: parameter for key, parameter in parameters.items() if parameter.requires_grad}
+        blank = next(iter(parameters.values())).new_zeros(1, view.num_channels, self.image_size, self.image_size)
+        training = student.training
+        student.eval()
         try:
             with torch.enable_grad():
-                features = self.student_features(blank)
-                traced = sum(features[layer].sum() for layer in self.student_layers)
+                features = view.block_outputs(blank, last_block=layers[-1])
+                traced = sum(features[layer].sum() for layer in layers)
                 gradients = torch.autograd.grad(traced, list(trainable.values()), allow_unused=True)
         finally:
-            self.student.train(training)
-        unreached = [name for name, gradient in zip(trainable, gradients) if gradient is None]
-        for name in unreached:
-            parameters[name].requires_grad_(False)
+            student.train(training)
+        unreached = [key for key, gradient in zip(trainable, gradients) if gradient is None]
+        for key in unreached:
+            parameters[key].requires_grad_(False)
         return unreached
 
+    def student_parameters(self, name: str) -> list[nn.Parameter]:
+        """Everything trained for student `name`: the student, its heads, its adapters on every teacher."""
+        adapters = [
+            parameter
+            for teacher in self.teachers.values()
+            for key, parameter in teacher.named_parameters()
+            if parameter.requires_grad and key.endswith(f".{self.adapter_name(name)}")
+        ]
+        own = [parameter for parameter in [*self.students[name].parameters(), *self.methods[name].parameters()] if parameter.requires_grad]
+        return own + adapters
+
     def cast_teacher(self, dtype: torch.dtype) -> None:
-        """Store the frozen teacher's weights in `dtype` (e.g. bfloat16 when training under bf16 autocast).
+        """Store the frozen teachers' weights in `dtype` (e.g. bfloat16 when training under bf16 autocast).
 
         A frozen teacher needs no float32 master weights, and autocast re-casts float32 weights that do
         not require grad on every step; cast once, the matmuls see the same bf16 weights. Trainable
         parameters (the SiNGER adapters) keep their dtype.
         """
-        for parameter in self.teacher.parameters():
+        for parameter in self.teachers.parameters():
             if not parameter.requires_grad:
                 parameter.data = parameter.data.to(dtype)
 
@@ -227,17 +404,69 @@ class DistillationModel(nn.Module):
         The repeated block is compiled once and reused, while the loss code, the PEFT wrappers and
         the block loop stay eager; compiling the whole model would break its graph at each of them.
         """
-        for block in [*self._teacher_vit.blocks, *self._student_vit.blocks]:
-            block.compile(**compile_kwargs)
+        for view in [*self._teacher_views.values(), *self._student_views.values()]:
+            for block in view.blocks:
+                block.compile(**compile_kwargs)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        vit = self._teacher_vit
-        expected = (vit.num_channels, self.image_size, self.image_size)
+        channels = next(iter(self._student_views.values())).num_channels
+        expected = (channels, self.image_size, self.image_size)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: expected B×{expected[0]}×{expected[1]}×{expected[2]} images, got {shape}")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values: expected normalised float images, got {pixel_values.dtype} (see data.PixelNormalizer)")
+
+
+@dataclass
+class DistillationGroupConfig:
+    """Every student's config and every teacher's settings, as logging integrations record a model's config."""
+
+    students: dict[str, DistillationModelConfig]
+    teachers: dict[str, TeacherSettings]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _named(models, kind: str) -> dict[str, nn.Module]:
+    """`{DEFAULT_NAME: model}` for one model, else the mapping, its names checked."""
+    if isinstance(models, nn.Module):
+        return {DEFAULT_NAME: models}
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"{kind}: give a model, or a mapping of names to models, got {type(models).__name__}")
+    for name in models:
+        if not isinstance(name, str) or not name or any(character in name for character in "./ "):
+            raise ValueError(f"{kind}: {name!r} is not a usable name (non-empty, without '.', '/' or spaces)")
+    return dict(models)
+
+
+def _per_student(config, students: dict) -> dict[str, DistillationModelConfig]:
+    if config is None or isinstance(config, DistillationModelConfig):
+        return {name: config or DistillationModelConfig() for name in students}
+    configs = dict(config)
+    if set(configs) != set(students):
+        raise ValueError(f"config: give one config per student; students {sorted(students)}, configs {sorted(configs)}")
+    return {name: configs[name] for name in students}
+
+
+def _argument(kind: str, name: str, models: dict) -> str:
+    """How errors name a model: "teacher", or "teacher dinov3" when there are several."""
+    return kind if len(models) == 1 else f"{kind} {name}"
+
+
+def _with_adapter(teacher: nn.Module, name: str, config: SingerConfig) -> nn.Module:
+    """`teacher` carrying adapter `name` made from `config` (a teacher passed in with it keeps its own)."""
+    if not isinstance(teacher, peft.PeftModel):
+        return peft.get_peft_model(teacher, config, adapter_name=name)
+    if name in teacher.peft_config:
+        _check_adapters_match(teacher, name, config)
+    else:
+        teacher.add_adapter(name, config)
+    return teacher
 
 
 def _check_adapters_match(teacher: peft.PeftModel, name: str, wanted: SingerConfig) -> None:

@@ -383,15 +383,17 @@ class SingerTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         model: DistillationModel = self.accelerator.unwrap_model(self.model)
         state_dict = model.state_dict() if state_dict is None else state_dict
+        pair = model.pair
+        prefixes = {"student": f"students.{pair.student}.", "teacher": f"teachers.{pair.teacher}.", "heads": f"methods.{pair.student}.{pair.teacher}."}
         student, adapters, heads = {}, {}, {}
         for key, value in state_dict.items():
-            if key.startswith("student."):
-                student[key.removeprefix("student.")] = value
-            elif key.startswith("teacher."):
+            if key.startswith(prefixes["student"]):
+                student[key.removeprefix(prefixes["student"])] = value
+            elif key.startswith(prefixes["teacher"]):
                 if "singer_" in key:  # the frozen teacher's own weights are never written
-                    adapters[key.removeprefix("teacher.")] = value
-            else:
-                heads[key.removeprefix("method.")] = value
+                    adapters[key.removeprefix(prefixes["teacher"])] = value
+            elif key.startswith(prefixes["heads"]):
+                heads[key.removeprefix(prefixes["heads"])] = value
         os.makedirs(output_dir, exist_ok=True)
         model.student.save_pretrained(output_dir, state_dict=student, safe_serialization=True)
         if self.processing_class is not None:
@@ -403,7 +405,7 @@ class SingerTrainer(Trainer):
         os.makedirs(research_dir, exist_ok=True)
         if isinstance(model.teacher, peft.PeftModel):
             model.teacher.save_pretrained(research_dir, state_dict=adapters)
-            publish_adapter_files(research_dir, model.teacher.peft_config[model.teacher.active_adapter].base_model_name_or_path)
+            publish_adapter_files(research_dir, model.teacher.peft_config[model.adapter_name(pair.student)].base_model_name_or_path)
         save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(research_dir, HEADS_FILE))
         summary = {
             **model.config.to_dict(),
@@ -426,19 +428,22 @@ class SingerTrainer(Trainer):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} holds no saved student (config.json)")
         # save_pretrained may write the Hub's key layout; from_pretrained is what maps it back.
         saved_student = type(model.student).from_pretrained(resume_from_checkpoint, use_safetensors=True)
-        expected = {key.removeprefix("student.") for key in model.state_dict() if key.startswith("student.")}
+        pair = model.pair
+        student_prefix = f"students.{pair.student}."
+        expected = {key.removeprefix(student_prefix) for key in model.state_dict() if key.startswith(student_prefix)}
         student = {key: value for key, value in saved_student.state_dict().items() if key in expected}
         if missing := sorted(expected - set(student)):
             raise ValueError(f"resume_from_checkpoint: the saved student lacks {missing[:5]}")
-        full = {f"student.{key}": value for key, value in student.items()}
+        full = {f"{student_prefix}{key}": value for key, value in student.items()}
         research_dir = os.path.join(resume_from_checkpoint, DISTILLATION_DIR)
         if isinstance(model.teacher, peft.PeftModel):
-            adapter_name = model.teacher.active_adapter
+            adapter_name = model.adapter_name(pair.student)
             for key, value in peft.utils.load_peft_weights(research_dir).items():
-                full[f"teacher.{key}.{adapter_name}"] = value  # PEFT saves keys without the adapter name
-        full.update({f"method.{key}": value for key, value in load_file(os.path.join(research_dir, HEADS_FILE)).items()})
+                full[f"teachers.{pair.teacher}.{key}.{adapter_name}"] = value  # PEFT saves keys without the adapter name
+        heads_prefix = f"methods.{pair.student}.{pair.teacher}."
+        full.update({heads_prefix + key: value for key, value in load_file(os.path.join(research_dir, HEADS_FILE)).items()})
         trainable = {key for key, parameter in model.named_parameters() if parameter.requires_grad}
-        trainable |= {key for key, _ in model.named_buffers() if not key.startswith("teacher.")}
+        trainable |= {key for key, _ in model.named_buffers() if not key.startswith("teachers.")}
         missing = sorted(trainable - set(full))
         unexpected = sorted(set(full) - set(model.state_dict()))
         if missing or unexpected:

@@ -62,10 +62,10 @@ def test_gradients_reach_student_projectors_and_adapters_only(images):
     model = DistillationModel(make_vit(), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=8)).train()
     model(pixel_values=images).loss.backward()
     for name, param in model.named_parameters():
-        if name.startswith("teacher.") and "singer_" not in name:
+        if name.startswith("teachers.") and "singer_" not in name:
             assert not param.requires_grad and param.grad is None, name
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    groups = {"student.": 0, "projectors.": 0, "singer_": 0}
+    groups = {"students.": 0, "projectors.": 0, "singer_": 0}
     for name, param in trainable.items():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         for key in groups:

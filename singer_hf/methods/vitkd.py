@@ -14,7 +14,11 @@ class ViTKD(DistillationMethod):
     """Shallow layers: MSE after a linear projector. Deepest layer: student patch tokens are masked at
     random (`mask_ratio`) with a learned mask token, a generator (3×3 conv, ReLU, 3×3 conv on the patch
     grid) reconstructs the teacher's patch tokens, MSE on the masked positions. Unlike the official
-    code, the generator and the mask token are trained."""
+    code, the generator and the mask token are trained.
+
+    The masks come from the method's own random generator (seeded when the method is built, saved
+    with its state), so a ViTKD student draws the same masks alone and beside other students, and a
+    resumed run draws the masks the uninterrupted one would have."""
 
     name = "vitkd"
     label = "ViTKD"
@@ -34,6 +38,7 @@ class ViTKD(DistillationMethod):
         self.generation_projector = nn.Linear(student.width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.generator = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.mask_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
 
     @staticmethod
     def default_layers(depth: int) -> list[int]:
@@ -43,13 +48,23 @@ class ViTKD(DistillationMethod):
     def settings(cls, config):
         return [("Mask ratio", f"{config.mask_ratio:g}"), *super().settings(config)]
 
+    def get_extra_state(self) -> torch.Tensor:
+        return self.mask_generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.mask_generator.set_state(state.cpu())
+
+    def draw_mask(self, batch: int, count: int, device: torch.device) -> torch.Tensor:
+        """B×P booleans, True for the student patch tokens to mask."""
+        return (torch.rand(batch, count, generator=self.mask_generator) < self.config.mask_ratio).to(device)
+
     def losses(self, teacher_features, student_features):
         pairs = list(zip(self.teacher_layers, self.student_layers))
         mimic = sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, (t, s) in zip(self.projectors, pairs))
         teacher_layer, student_layer = pairs[-1]
         patches = self.generation_projector(student_features[student_layer][:, self._student.num_prefix_tokens :])
         batch, count, width = patches.shape
-        masked = torch.rand(batch, count, device=patches.device) < self.config.mask_ratio
+        masked = self.draw_mask(batch, count, patches.device)
         patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
         side = self._student.image_size // self._student.patch_size
         generated = self.generator(patches.transpose(1, 2).reshape(batch, width, side, side)).flatten(2).transpose(1, 2)

@@ -61,7 +61,7 @@ from singer_hf.data import (  # noqa: E402
 from singer_hf.diagnostics import artifact_stats, norm_histograms_figure, norm_maps_figure, patch_norms  # noqa: E402
 from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
 from singer_hf.modeling import DistillationModelConfig  # noqa: E402
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
+from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
 
 RECIPE = ROOT / "configs" / "demo.yaml"
 OUTLIER_RATIO = 4.0
@@ -298,7 +298,7 @@ def train_baseline(job: dict, flags: list[str], run_dir: Path) -> dict:
         dataset = load_image_dataset(str(data_args.dataset_name), None, "train", "image", streaming=True,
                                      shuffle_buffer=data_args.shuffle_buffer, seed=training_args.seed)  # fmt: skip
         transform = ImageTransform(build_transforms(mean, std, size, train=True), "image", "label", seed=training_args.seed)
-        # SingerTrainingArguments is a TrainingArguments: the same optimizer, lr schedule, steps and batch.
+        # FeatureDistillationArguments is a TrainingArguments: the same optimizer, lr schedule, steps and batch.
         trainer = Trainer(model=model, args=training_args, train_dataset=with_image_transform(dataset, transform),
                           data_collator=PixelValuesCollator())  # fmt: skip
         losses = {"train_loss": trainer.train().metrics["train_loss"]}

@@ -37,8 +37,8 @@ from singer_hf.diagnostics import (
     norm_maps_figure,
     patch_norms,
 )
-from singer_hf.evaluation.results import published_name
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR
+from singer_hf.locations import public_name
+from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
 
 
 @dataclass
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": published_name(args.model_name_or_path),
-        "run": published_name(args.run_dir) if args.run_dir else None,
+        "model": public_name(args.model_name_or_path),
+        "run": public_name(args.run_dir) if args.run_dir else None,
         "dataset": {"split": args.split, "num_images": len(dataset)},
         "feature": "block output before the final norm; refined = the run's SiNGER adapter applied to it",
         "views": stats,

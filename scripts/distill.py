@@ -40,10 +40,11 @@ from singer_hf.data import (
     student_image_processor,
     with_image_transform,
 )
-from singer_hf.model_card import record_run, student_card_from_run
 from singer_hf.modeling import plan_layers
-from singer_hf.publishing import PublishError, publish_student
-from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments
+from singer_hf.publishing import PublishError
+from singer_hf.callbacks import EpochCallback
+from singer_hf.layout import DISTILLATION_DIR
+from singer_hf.trainer import FeatureDistillationArguments, FeatureDistillationTrainer
 from singer_hf.tuner import basis_block
 
 logger = logging.getLogger("singer_hf.distill")
@@ -106,11 +107,11 @@ class DataArguments:
     )
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
-    return StrictArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments)).parse(argv)
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, FeatureDistillationArguments]:
+    return StrictArgumentParser((ModelArguments, DataArguments, FeatureDistillationArguments)).parse(argv)
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments):
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments):
     """What can be checked without weights or data, so that a typo fails in a second, not after a download."""
     if (model_args.student_name_or_path is None) == (model_args.student_size is None):
         raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
@@ -164,7 +165,7 @@ def load_image_processor(model_args: ModelArguments, teacher):
     return processor
 
 
-def check_models_fit(model_args: ModelArguments, training_args: SingerTrainingArguments) -> None:
+def check_models_fit(model_args: ModelArguments, training_args: FeatureDistillationArguments) -> None:
     """Teacher/student/layer compatibility from the configs and the image processor alone: the models
     are built on the meta device, no weights are read."""
     remote = model_args.trust_remote_code
@@ -214,7 +215,7 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
     return transformers.ViTModel(config)
 
 
-def open_split(data_args: DataArguments, training_args: SingerTrainingArguments, split: str, train: bool):
+def open_split(data_args: DataArguments, training_args: FeatureDistillationArguments, split: str, train: bool):
     """A split, images not yet decoded: opened before the models so that a wrong column fails first."""
     dataset = load_image_dataset(
         data_args.dataset_name,
@@ -243,7 +244,7 @@ def with_transforms(dataset, data_args: DataArguments, image_processor, train: b
 
 
 def describe(
-    model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments
+    model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments
 ) -> str:
     teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
@@ -258,8 +259,8 @@ def describe(
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
     for layer, adapter in model.adapters.items():
-        found = adapter.nullspace_row_count[model.adapter_name]
-        rank = adapter.singer_down[model.adapter_name].shape[1]
+        found = adapter.nullspace_row_count[model.adapter_name(model.pair.student)]
+        rank = adapter.singer_down[model.adapter_name(model.pair.student)].shape[1]
         source = basis_block(layer, model.teacher_layers)
         lines.append(
             f"  adapter on block {layer}: {found}/{rank} nullspace directions below τ={model.config.null_threshold} "
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         # least one shard per process (what `split_dataset_by_node` does), by batches otherwise; a
         # split here as well would split twice and drop data (tests/test_multiprocess.py).
         training_args.accelerator_config.dispatch_batches = False
-    trainer = SingerTrainer(
+    trainer = FeatureDistillationTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -327,17 +328,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:
         step = trainer.state.global_step
-        print(f"error: stopped by SIGTERM at step {step} after writing checkpoint-{step}; continue with "
+        print(f"error: stopped by {trainer.preempted} at step {step} after writing checkpoint-{step}; continue with "
               "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
         raise SystemExit(143)  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        output = Path(training_args.output_dir)
-        record_run(output, teacher_name=model_args.teacher_name_or_path, dataset_name=data_args.dataset_name, training_args=training_args)
-        student_card_from_run(output)
+    trainer.create_model_card(finetuned_from=model_args.teacher_name_or_path, dataset=data_args.dataset_name)
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
     if training_args.should_log:
@@ -351,14 +349,12 @@ def main(argv: list[str] | None = None) -> dict:
             f'    model = AutoModel.from_pretrained("{output}")\n'
             f'    processor = AutoImageProcessor.from_pretrained("{output}")'
         )
-    if training_args.push_to_hub and trainer.is_world_process_zero():  # SingerTrainer leaves the push to us
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    if training_args.push_to_hub and trainer.is_world_process_zero():
         try:
-            published = publish_student(training_args.output_dir, repo_id, private=training_args.hub_private_repo,
-                                        revision=training_args.hub_revision, token=training_args.hub_token)  # fmt: skip
+            published = trainer.push_to_hub()
         except PublishError as error:
             raise SystemExit(f"error: {error}") from None
-        print(f"Published to {published.commit_url}")
+        print(f"Published to {', '.join(published)}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
 
 

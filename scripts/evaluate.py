@@ -65,7 +65,8 @@ from singer_hf.evaluation.probe_data import (
     paper_augmentation,
 )
 from singer_hf.evaluation.probes import MOMENTUM, WEIGHT_DECAY
-from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries, published_name
+from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries
+from singer_hf.locations import public_name
 
 TASKS = ("image-classification", *DENSE_TASKS)
 PAPER_EPOCHS = {"image-classification": 150, "image-segmentation": 200, "depth-estimation": 200}
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry_settings["label_mapping"] = "ImageNet-R: the head's 1000 logits restricted to its 200 classes, in its label order"
         results.append({
             "task": data_args.task,
-            "dataset": {"name": published_name(name), "config": data_args.dataset_config if name == data_args.dataset_name else None,
+            "dataset": {"name": public_name(name), "config": data_args.dataset_config if name == data_args.dataset_name else None,
                         "split": split, "revision": data_args.dataset_revision if name == data_args.dataset_name else None,
                         "num_examples": len(dataset)},
             "metrics": metric_entries(probe, metrics),
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "backbone": {
-            "name_or_path": published_name(backbone_args.model_name_or_path),
+            "name_or_path": public_name(backbone_args.model_name_or_path),
             "model_type": vit.backbone.config.model_type,
             "feature": f"{feature_tokens} of block {block + 1} of {vit.depth}, before the final norm",
             "num_parameters": sum(p.numel() for p in vit.backbone.parameters()),

@@ -1,8 +1,8 @@
 """SiNGER ViT feature distillation, Hugging Face native."""
 
 from .architectures import ARCHITECTURES, resolve_vit
-from .modeling import DistillationModel, DistillationModelConfig, DistillationOutput, map_layers
-from .trainer import SingerTrainer, SingerTrainingArguments
+from .modeling import DistillationModel, DistillationModelConfig, DistillationOutput, TeacherSettings, map_layers
+from .trainer import FeatureDistillationArguments, FeatureDistillationTrainer
 from .tuner import SingerConfig, SingerLayer, SingerModel, nullspace_basis, nullspace_directions
 
 __all__ = [
@@ -10,11 +10,12 @@ __all__ = [
     "DistillationModelConfig",
     "DistillationModel",
     "DistillationOutput",
+    "FeatureDistillationArguments",
+    "FeatureDistillationTrainer",
     "SingerConfig",
+    "TeacherSettings",
     "SingerLayer",
     "SingerModel",
-    "SingerTrainer",
-    "SingerTrainingArguments",
     "map_layers",
     "nullspace_basis",
     "nullspace_directions",

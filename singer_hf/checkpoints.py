@@ -1,31 +1,30 @@
 """Checkpoint safety: output folders are not clobbered, a checkpoint is resumed only by its own run.
 
 - `check_output_dir` / `clear_previous_run`: a non-empty output folder is refused unless overwriting
-  (which removes the earlier run's checkpoints and `distillation/` so nothing of it mixes with the
-  new run) or resuming.
+  (which removes the earlier run's checkpoints and results so nothing of it mixes with the new run)
+  or resuming.
 - `resolve_checkpoint`: `--resume_from_checkpoint true|PATH` to one complete checkpoint folder, or
-  a one-line error. Checkpoints are written under a temporary name and renamed when complete
-  (`SingerTrainer`), so a partial one never has the `checkpoint-N` name and is never picked.
+  a one-line error. A checkpoint is complete once its fingerprint is written, after everything else
+  (`callbacks.CheckpointCallback`); one cut short by a kill is never picked.
 - `run_fingerprint` / `check_fingerprint`: what a checkpoint must share with the run resuming it
-  (method, layers, adapter shape, teacher and student architecture), saved in each checkpoint.
+  (methods, layers, adapter shapes, teacher and student architectures).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .architectures import resolve_vit
+from .layout import DISTILLATION_DIR, FINGERPRINT_FILE
+from .locations import public_name
 
-FINGERPRINT_FILE = "singer_run.json"
-STAGING_PREFIX = ".staging-"
-"""Prefix of a checkpoint folder being written; renamed to `checkpoint-N` once complete."""
-_RUN_ARTEFACTS = (PREFIX_CHECKPOINT_DIR + "-*", STAGING_PREFIX + "*", "distillation")
+_RUN_ARTEFACTS = (PREFIX_CHECKPOINT_DIR + "-*", DISTILLATION_DIR)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
@@ -39,11 +38,28 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
 
 
 def clear_previous_run(output_dir: str) -> None:
-    """Removes an earlier run's checkpoints and adapters, so none of them mixes with this run's (main process only)."""
+    """Removes an earlier run's checkpoints and results, so none of them mixes with this run's (main process only)."""
     folder = Path(output_dir)
     for pattern in _RUN_ARTEFACTS:
         for path in folder.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checkpoints(output_dir: str | Path) -> dict[int, Path]:
+    """The run's checkpoint folders by step, complete or not."""
+    found = Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+    return {int(path.name.rpartition("-")[2]): path for path in found if path.is_dir() and path.name.rpartition("-")[2].isdigit()}
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / FINGERPRINT_FILE).is_file() and (checkpoint / TRAINER_STATE_NAME).is_file()
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> None:
+    """Checkpoints a kill cut short are removed before a resumed run writes its own (main process only)."""
+    for checkpoint in checkpoints(output_dir).values():
+        if not is_complete(checkpoint):
+            shutil.rmtree(checkpoint)
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
@@ -51,49 +67,26 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     if resume_from_checkpoint in (None, False) or str(resume_from_checkpoint).lower() == "false":
         return None
     if str(resume_from_checkpoint).lower() == "true":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise ValueError(f"resume_from_checkpoint: true, but output_dir {Path(output_dir).name} holds no checkpoint-N folder")
-        checkpoint = last
-    else:
-        checkpoint = resume_from_checkpoint
-        if not os.path.isdir(checkpoint):
-            raise ValueError(f"resume_from_checkpoint: {checkpoint} does not exist")
-    missing = [name for name in ("trainer_state.json", "config.json", FINGERPRINT_FILE) if not os.path.isfile(os.path.join(checkpoint, name))]
-    if missing:
-        raise ValueError(f"resume_from_checkpoint: {Path(checkpoint).name} is not a complete singer_hf checkpoint (missing {missing})")
-    return checkpoint
-
-
-def publishable_name(name_or_path: str | None) -> str | None:
-    """A Hub id as it is; a local path reduced to its folder's name (local absolute paths are never published)."""
-    if not name_or_path or not (os.path.isabs(name_or_path) or os.path.exists(name_or_path)):
-        return name_or_path
-    return Path(name_or_path).resolve().name
-
-
-def publish_adapter_files(folder: str, base_model_name_or_path: str | None) -> None:
-    """PEFT writes the teacher's local path into adapter_config.json (`base_model_name_or_path`) and its
-    README (`base_model` and a tag); rewrite both with the folder's name only. (Renaming before the save
-    instead would make PEFT look the name up on the Hub.)"""
-    public = publishable_name(base_model_name_or_path)
-    if public == base_model_name_or_path:
-        return
-    config_path = Path(folder, "adapter_config.json")
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = public
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    readme = Path(folder, "README.md")
-    if readme.is_file():
-        readme.write_text(readme.read_text().replace(base_model_name_or_path, public))
+        complete = [path for _, path in sorted(checkpoints(output_dir).items()) if is_complete(path)]
+        if not complete:
+            raise ValueError(f"resume_from_checkpoint: true, but output_dir {Path(output_dir).name} holds no complete checkpoint-N folder")
+        return str(complete[-1])
+    checkpoint = Path(resume_from_checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} does not exist")
+    if not is_complete(checkpoint):
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint.name} is not a complete singer_hf checkpoint "
+            f"(no {FINGERPRINT_FILE} or {TRAINER_STATE_NAME}: cut short, or written by something else)"
+        )
+    return str(checkpoint)
 
 
 def _architecture(model) -> dict:
     vit = resolve_vit(model)
     shapes = {name: list(value.shape) for name, value in vit.backbone.state_dict().items() if "singer_" not in name}
     return {
-        "name": publishable_name(getattr(vit.backbone.config, "_name_or_path", None)),
+        "name": public_name(getattr(vit.backbone.config, "_name_or_path", None)),
         "model_type": vit.backbone.config.model_type,
         "depth": vit.depth,
         "width": vit.width,
@@ -104,34 +97,38 @@ def _architecture(model) -> dict:
 
 
 def run_fingerprint(model) -> dict:
-    """What a checkpoint shares with any run that may resume it (a `DistillationModel`)."""
-    config = model.config
+    """What a checkpoint shares with any run that may resume it (a `DistillationModel`): each pair's
+    method, layers and adapter rank, and the architecture of every teacher and student."""
+    pairs = {}
+    for pair in model.pairs:
+        config = model.configs[pair.student]
+        pairs[f"{pair.student}/{pair.teacher}"] = {
+            "method": pair.method.name,
+            "teacher_layers": list(pair.teacher_layers),
+            "student_layers": list(pair.student_layers),
+            "rank": config.rank if pair.method.adapter_config(config, pair.teacher_layers) else None,
+        }
+    if len(pairs) == 1:
+        return {**next(iter(pairs.values())), "teacher": _architecture(model.teacher), "student": _architecture(model.student)}
     return {
-        "method": config.method,
-        "teacher_layers": list(model.teacher_layers),
-        "student_layers": list(model.student_layers),
-        "rank": config.rank if model.adapters else None,
-        "teacher": _architecture(model.teacher),
-        "student": _architecture(model.student),
+        "pairs": pairs,
+        "teachers": {name: _architecture(teacher) for name, teacher in model.teachers.items()},
+        "students": {name: _architecture(student) for name, student in model.students.items()},
     }
-
-
-def write_fingerprint(model, checkpoint: str) -> None:
-    with open(os.path.join(checkpoint, FINGERPRINT_FILE), "w") as file:
-        json.dump(run_fingerprint(model), file, indent=2)
 
 
 def check_fingerprint(model, checkpoint: str) -> None:
     """Fails naming the checkpoint and every difference when it was written by another configuration."""
     saved = json.loads(Path(checkpoint, FINGERPRINT_FILE).read_text())
-    current = run_fingerprint(model)
-    differences = []
-    for key, value in current.items():
-        if isinstance(value, dict):
-            differences += [f"{key}.{k} {saved.get(key, {}).get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in value.items() if saved.get(key, {}).get(k) != v]
-        elif saved.get(key) != value:
-            differences.append(f"{key} {saved.get(key)!r} (checkpoint) vs {value!r} (now)")
+    differences = _differences(saved, run_fingerprint(model), [])
     if differences:
         raise ValueError(
             f"resume_from_checkpoint: {Path(checkpoint).name} belongs to another configuration: {'; '.join(differences)}"
         )
+
+
+def _differences(saved, current, where: list[str]) -> list[str]:
+    if isinstance(current, dict) and isinstance(saved, dict):
+        keys = [*current, *(key for key in saved if key not in current)]
+        return [item for key in keys for item in _differences(saved.get(key), current.get(key), [*where, str(key)])]
+    return [] if saved == current else [f"{'.'.join(where)} {saved!r} (checkpoint) vs {current!r} (now)"]

@@ -23,18 +23,15 @@ from typing import Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from transformers.trainer import TRAINER_STATE_NAME
 
+from .layout import CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD
+from .locations import hub_id, public_name, without_local_paths
 from .methods import METHODS, get_method
 from .modeling import DistillationModelConfig
-from .trainer import CONFIG_FILE, DISTILLATION_DIR
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "student.md"
 """The student card template (package data: installed with the wheel)."""
-RUN_RECORD = "run_record.json"
-"""File in a student's `distillation/` folder: the run's facts that the card needs (see `record_run`)."""
-TRAINER_STATE = "trainer_state.json"
 
 TAGS = ["singer", "knowledge-distillation", "vision-transformer", "image-feature-extraction"]
 PIPELINE_TAG = "image-feature-extraction"
@@ -180,7 +177,7 @@ def student_card_from_run(
     research_dir = run_dir / DISTILLATION_DIR
     record = _read_json(research_dir / RUN_RECORD, "run_dir", "a run record (written by scripts/distill.py)")
     distillation = _read_json(research_dir / CONFIG_FILE, "run_dir", "the distillation config")
-    state_file = run_dir / TRAINER_STATE
+    state_file = run_dir / TRAINER_STATE_NAME
     trainer_state = _read_json(state_file, "run_dir", "the trainer state") if state_file.is_file() else None
     return _render(
         Path(output_dir) if output_dir is not None else run_dir,
@@ -220,7 +217,7 @@ def _render(
     student_depth: int | None,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
-    model_name = _local_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
+    model_name = public_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
@@ -308,8 +305,7 @@ LOWER_IS_BETTER = {"rmse", "abs_rel"}
 # -- helpers -----------------------------------------------------------------------------------------
 def _source(name: str) -> tuple[str, str | None]:
     """(name shown, Hub id or None) of a teacher or dataset given as a Hub id or a local path."""
-    hub_id = _hub_id(name)
-    return (hub_id or _local_name(name)), hub_id
+    return public_name(name), hub_id(name)
 
 
 def _read_json(path: Path, argument: str, what: str) -> dict:
@@ -321,28 +317,6 @@ def _read_json(path: Path, argument: str, what: str) -> dict:
         raise ValueError(f"{argument}: {path.name} is not valid JSON ({error})") from None
 
 
-def _hub_id(name: str) -> str | None:
-    """`name` if it reads as a Hub repo id and is not a local path, else None."""
-    if not name or os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(os.path.expanduser(name)):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-def _local_name(path: str) -> str:
-    """The last component of a local path: never the directories above it."""
-    name = Path(os.path.expanduser(str(path))).name
-    return name or "model"
-
-
-def _looks_local(value: str) -> bool:
-    home = os.path.expanduser("~")
-    return os.path.isabs(value) or value.startswith("~") or (home not in ("", "/") and home in value)
-
-
 def _scrub(value: Any) -> Any:
     """Drop secret-looking keys and token-like strings; reduce local paths to their last component."""
     if isinstance(value, dict):
@@ -350,18 +324,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     if isinstance(value, str):
-        return strip_local_paths(_TOKEN_VALUE.sub("<redacted>", value))
-    return value
-
-
-def strip_local_paths(value: Any) -> Any:
-    """`value` (JSON-like) with every absolute or home-relative local path reduced to its last component."""
-    if isinstance(value, dict):
-        return {k: strip_local_paths(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strip_local_paths(v) for v in value]
-    if isinstance(value, str) and _looks_local(value):
-        return _local_name(value)
+        return without_local_paths(_TOKEN_VALUE.sub("<redacted>", value))
     return value
 
 

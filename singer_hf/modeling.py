@@ -155,6 +155,10 @@ class DistillationModel(nn.Module):
     parameter then gets a gradient at every step, so DDP runs without `find_unused_parameters`.
     They keep their values and are saved with the student; a student loaded from the saved folder
     has them trainable again.
+
+    The model's state (`state_dict`, what a checkpoint holds) is what trains — students, heads,
+    adapters — without the frozen teachers' own weights: those are the teachers given to the
+    constructor, never saved, and taken as they are when a state is loaded.
     """
 
     # Each loss is a per-batch mean; the Trainer must divide it by the accumulation steps itself
@@ -240,6 +244,8 @@ class DistillationModel(nn.Module):
         self.pairs = [Pair(s, t, self.methods[s][t]) for s in students for t in teachers]
         for model in self.teachers.values():
             model.eval()
+        self.register_state_dict_post_hook(_drop_frozen_teacher_weights)
+        self.register_load_state_dict_pre_hook(_take_frozen_teacher_weights)
 
     # -- one teacher, one student: the usual case, by its usual names -----------------------------
     def _only(self, kind: str, names) -> str:
@@ -430,6 +436,23 @@ class DistillationGroupConfig:
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _is_frozen_teacher_weight(key: str, prefix: str) -> bool:
+    return key.startswith(prefix + "teachers.") and "singer_" not in key
+
+
+def _drop_frozen_teacher_weights(module, state_dict, prefix, local_metadata) -> None:
+    for key in [key for key in state_dict if _is_frozen_teacher_weight(key, prefix)]:
+        del state_dict[key]
+
+
+def _take_frozen_teacher_weights(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """A saved state has no teacher weights: load the live teachers' own in their place."""
+    for name, teacher in module.teachers.items():
+        for key, value in teacher.state_dict(prefix=f"{prefix}teachers.{name}.", keep_vars=True).items():
+            if _is_frozen_teacher_weight(key, prefix):
+                state_dict.setdefault(key, value)
 
 
 def _named(models, kind: str) -> dict[str, nn.Module]:

@@ -30,9 +30,13 @@ try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, ht
 except ImportError:
     from httpx import HTTPError as ClientError
 
+from transformers.trainer import TRAINER_STATE_NAME
+
+from .evaluation.results import SCHEMA, SCHEMA_VERSION
+from .layout import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD
+from .locations import without_local_paths
 from .methods import method_label
-from .model_card import RUN_RECORD, TRAINER_STATE, strip_local_paths, student_card_from_run
-from .trainer import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE
+from .model_card import student_card_from_run
 
 STUDENT_FILES = ("config.json", "preprocessor_config.json", "model.safetensors.index.json")
 """Top-level files of a student folder that are published, with the `model*.safetensors` weights."""
@@ -40,7 +44,6 @@ DISTILLATION_FILES = ("adapter_config.json", "adapter_model.safetensors", HEADS_
 """Files of `distillation/` published with `include_distillation`."""
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp")
 FIGURES_DIR = "figures"
-RESULTS_SCHEMA = ("singer-hf/probe-results", 1)
 
 
 class PublishError(RuntimeError):
@@ -134,8 +137,8 @@ def _load_results(path: str | os.PathLike, argument: str) -> dict:
     except ValueError as error:
         raise ValueError(f"{argument}: {path} is not valid JSON ({error})") from None
     schema = (results.get("schema"), results.get("schema_version")) if isinstance(results, dict) else None
-    if schema != RESULTS_SCHEMA:
-        raise ValueError(f"{argument}: {path} is not a {RESULTS_SCHEMA[0]} file of version {RESULTS_SCHEMA[1]} (found {schema})")
+    if schema != (SCHEMA, SCHEMA_VERSION):
+        raise ValueError(f"{argument}: {path} is not a {SCHEMA} file of version {SCHEMA_VERSION} (found {schema})")
     return results
 
 
@@ -191,7 +194,7 @@ def _target(path: Path) -> Path:
 def _copy(source: Path, target: Path) -> None:
     """Copy a file; a JSON file loses its absolute local paths (e.g. a PEFT adapter's base model)."""
     if source.suffix == ".json":
-        content = strip_local_paths(json.loads(source.read_text()))
+        content = without_local_paths(json.loads(source.read_text()))
         _target(target).write_text(json.dumps(content, indent=2) + "\n")
     else:
         shutil.copyfile(source, _target(target))
@@ -212,8 +215,8 @@ def _commit_message(run_dir: Path) -> str:
     record = json.loads((run_dir / DISTILLATION_DIR / RUN_RECORD).read_text())
     method = json.loads((run_dir / DISTILLATION_DIR / CONFIG_FILE).read_text()).get("method", "singer")
     steps = ""
-    if (run_dir / TRAINER_STATE).is_file():
-        steps = f", {json.loads((run_dir / TRAINER_STATE).read_text()).get('global_step', 0):,} steps"
+    if (run_dir / TRAINER_STATE_NAME).is_file():
+        steps = f", {json.loads((run_dir / TRAINER_STATE_NAME).read_text()).get('global_step', 0):,} steps"
     return f"Upload {method_label(method)} student distilled from {record['teacher']['name']}{steps}"
 
 

@@ -119,7 +119,7 @@ def test_recipe_parses_with_the_script_and_matches_the_paper(name, distill_scrip
 
 # -- model card ------------------------------------------------------------------------------------
 def distillation_summary(method="singer", teacher_layers=(17, 23), teacher_depth=24, student_depth=12, **kwargs):
-    """What SingerTrainer writes to distillation/distillation_config.json."""
+    """What FeatureDistillationTrainer writes to distillation/distillation_config.json."""
     config = DistillationModelConfig(method=method, teacher_layers=list(teacher_layers), **kwargs)
     layers = config.layers_for(teacher_depth)
     return {**config.to_dict(), "teacher_layers": layers, "student_layers": map_layers(layers, teacher_depth, student_depth)}

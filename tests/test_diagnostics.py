@@ -17,7 +17,7 @@ from conftest import IMAGE, make_vit
 
 from singer_hf import SingerConfig
 from singer_hf.diagnostics import artifact_stats
-from singer_hf.trainer import CONFIG_FILE, DISTILLATION_DIR
+from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("diagnose_script", ROOT / "scripts" / "diagnose.py")

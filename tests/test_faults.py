@@ -205,7 +205,7 @@ spec = importlib.util.spec_from_file_location("distill_probe", script)
 distill = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = distill
 spec.loader.exec_module(distill)
-import singer_hf.trainer
+import safetensors.torch
 from transformers import TrainerCallback
 
 class Fault(TrainerCallback):
@@ -217,20 +217,20 @@ class Fault(TrainerCallback):
         if state.global_step == step_at and fault == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
 
-def save_file(tensors, path, *args, **kwargs):  # kill-during-write: die after the student, before the heads
-    if fault == "kill_in_save" and f"staging-{step_at}" in str(path):
+def save_file(tensors, path, *args, **kwargs):  # kill-during-write: die while the checkpoint's weights are written
+    if fault == "kill_in_save" and f"checkpoint-{step_at}" in str(path):
         os.kill(os.getpid(), signal.SIGKILL)
     return original_save_file(tensors, path, *args, **kwargs)
 
-original_save_file = singer_hf.trainer.save_file
-singer_hf.trainer.save_file = save_file
+original_save_file = safetensors.torch.save_file
+safetensors.torch.save_file = save_file
 
-class FaultyTrainer(distill.SingerTrainer):
+class FaultyTrainer(distill.FeatureDistillationTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(Fault())
 
-distill.SingerTrainer = FaultyTrainer
+distill.FeatureDistillationTrainer = FaultyTrainer
 from singer_hf.cli import run_cli
 run_cli(distill.main, argv)
 """
@@ -309,11 +309,12 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(distill, workspac
     output = tmp_path / "run"
     killed = _run_with_fault(tmp_path, "kill_in_save", 8, _resume_argv(workspace, output, mode))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]  # the partial one is not named so
-    assert (output / ".staging-8").is_dir()
+    # The partial checkpoint has no fingerprint: it is never resumed from, and the resumed run replaces it.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (output / "checkpoint-4" / "singer_run.json").is_file() and not (output / "checkpoint-8" / "singer_run.json").exists()
     distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
     assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
-    assert not (output / ".staging-8").exists()
+    assert (output / "checkpoint-8" / "singer_run.json").is_file()
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(distill, workspace, tmp_path, uninterrupted):

@@ -3,7 +3,7 @@ scripts/distill.py on CPU, as the README says (Accelerate starts the two ranks w
 no hostfile; they talk over gloo).
 
 One launch serves every test here (it is the slow part): inside the two processes a small probe
-runs `distill.main` twice, map-style data then the same data streamed, with `SingerTrainer`
+runs `distill.main` twice, map-style data then the same data streamed, with `FeatureDistillationTrainer`
 replaced by a subclass that records, per rank, into ``<mode>_rank<r>.safetensors``:
 
 - ``local_grad.*``: this rank's own gradients of step 1, computed from its batch alone;
@@ -11,7 +11,7 @@ replaced by a subclass that records, per rank, into ``<mode>_rank<r>.safetensors
 - ``init.*`` / ``weight.*``: the trainable parameters at the start / the whole model at the end;
 - ``ids``, ``local_loss``: which examples the rank read (image i has the constant red value 4·i,
   which cropping, flipping and normalising keep recoverable) and its per-step loss;
-- ``<mode>_writes_rank<r>.txt``: the files each rank wrote through singer_hf.trainer's ``save_file``.
+- ``<mode>_writes_rank<r>.txt``: the files each rank wrote through singer_hf.layout's ``save_file``.
 
 Nothing of Accelerate, DDP or the Trainer is mocked.
 """
@@ -91,7 +91,7 @@ class Probe(TrainerCallback):
         save_file(self.record, os.path.join(out_dir, f"{self.mode}_rank{args.process_index}.safetensors"), metadata)
 
 
-class ProbeTrainer(distill.SingerTrainer):
+class ProbeTrainer(distill.FeatureDistillationTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.probe = Probe(self, MODE)
@@ -119,7 +119,7 @@ class ProbeTrainer(distill.SingerTrainer):
 
 
 def logged_save_file(tensors, path, *args, **kwargs):
-    """singer_hf.trainer's save_file, noting which rank wrote what."""
+    """singer_hf.layout's save_file, noting which rank wrote what."""
     from accelerate import PartialState
 
     with open(os.path.join(out_dir, f"{MODE}_writes_rank{PartialState().process_index}.txt"), "a") as log:
@@ -127,8 +127,8 @@ def logged_save_file(tensors, path, *args, **kwargs):
     return save_file(tensors, path, *args, **kwargs)
 
 
-distill.SingerTrainer = ProbeTrainer  # main() looks the name up in its module when it runs
-sys.modules["singer_hf.trainer"].save_file = logged_save_file
+distill.FeatureDistillationTrainer = ProbeTrainer  # main() looks the name up in its module when it runs
+sys.modules["singer_hf.layout"].save_file = logged_save_file
 for MODE in modes:
     out = os.path.join(out_dir, MODE)
     distill.main(common + ["--streaming", str(MODE == "streaming").lower(), "--output_dir", out])
@@ -293,7 +293,7 @@ def test_ranks_end_with_identical_weights(launched, mode):
     assert len(adapters) == 4
     for key in adapters:
         assert not torch.equal(rank0[key], rank0["init." + key.removeprefix("weight.")]), f"{key} never changed"
-    student = [key for key in weights if key.startswith("weight.student.")]
+    student = [key for key in weights if key.startswith("weight.students.default.")]
     trainable = [key for key in student if "init." + key.removeprefix("weight.") in rank0]
     moved = [key for key in trainable if not torch.equal(rank0[key], rank0["init." + key.removeprefix("weight.")])]
     assert len(moved) > len(trainable) // 2 > 0, f"only {len(moved)}/{len(trainable)} trainable student tensors changed"
@@ -301,9 +301,9 @@ def test_ranks_end_with_identical_weights(launched, mode):
     import transformers
 
     saved = transformers.AutoModel.from_pretrained(launched["results"] / mode).state_dict()
-    assert sorted(saved) == sorted(key.removeprefix("weight.student.") for key in student)
+    assert sorted(saved) == sorted(key.removeprefix("weight.students.default.") for key in student)
     for key in student:
-        assert torch.equal(saved[key.removeprefix("weight.student.")], rank0[key]), f"{key}: saved student differs"
+        assert torch.equal(saved[key.removeprefix("weight.students.default.")], rank0[key]), f"{key}: saved student differs"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -33,7 +33,7 @@ def test_block_outputs_are_the_models_own_hidden_states(family, size):
 
 
 class _FullTeacherModel(DistillationModel):
-    def teacher_features(self, pixel_values):
+    def teacher_features(self, pixel_values, teacher=None):
         with torch.no_grad():
             return resolve_vit(self.teacher).block_outputs(pixel_values)
 
@@ -73,7 +73,7 @@ def test_bf16_training_casts_the_teacher_once_and_trains_the_adapters(tmp_path):
     model = DistillationModel(make_vit(seed=0), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=4))
     adapter = model.adapters[2].singer_up["default"]
     before = adapter.detach().clone()
-    trainer = _trainer(model, _args(tmp_path, bf16=True, max_steps=2, logging_steps=1), data=_images(16))
+    trainer = _trainer(model, _args(tmp_path, bf16=True, max_steps=2, logging_steps=1, rank=4), data=_images(16))
     assert resolve_vit(model.teacher).blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -1,4 +1,4 @@
-"""SingerTrainer: logged loss terms, gradient accumulation, resume, and the saved student."""
+"""FeatureDistillationTrainer: logged loss terms, gradient accumulation, resume, and the saved student."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ from transformers import ViTImageProcessor
 
 from singer_hf import DistillationModelConfig, DistillationModel
 from singer_hf.data import PixelNormalizer, PixelValuesCollator
-from singer_hf.trainer import SingerTrainer, SingerTrainingArguments
+from singer_hf.trainer import FeatureDistillationTrainer, FeatureDistillationArguments
 
 
 def _images(count=32, seed=0):
@@ -20,9 +20,13 @@ def _images(count=32, seed=0):
     return [{"pixel_values": torch.randn(3, IMAGE, IMAGE, generator=generator)} for _ in range(count)]
 
 
+MODEL_CONFIG = {"teacher_layers": [2, 5], "rank": 8}
+"""What `_model` distils with, and `_args` says it does (the trainer refuses arguments that disagree)."""
+
+
 def _model(student_seed=1, **config):
     """The same teacher every time (it is never checkpointed); the trainable parts vary with the seed."""
-    config = {"teacher_layers": [2, 5], "rank": 8, **config}
+    config = {**MODEL_CONFIG, **config}
     teacher, student = make_vit(seed=0), make_vit(32, 4, seed=student_seed)
     torch.manual_seed(student_seed)
     model = DistillationModel(teacher, student, DistillationModelConfig(**config))
@@ -34,6 +38,7 @@ def _model(student_seed=1, **config):
 
 def _args(tmp_path, **overrides):
     values = dict(
+        **MODEL_CONFIG,
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
         max_steps=4,
@@ -46,11 +51,11 @@ def _args(tmp_path, **overrides):
         dataloader_num_workers=0,
     )
     values.update(overrides)
-    return SingerTrainingArguments(**values)
+    return FeatureDistillationArguments(**values)
 
 
 def _trainer(model, args, data=None):
-    return SingerTrainer(
+    return FeatureDistillationTrainer(
         model=model,
         args=args,
         train_dataset=data or _images(),
@@ -112,7 +117,7 @@ def test_resume_from_checkpoint_reaches_the_uninterrupted_result(tmp_path):
 
 def test_saved_student_is_a_plain_hf_model(tmp_path, images):
     model = _model(method="vitkd", teacher_layers=None)
-    trainer = _trainer(model, _args(tmp_path / "run", max_steps=2))
+    trainer = _trainer(model, _args(tmp_path / "run", max_steps=2, method="vitkd", teacher_layers=None))
     trainer.train()
     out = tmp_path / "student"
     trainer.save_model(str(out))
@@ -163,17 +168,38 @@ def test_singer_run_saves_adapters_in_peft_format_and_never_the_teacher(tmp_path
 
 
 def test_trainer_rejects_other_models_and_best_model_selection(tmp_path):
-    with pytest.raises(ValueError, match="model: SingerTrainer trains a singer_hf.DistillationModel"):
-        SingerTrainer(model=make_vit(), args=_args(tmp_path))
+    with pytest.raises(ValueError, match="model: FeatureDistillationTrainer trains a singer_hf.DistillationModel"):
+        FeatureDistillationTrainer(model=make_vit(), args=_args(tmp_path))
     args = _args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
     with pytest.raises(ValueError, match="load_best_model_at_end: not supported"):
-        SingerTrainer(model=_model(), args=args)
+        FeatureDistillationTrainer(model=_model(), args=args)
+    # Arguments that say rank 64 for a rank-8 model would train rank 8 and record 64: refused.
+    with pytest.raises(ValueError, match=r"^args: the model was built with other distillation settings than the arguments: rank 8 \(model\) vs 64 \(arguments\)$"):
+        FeatureDistillationTrainer(model=_model(), args=_args(tmp_path, rank=64))
+    with pytest.raises(ValueError, match="hub_strategy: only 'end' is supported"):
+        _args(tmp_path, hub_strategy="every_save")
+
+
+def test_checkpoints_hold_the_trainable_state_and_no_token(tmp_path):
+    """The Trainer's own checkpoint: students, heads and adapters in model.safetensors, no teacher
+    weight, the fingerprint written last, and the pickled arguments without the Hub token."""
+    token = "hf_CheckpointTokenLeak0123456789abcd"
+    model = _model()
+    trainer = _trainer(model, _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hub_token=token))
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = load_file(checkpoint / "model.safetensors")
+    assert set(saved) == set(model.state_dict()) and not any(key.startswith("teachers.") and "singer_" not in key for key in saved)
+    assert {"students.default.layers.0.mlp.fc1.weight", "methods.default.default.projectors.0.weight"} <= set(saved)
+    assert (checkpoint / "singer_run.json").is_file()
+    assert all(token.encode() not in path.read_bytes() for path in checkpoint.iterdir() if path.is_file())
+    assert trainer.args.hub_token == token  # kept in memory for publishing
 
 
 # -- the Trainer's model protocol ------------------------------------------------------------------
 def test_evaluate_reports_the_loss_and_each_term(tmp_path):
     model = _model()
-    trainer = SingerTrainer(
+    trainer = FeatureDistillationTrainer(
         model=model, args=_args(tmp_path, per_device_eval_batch_size=8), train_dataset=_images(),
         eval_dataset=_images(16, seed=5), data_collator=PixelValuesCollator(),
     )  # fmt: skip

@@ -4,8 +4,6 @@ the paper's Table 1 (percent for accuracy, mIoU and δ; metres for RMSE)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .probes import ClassificationProbe, DepthProbe, SegmentationProbe
 
 SCHEMA, SCHEMA_VERSION = "singer-hf/probe-results", 1
@@ -16,12 +14,6 @@ DEPTH_METRICS = {
     "delta2": ("δ < 1.25² (linear probe)", "%"),
     "delta3": ("δ < 1.25³ (linear probe)", "%"),
 }
-
-
-def published_name(name_or_path: str) -> str:
-    """A Hub id as given; a local path as its folder or file name only (never an absolute path)."""
-    path = Path(name_or_path).expanduser()
-    return path.resolve().name if path.exists() else name_or_path
 
 
 def metric_entries(probe: ClassificationProbe, metrics: dict[str, float]) -> list[dict]:

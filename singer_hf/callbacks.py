@@ -1,0 +1,122 @@
+"""What keeps a distillation run safe, as `transformers.TrainerCallback`s.
+
+- `CheckpointCallback`: after the Trainer writes `checkpoint-N`, adds what a distillation run needs
+  to resume exactly — each process's streamed-data position and, last, the run's fingerprint
+  (`layout.FINGERPRINT_FILE`), which marks the checkpoint complete — then removes checkpoints beyond
+  `save_total_limit`, oldest first, never the newest complete one. A checkpoint cut short by a kill
+  has no fingerprint and is never resumed from.
+- `PreemptionCallback`: SIGTERM (a scheduler's pre-emption) and Ctrl-C save a checkpoint after the
+  current step and stop; a second Ctrl-C stops at once.
+- `StudentClippingCallback`: gradient clipping per student, so one student's gradient norm never
+  scales another's update (with one student it is the Trainer's usual clipping).
+- `EpochCallback`: keeps an epoch-seeded transform (`data.ImageTransform`) on the current epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
+
+from .checkpoints import run_fingerprint
+from .layout import FINGERPRINT_FILE, STREAM_STATE_FILE
+
+logger = logging.get_logger(__name__)
+
+
+class CheckpointCallback(TrainerCallback):
+    def __init__(self, trainer, save_total_limit: int | None):
+        self.trainer = trainer
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        dataloader = kwargs.get("train_dataloader")
+        if trainer.streams_resumable and hasattr(dataloader, "state_dict"):
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            torch.save(dataloader.state_dict(), checkpoint / STREAM_STATE_FILE.format(args.process_index))
+        trainer.accelerator.wait_for_everyone()  # every process's files are in
+        if args.should_save:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            (checkpoint / FINGERPRINT_FILE).write_text(json.dumps(run_fingerprint(model), indent=2))
+            if self.save_total_limit:
+                rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=True)
+        trainer.accelerator.wait_for_everyone()
+
+
+class PreemptionCallback(TrainerCallback):
+    """Installs SIGTERM and SIGINT handlers for the duration of `train()` (main thread only)."""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.received: str | None = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame) -> None:
+        if self.received == "Ctrl-C" and number == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, the checkpoint being written or not
+        self.received = self.SIGNALS[number]
+        again = "; Ctrl-C again to stop at once" if number == signal.SIGINT else ""
+        logger.warning("%s: writing a checkpoint after this step, then stopping%s", self.received, again)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Save and stop at this step's end. With several processes the ranks agree on it at each log
+        step (a collective per step would cost a host sync), so a signal reaching one rank only is
+        acted on there."""
+        received = self.received is not None
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            if state.global_step % max(int(args.logging_steps), 1):
+                return
+            flag = torch.tensor(float(received), device=accelerator.device)
+            received = bool(accelerator.reduce(flag, reduction="sum").item())
+            self.received = self.received or "a signal on another process"
+        if received:
+            control.should_save = control.should_training_stop = True
+
+
+class StudentClippingCallback(TrainerCallback):
+    """Clips each student's gradients (student, heads, adapters) to `max_grad_norm` on its own."""
+
+    def __init__(self, trainer, max_grad_norm: float):
+        self.trainer = trainer
+        self.max_grad_norm = max_grad_norm
+        self.norms: dict[str, torch.Tensor] = {}
+        """Each student's gradient norm before clipping, at the last step."""
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        model = accelerator.unwrap_model(self.trainer.model)
+        accelerator.unscale_gradients()
+        for name in model.students:
+            parameters = [parameter for parameter in model.student_parameters(name) if parameter.grad is not None]
+            self.norms[name] = torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+
+
+class EpochCallback(TrainerCallback):
+    """Tells `target.set_epoch` (e.g. a seeded `ImageTransform`) the epoch, also when a run resumes mid-epoch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.target.set_epoch(int(state.epoch or 0))

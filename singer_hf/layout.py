@@ -1,0 +1,134 @@
+"""Where a run's files live, and the export of its students.
+
+A run's output folder holds:
+
+- the student, a plain Hugging Face model folder (`config.json`, `model.safetensors`,
+  `preprocessor_config.json`, the card `README.md`) that `AutoModel.from_pretrained` loads without
+  this package; with several students, one such folder per student, `<output_dir>/<student>/`;
+- in each student folder, `distillation/`: what trained beside the student — the teacher's SiNGER
+  adapters in PEFT format, the method's heads (projectors, generators), the distillation config
+  and the run record; with several teachers, one subfolder per teacher for its adapters and heads;
+- the Trainer's own `checkpoint-N/` folders (the trainable state, optimizer, RNG, trainer state)
+  and `trainer_state.json`; a checkpoint is complete once `FINGERPRINT_FILE` is in it.
+
+The teacher is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import peft
+import torch
+from safetensors.torch import save_file
+
+from .locations import public_name
+from .modeling import DistillationModel
+from .numerics import NonFiniteLossError
+
+DISTILLATION_DIR = "distillation"
+HEADS_FILE = "heads.safetensors"
+CONFIG_FILE = "distillation_config.json"
+RUN_RECORD = "run_record.json"
+"""Facts only the training script knows (teacher, data, training arguments, hardware), for the card."""
+FINGERPRINT_FILE = "singer_run.json"
+"""Written last into a checkpoint: what it shares with any run that may resume it."""
+STREAM_STATE_FILE = "stream_state_rank{}.pt"
+"""A checkpoint's streamed-data position (the stateful DataLoader's state), one per process."""
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def student_dir(output_dir: str | Path, model: DistillationModel, student: str) -> Path:
+    """The folder of `student`: the output folder itself, or its subfolder when there are several."""
+    return Path(output_dir) if len(model.students) == 1 else Path(output_dir) / student
+
+
+def teacher_dir(distillation_dir: Path, model: DistillationModel, teacher: str) -> Path:
+    """Where one teacher's adapters and heads go inside `distillation/`: itself, or a subfolder per teacher."""
+    return distillation_dir if len(model.teachers) == 1 else distillation_dir / teacher
+
+
+def export_students(model: DistillationModel, output_dir: str | Path, image_processor=None) -> list[Path]:
+    """Write every student with its `distillation/` folder (see the module docstring); returns their folders.
+
+    Refuses, before writing anything, a student whose weights are not finite.
+    """
+    for name, student in model.students.items():
+        broken = [key for key, value in student.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteLossError(f"student: non-finite weights in {broken[:3]}; not saved (the last checkpoint is intact)")
+    folders = []
+    for name, student in model.students.items():
+        folder = student_dir(output_dir, model, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        student.save_pretrained(folder, safe_serialization=True)
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
+        write_distillation(model, name, folder / DISTILLATION_DIR)
+        folders.append(folder)
+    return folders
+
+
+def write_distillation(model: DistillationModel, student: str, folder: Path) -> None:
+    """`distillation/` of one student: adapters (PEFT format), heads, config, a README saying what they are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.configs[student]
+    summary = config.to_dict()
+    teachers = {}
+    for teacher, method in model.methods[student].items():
+        target = teacher_dir(folder, model, teacher)
+        target.mkdir(parents=True, exist_ok=True)
+        if method.adapter_config(config, method.teacher_layers) is not None:
+            save_adapter(model.teachers[teacher], model.adapter_name(student), target)
+        save_file({key: value.contiguous() for key, value in method.state_dict().items()}, str(target / HEADS_FILE))
+        layers = {"teacher_layers": method.teacher_layers, "student_layers": method.student_layers}
+        teachers[teacher] = {"weight": model.teacher_settings[teacher].weight, **layers}
+    if len(teachers) == 1:
+        summary.update(next(iter(teachers.values())))
+        summary.pop("weight")
+    else:
+        summary["teachers"] = teachers
+    (folder / CONFIG_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "README.md").write_text(distillation_readme(model, student))  # replaces PEFT's blank card
+
+
+def save_adapter(teacher: peft.PeftModel, adapter_name: str, folder: Path) -> None:
+    """One named adapter of `teacher`, saved as PEFT saves a "default" adapter (loadable with
+    `PeftModel.from_pretrained(teacher, folder)`), its base model named without a local path."""
+    with tempfile.TemporaryDirectory(dir=folder) as staging:
+        teacher.save_pretrained(staging, selected_adapters=[adapter_name])
+        saved = Path(staging) if adapter_name == "default" else Path(staging) / adapter_name  # PEFT's layout
+        for name in ADAPTER_FILES:
+            shutil.move(str(saved / name), str(folder / name))
+    config_path = folder / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = public_name(adapter_config.get("base_model_name_or_path"))
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
+def distillation_readme(model: DistillationModel, student: str) -> str:
+    lines = ["# Distillation artefacts", ""]
+    for teacher, method in model.methods[student].items():
+        pairs = ", ".join(f"teacher block {t} → student block {s}" for t, s in zip(method.teacher_layers, method.student_layers))
+        where = "" if len(model.teachers) == 1 else f" (teacher `{teacher}`: `{teacher}/`)"
+        lines.append(f"- {method.label}{where}: {pairs}; the heads are {method.heads_description}")
+    lines += [
+        "",
+        "The student itself is the folder above.",
+        "",
+        f"- `{CONFIG_FILE}`: the method's settings and the teacher → student block mapping.",
+        f"- `{HEADS_FILE}`: what trained beside the student to read it (see above).",
+    ]
+    if any(method.adapter_config(model.configs[student], method.teacher_layers) for method in model.methods[student].values()):
+        lines += [
+            "- `adapter_config.json`, `adapter_model.safetensors`: the teacher's SiNGER adapters, a PEFT adapter:",
+            "",
+            "```python",
+            "import peft, singer_hf  # importing singer_hf registers the SINGER PEFT type",
+            'teacher = peft.PeftModel.from_pretrained(teacher, "<this folder>")  # the same teacher as in training',
+            "```",
+        ]
+    return "\n".join(lines) + "\n"

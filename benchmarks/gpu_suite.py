@@ -353,27 +353,39 @@ def run_data(suite: Suite, deadline: float) -> str | None:
 def largest_batch(fits: Callable[[int], bool], start: int, cap: int, deadline: float) -> tuple[int, int | None, str | None]:
     """(largest size that fit, smallest that did not or None, why it stopped early or None): doubling from
     `start` until a size does not fit or `cap` is reached, then bisection to within an eighth (multiples of
-    8 once above 8); checks `deadline` after each size tried."""
-    low, high, size = 0, None, min(start, cap)
+    8 once above 8). After the first, a size is tried only if its time, estimated from the last try's
+    scaled by size, ends before `deadline`."""
+    low, high, size, last = 0, None, min(start, cap), None
+
+    def attempt(size: int) -> bool:
+        nonlocal last
+        began = time.perf_counter()
+        fitted = fits(size)
+        last = (size, time.perf_counter() - began)
+        return fitted
+
+    def too_late(size: int) -> bool:
+        return time.perf_counter() + last[1] * size / last[0] > deadline
+
     while True:
-        if fits(size):
+        if attempt(size):
             low = size
         else:
             high = size
             break
         if size >= cap:
             return low, None, None
-        if time.perf_counter() >= deadline:
-            return low, None, f"time share spent while doubling (largest tried {size})"
         size = min(2 * size, cap)
+        if too_late(size):
+            return low, None, f"time share spent: batch {size} would end past it (largest tried {low})"
     while high - low > max(8, low // 8):
-        if time.perf_counter() >= deadline:
-            return low, high, f"time share spent while bisecting between {low} and {high}"
         size = (low + high) // 2
         size -= size % 8 if size > 8 else 0
         if not low < size < high:
             break
-        if fits(size):
+        if too_late(size):
+            return low, high, f"time share spent: batch {size} would end past it (between {low} and {high})"
+        if attempt(size):
             low = size
         else:
             high = size
@@ -505,7 +517,10 @@ def render_markdown(results: dict) -> str:
     fitting = [trial for trial in search.get("trials", []) if trial["fits"]]
     if fitting:
         largest = max(fitting, key=lambda trial: trial["batch_size"])
-        bound = "the search's cap" if search.get("smallest_failing") is None and largest["batch_size"] >= search["cap"] else "largest that fits"
+        if search.get("smallest_failing") is not None:
+            bound = "largest that fits"
+        else:
+            bound = "largest tried (the search's cap)" if largest["batch_size"] >= search["cap"] else "largest tried (search cut short)"
         lines.append(row(f"{labels.get(search['mode'], search['mode'])}, {bound}", largest))
         best = max(fitting, key=lambda trial: trial["images_per_s"])
         if best is not largest:

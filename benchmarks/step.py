@@ -289,8 +289,9 @@ class Interleaved:
 
 
 def interleave(built: dict, pixels: torch.Tensor, device: torch.device, warmup: int, rounds: int, deadline: float | None = None) -> Interleaved:
-    """`warmup` then `rounds` rounds of one step of every mode in `built` in turn; stops after the round in
-    which `time.perf_counter()` passes `deadline` (at least one timed round). One synchronisation a round."""
+    """`warmup` then `rounds` rounds of one step of every mode in `built` in turn; after a timed round, stops
+    when another as long would end past `deadline` (a `time.perf_counter()` value; at least one timed
+    round). One synchronisation a round."""
     clock = clock_for(device)
     seconds: dict[str, list[float]] = {name: [] for name in built}
     peaks: dict[str, int | None] = dict.fromkeys(built)
@@ -298,7 +299,7 @@ def interleave(built: dict, pixels: torch.Tensor, device: torch.device, warmup: 
     first_seconds: dict[str, float] = {}
     timed = 0
     for index in range(warmup + rounds):
-        marks = []
+        began, marks = time.perf_counter(), []
         for name, (model, optimizer) in built.items():
             reset_peak_memory(device)
             if index == 0:
@@ -319,7 +320,7 @@ def interleave(built: dict, pixels: torch.Tensor, device: torch.device, warmup: 
             timed += 1
             for name, start, end in marks:
                 seconds[name].append(clock.seconds(start, end))
-            if deadline is not None and time.perf_counter() >= deadline:
+            if deadline is not None and 2 * time.perf_counter() - began > deadline:
                 break
     first_losses = {name: {term: value.item() for term, value in losses.items()} for name, losses in first.items()}
     return Interleaved(seconds, peaks, first_losses, first_seconds, timed)

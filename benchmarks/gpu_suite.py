@@ -288,26 +288,38 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_steps(suite: Suite, deadline: float) -> str | None:
+    """The interleaved modes at `--batch_size`, halved (the models built again: the losses compare initial
+    weights) while the device runs out of memory."""
     args, part = suite.args, suite.results["parts"]["steps"]
-    for name in args.modes:
-        suite.model(name)
-    built = {name: suite.built[name] for name in args.modes}
-    suite.log(f"steps: {args.warmup} warm-up + up to {args.rounds} timed rounds of {list(built)} at batch {args.batch_size}")
-    pixels = host_pixels(suite.pair, args.batch_size, suite.device)
-    run = interleave(built, pixels, suite.device, args.warmup, args.rounds, deadline)
-    flops = step_flops(suite.pair, args.batch_size)
+    batch = args.batch_size
+    while True:
+        built = {name: suite.model(name) for name in args.modes}
+        suite.log(f"steps: {args.warmup} warm-up + up to {args.rounds} timed rounds of {list(built)} at batch {batch}")
+        pixels = host_pixels(suite.pair, batch, suite.device)
+        try:
+            run = interleave(built, pixels, suite.device, args.warmup, args.rounds, deadline)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+        del built, pixels  # out of memory: freed here, where the exception no longer holds the step's frames
+        suite.keep_only(set())
+        part.setdefault("out_of_memory_at", []).append(batch)
+        batch //= 2
+        suite.log(f"steps: out of memory; halving the batch to {batch}")
+    flops = step_flops(suite.pair, batch)
     ratios = reference_ratios(run.seconds) if "reference" in run.seconds else {}
     deviations = loss_deviations(run.first_losses)
     modes = {}
     for name, seconds in run.seconds.items():
         median = statistics.median(seconds)
-        modes[name] = {**suite.figures(args.batch_size, median, flops, run.peak_memory[name]),
+        modes[name] = {**suite.figures(batch, median, flops, run.peak_memory[name]),
                        "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds), "first_step_s": run.first_step_seconds[name],
                        "time_vs_reference": ratios.get(name), "losses": run.first_losses.get(name),
                        "loss_deviation": deviations.get(name),
                        "losses_agree": losses_agree(deviations[name]) if name in deviations else None}  # fmt: skip
-    part.update(batch_size=args.batch_size, rounds=run.rounds, warmup=args.warmup, modes=modes,
-                flop_bound=flops / step_flops(suite.pair, args.batch_size, official=True))  # fmt: skip
+    part.update(batch_size=batch, rounds=run.rounds, warmup=args.warmup, modes=modes,
+                flop_bound=flops / step_flops(suite.pair, batch, official=True))  # fmt: skip
     if suite.device.type == "cuda":
         part["host_syncs"] = {name: host_syncs(*built[name], pixels, MODES[name], suite.device) for name in built}
     return None if run.rounds == args.rounds else f"time share spent after {run.rounds} of {args.rounds} timed rounds"
@@ -406,7 +418,7 @@ def run_batch_search(suite: Suite, deadline: float) -> str | None:
         suite.write()
         return result is not None
 
-    low, high, cut = largest_batch(fits, args.batch_size, cap, deadline)
+    low, high, cut = largest_batch(fits, suite.results["parts"]["steps"].get("batch_size", args.batch_size), cap, deadline)
     part.update(largest_fitting=low or None, smallest_failing=high)
     return cut
 
@@ -540,7 +552,8 @@ def render_markdown(results: dict) -> str:
         lines.append("")
     if (steps := parts["steps"]).get("modes"):
         compiled = ", ".join(f"{name} {row['first_step_s']:.1f} s" for name, row in steps["modes"].items())
-        lines.append(f"Interleaved: {steps['rounds']} timed rounds after {steps['warmup']} warm-up; first step (compilation included): {compiled}. "
+        halved = f" (out of memory at batch {', '.join(map(str, steps['out_of_memory_at']))} first)" if "out_of_memory_at" in steps else ""
+        lines.append(f"Interleaved: {steps['rounds']} timed rounds after {steps['warmup']} warm-up{halved}; first step (compilation included): {compiled}. "
                      f"The FLOP count alone bounds ours/reference time at {steps['flop_bound']:.3f}.")  # fmt: skip
     if trials := search.get("trials"):
         tried = ", ".join(f"{trial['batch_size']}{'' if trial['fits'] else ' (out of memory)'}" for trial in trials)

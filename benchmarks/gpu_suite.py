@@ -547,22 +547,21 @@ def render_markdown(results: dict) -> str:
     if per_worker and rates:
         needed = ", ".join(f"{name} {count}" for name, count in workers_needed(max(rates), per_worker).items())
         worker = ", ".join(f"{name} {row['images_per_s']:.0f}" for name, row in per_worker.items())
-        lines.append(f"DataLoader workers for the fastest step rate above ({max(rates):,.0f} images/s): {needed} "
+        lines.append(f"- DataLoader workers for the fastest step rate above ({max(rates):,.0f} images/s): {needed} "
                      f"(one worker: {worker} images/s; {parts['data']['source']}).")  # fmt: skip
-        lines.append("")
     if (steps := parts["steps"]).get("modes"):
         compiled = ", ".join(f"{name} {row['first_step_s']:.1f} s" for name, row in steps["modes"].items())
         halved = f" (out of memory at batch {', '.join(map(str, steps['out_of_memory_at']))} first)" if "out_of_memory_at" in steps else ""
-        lines.append(f"Interleaved: {steps['rounds']} timed rounds after {steps['warmup']} warm-up{halved}; first step (compilation included): {compiled}. "
+        lines.append(f"- Interleaved: {steps['rounds']} timed rounds after {steps['warmup']} warm-up{halved}; first step (compilation included): {compiled}. "
                      f"The FLOP count alone bounds ours/reference time at {steps['flop_bound']:.3f}.")  # fmt: skip
     if trials := search.get("trials"):
         tried = ", ".join(f"{trial['batch_size']}{'' if trial['fits'] else ' (out of memory)'}" for trial in trials)
-        lines.append(f"Batch search ({search['mode']}): tried {tried}.")
+        lines.append(f"- Batch search ({search['mode']}): tried {tried}.")
     status = "; ".join(
         f"{name} {part['status']}" + (f" ({part['reason']})" if part.get("reason") else "") + (f", {part['seconds']:.0f} s" if "seconds" in part else "")
         for name, part in parts.items()
     )  # fmt: skip
-    lines += [f"Parts: {status}.", ""]
+    lines += [f"- Parts: {status}.", ""]
     return "\n".join(lines)
 
 

@@ -251,7 +251,9 @@ class Suite:
                 train_step(model, optimizer, pixels, mode, self.device)
             end = clock.mark()
             clock.wait()
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not out_of_memory_error(error):
+                raise
             out_of_memory = True  # freed below, once the exception no longer holds the step's frames
         if out_of_memory:
             model.zero_grad(set_to_none=True)
@@ -281,6 +283,11 @@ def _without_paths(argv: list[str]) -> list[str]:
     return [Path(token).name if index and argv[index - 1] in ("--output_dir", "--data_json") else token for index, token in enumerate(argv)]
 
 
+def out_of_memory_error(error: RuntimeError) -> bool:
+    """The allocator's out-of-memory error, or a library's failed allocation near the limit (cuBLAS, cuDNN)."""
+    return isinstance(error, torch.OutOfMemoryError) or any(text in str(error) for text in ("out of memory", "ALLOC_FAILED"))
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -299,8 +306,8 @@ def run_steps(suite: Suite, deadline: float) -> str | None:
         try:
             run = interleave(built, pixels, suite.device, args.warmup, args.rounds, deadline)
             break
-        except torch.OutOfMemoryError:
-            if batch == 1:
+        except RuntimeError as error:
+            if batch == 1 or not out_of_memory_error(error):
                 raise
         del built, pixels  # out of memory: freed here, where the exception no longer holds the step's frames
         suite.keep_only(set())

@@ -274,7 +274,7 @@ class Suite:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for name, text in (("results.json", json.dumps(self.results, indent=2) + "\n"), ("results.md", render_markdown(self.results))):
             temporary = self.output_dir / f".{name}.tmp"
-            temporary.write_text(text)
+            temporary.write_text(text, encoding="utf-8")
             temporary.replace(self.output_dir / name)
 
 
@@ -355,7 +355,7 @@ def run_teacher(suite: Suite, deadline: float) -> str | None:
 def run_data(suite: Suite, deadline: float) -> str | None:
     args, part = suite.args, suite.results["parts"]["data"]
     if args.data_json:
-        rates = json.loads(Path(args.data_json).read_text())["per_worker"]
+        rates = json.loads(Path(args.data_json).read_text(encoding="utf-8"))["per_worker"]
         part["source"] = f"read from {Path(args.data_json).name}"
     else:
         threads = torch.get_num_threads()

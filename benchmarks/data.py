@@ -3,6 +3,7 @@
 
     python benchmarks/data.py                                  # 512 ImageNet-sized JPEGs → 224px
     python benchmarks/data.py --step_rates 2700 6700           # workers needed at these step rates
+    python benchmarks/data.py --output_json outputs/data.json  # the rates also as JSON (gpu_suite.py reads it)
 
 Writes JPEG-encoded images (ImageNet's typical 500×375) to a Parquet file in a temporary folder and
 reads them back the way scripts/distill.py does (`load_image_dataset`, `ImageTransform` with the
@@ -16,6 +17,7 @@ workers a given training step rate needs. Streaming also reports the time to the
 from __future__ import annotations
 
 import io
+import json
 import math
 import statistics
 import sys
@@ -29,10 +31,14 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers import HfArgumentParser
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from singer_hf.data import ImageTransform, build_transforms, load_image_dataset, with_image_transform
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PIPELINES = {"map-style": False, "streaming": True}
+"""Name: streaming."""
+OUTPUTS = {"float32": True, "uint8": False}
+"""Name: normalised in the worker (uint8: on the device, what scripts/distill.py ships)."""
 
 
 @dataclass
@@ -43,9 +49,10 @@ class DataBenchmarkArguments:
     repeats: int = field(default=3, metadata={"help": "Passes per pipeline; the median is reported."})
     step_rates: list[float] = field(
         default_factory=lambda: [2700.0, 6700.0],
-        metadata={"help": "Training rates (images/s) to size the workers for; default: 40 % and 100 % of SPEC §11's H100 limit."},
+        metadata={"help": "Training rates (images/s) to size the workers for; default: 40 % and 100 % of the paper pair's bf16 limit on an H100."},
     )
     threads: int = field(default=1, metadata={"help": "torch.set_num_threads (a DataLoader worker uses 1)."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the per-worker rates here as JSON."})
 
 
 def write_jpegs(path: Path, count: int, width: int, height: int) -> None:
@@ -65,7 +72,7 @@ def write_jpegs(path: Path, count: int, width: int, height: int) -> None:
 
 def pipeline(path: Path, streaming: bool, image_size: int, normalize: bool):
     dataset = load_image_dataset(str(path), None, "train", "image", streaming=streaming, shuffle_buffer=0)
-    transforms = build_transforms(IMAGENET_MEAN, IMAGENET_STD, image_size, train=True, normalize=normalize)
+    transforms = build_transforms(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, image_size, train=True, normalize=normalize)
     return with_image_transform(dataset, ImageTransform(transforms))
 
 
@@ -82,30 +89,46 @@ def one_pass(dataset) -> tuple[float, float, int, int]:
     return time.perf_counter() - start, first, count, size
 
 
+def measure_rates(num_images: int, source_size: list[int], image_size: int, repeats: int, outputs=tuple(OUTPUTS), report=print) -> dict[str, dict[str, float]]:
+    """One worker's rate per pipeline and output ("map-style uint8", ...): images/s (median of `repeats`
+    passes over `num_images` JPEGs), ms to the first example, bytes shipped per image."""
+    datasets.disable_progress_bars()
+    rates = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "images.parquet"
+        write_jpegs(path, num_images, *source_size)
+        jpeg_kib = path.stat().st_size / num_images / 1024
+        report(f"{num_images} JPEGs of {source_size[0]}×{source_size[1]} (~{jpeg_kib:.0f} KiB each) → "
+               f"RandomResizedCrop({image_size}) + flip, one process, {torch.get_num_threads()} torch thread(s)")  # fmt: skip
+        for name, streaming in PIPELINES.items():
+            for output in outputs:
+                passes = [one_pass(pipeline(path, streaming, image_size, OUTPUTS[output])) for _ in range(repeats)]
+                seconds, first = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
+                count, size = passes[0][2], passes[0][3]
+                rates[f"{name} {output}"] = {"images_per_s": count / seconds, "first_example_ms": 1e3 * first, "bytes_per_image": size}
+                report(f"  {name:<10} {output:<7} {count / seconds:7.1f} images/s per worker, {size / 1024:.0f} KiB per image "
+                       f"shipped ({count * size / seconds / 2**20:.1f} MiB/s); first example after {1e3 * first:.0f} ms")  # fmt: skip
+    return rates
+
+
+def workers_needed(step_rate: float, rates: dict[str, dict[str, float]]) -> dict[str, int]:
+    """DataLoader workers each pipeline needs to feed `step_rate` images/s."""
+    return {name: math.ceil(step_rate / value["images_per_s"]) for name, value in rates.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(DataBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if len(args.source_size) != 2 or min(args.source_size) < args.image_size // 4:
         raise SystemExit(f"error: --source_size: give width and height (at least {args.image_size // 4}px), got {args.source_size}")
     torch.set_num_threads(args.threads)
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "images.parquet"
-        write_jpegs(path, args.num_images, *args.source_size)
-        jpeg_kib = path.stat().st_size / args.num_images / 1024
-        print(f"{args.num_images} JPEGs of {args.source_size[0]}×{args.source_size[1]} (~{jpeg_kib:.0f} KiB each) → "
-              f"RandomResizedCrop({args.image_size}) + flip, one process, {args.threads} torch thread(s)")  # fmt: skip
-        rates = {}
-        for name, streaming in [("map-style", False), ("streaming", True)]:
-            for output, normalize in [("float32", True), ("uint8", False)]:
-                passes = [one_pass(pipeline(path, streaming, args.image_size, normalize)) for _ in range(args.repeats)]
-                seconds, first = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
-                count, size = passes[0][2], passes[0][3]
-                rates[f"{name} {output}"] = count / seconds
-                print(f"  {name:<10} {output:<7} {count / seconds:7.1f} images/s per worker, {size / 1024:.0f} KiB per image "
-                      f"shipped ({count * size / seconds / 2**20:.1f} MiB/s); first example after {1e3 * first:.0f} ms")  # fmt: skip
+    rates = measure_rates(args.num_images, args.source_size, args.image_size, args.repeats)
     for rate in args.step_rates:
-        needed = ", ".join(f"{name} {math.ceil(rate / value)}" for name, value in rates.items())
+        needed = ", ".join(f"{name} {count}" for name, count in workers_needed(rate, rates).items())
         print(f"workers for {rate:.0f} images/s: {needed}")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        record = {"per_worker": rates, "num_images": args.num_images, "source_size": args.source_size, "image_size": args.image_size, "threads": args.threads}
+        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@
     python benchmarks/step.py                                    # CPU default: ViT-S-width → ViT-Ti-width, 64px
     python benchmarks/step.py --pair vit-l-to-ti-224 --batch_size 128 --device cuda --modes reference bf16
 
-A step is what the Trainer runs: teacher forward, adapters, the three losses, backward, a fused AdamW
-step on the student, projectors and adapters (the Trainer's default optimiser). Models are built from
-configs with random weights (speed does not depend on them), every mode from the same seed, so they
-start from identical weights. Modes:
+A step is what the Trainer runs: the batch arrives as uint8 pixels (what the DataLoader workers ship,
+pinned on a GPU host), is copied to the device without blocking and normalised there; teacher forward,
+adapters, the three losses, backward, a fused AdamW step on the student, projectors and adapters (the
+Trainer's default optimiser). Models are built from configs with random weights (speed does not depend
+on them), every mode from the same seed, so they start from identical weights. Modes:
 
-- `reference`: what the official code does (SPEC §7): the teacher's weights left trainable, so block
+- `reference`: what the official code does: the teacher's weights left trainable, so block
   l+1 of the information loss accumulates weight gradients, and block l+1 re-run on F^l although the
   teacher forward already computed F^{l+1}; the whole teacher runs; fp32.
 - `fp32`: `DistillationModel` as the Trainer runs it in fp32.
@@ -21,12 +22,17 @@ start from identical weights. Modes:
 
 After `--warmup` rounds, each round runs one step of every mode in turn (A, B, C, A, B, C, ...), so
 that load from other processes falls on all modes alike; ratios are medians of the per-round ratios.
-FLOPs are counted analytically (SPEC §11's convention: forward, and backward as twice the forward)
-for the work the step needs, the same count for every mode; the reference does more.
+Steps are timed by a clock chosen by the device: the host's wall clock on a CPU, CUDA events on a GPU
+(no synchronisation inside a round; one per round). The losses compared are each mode's first step's,
+at the initial weights on the same batch. FLOPs are counted analytically (forward, and backward as
+twice the forward) for the work the step needs, the same count for every mode; the reference does more.
+benchmarks/gpu_suite.py runs these same steps as one budgeted GPU measurement.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import resource
 import statistics
 import sys
@@ -37,8 +43,10 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import HfArgumentParser
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from singer_hf import DistillationModelConfig, DistillationModel, map_layers, resolve_vit
+from singer_hf import DistillationModel, DistillationModelConfig, map_layers, resolve_vit
+from singer_hf.data import PixelNormalizer
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,13 @@ class Pair:
 
 
 PAIRS = {
-    # The CPU pair of issue 9: ViT-S width teacher, ViT-Ti width student, small images.
+    # The CPU pair: ViT-S width teacher, ViT-Ti width student, small images.
     "vit-s-to-ti-64": Pair((384, 12, 6), (192, 12, 3), 64, 8, (8, 11)),
     "vit-b-to-ti-224": Pair((768, 12, 12), (192, 12, 3), 224, 16, (8, 11)),
-    # The paper's pair (SPEC §6, §11): ViT-L/16 → ViT-Ti/16 at 224.
+    # The paper's pair: ViT-L/16 → ViT-Ti/16 at 224.
     "vit-l-to-ti-224": Pair((1024, 24, 16), (192, 12, 3), 224, 16, (17, 23)),
+    # Seconds on a CPU: what the tests run the benchmarks with.
+    "tiny": Pair((64, 4, 2), (32, 4, 2), 32, 8, (2, 3)),
 }
 
 
@@ -79,8 +89,8 @@ MODES = {
     "teacher-bf16": Mode(official=False, autocast=True, teacher_bf16=True, teacher_only=True),
 }
 
-SPEC_PEAK_TFLOPS = 989.0
-"""Dense bf16 peak of an H100 SXM, SPEC §11's limit."""
+H100_PEAK_TFLOPS = 989.4
+"""Dense bf16 peak of an H100 SXM (NVIDIA's datasheet: 1,979 TFLOP/s with sparsity): the paper pair's limit."""
 
 
 @dataclass
@@ -94,19 +104,19 @@ class BenchmarkArguments:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU); default: torch's."})
     steps: int = field(default=10, metadata={"help": "Timed rounds (one step of every mode each)."})
     warmup: int = field(default=3, metadata={"help": "Untimed rounds first."})
-    peak_tflops: float = field(default=SPEC_PEAK_TFLOPS, metadata={"help": "Peak the achieved TFLOP/s are a share of."})
+    peak_tflops: float = field(default=H100_PEAK_TFLOPS, metadata={"help": "Peak the achieved TFLOP/s are a share of."})
     seed: int = 0
 
 
 class OfficialCodeModel(DistillationModel):
-    """`DistillationModel` with the official code's costs (SPEC §7): trainable teacher weights, block
+    """`DistillationModel` with the official code's costs: trainable teacher weights, block
     l+1 re-run on F^l instead of reading F^{l+1} from the teacher forward, and every student block run."""
 
     def __init__(self, teacher, student, config):
         super().__init__(teacher, student, config)
         self.teacher.requires_grad_(True)
 
-    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def teacher_features(self, pixel_values: torch.Tensor, teacher_name: str | None = None) -> tuple[torch.Tensor, ...]:
         teacher = resolve_vit(self.teacher)
         with torch.no_grad():
             features = list(teacher.block_outputs(pixel_values))
@@ -114,7 +124,7 @@ class OfficialCodeModel(DistillationModel):
             features[layer + 1] = teacher.run_block(layer + 1, features[layer])  # with weight gradients
         return tuple(features)
 
-    def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def student_features(self, pixel_values: torch.Tensor, student_name: str | None = None) -> tuple[torch.Tensor, ...]:
         return resolve_vit(self.student).block_outputs(pixel_values)
 
 
@@ -130,18 +140,24 @@ def vit_config(width: int, depth: int, heads: int, pair: Pair) -> transformers.V
     )
 
 
-def build(pair: Pair, mode: Mode, device: torch.device, seed: int):
-    """The model and its optimiser; the teacher as loaded from a classification checkpoint (no
-    pooler), the student as scripts/distill.py builds one from scratch."""
+@functools.cache
+def _initial_backbones(pair: Pair, seed: int):
+    """Teacher (as loaded from a classification checkpoint: no pooler) and student (as scripts/distill.py
+    builds one from scratch), drawn once per pair and seed: every mode copies the same weights."""
     torch.manual_seed(seed)
-    teacher = transformers.ViTModel(vit_config(*pair.teacher, pair), add_pooling_layer=False)
-    student = transformers.ViTModel(vit_config(*pair.student, pair))
+    return transformers.ViTModel(vit_config(*pair.teacher, pair), add_pooling_layer=False), transformers.ViTModel(vit_config(*pair.student, pair))
+
+
+def build(pair: Pair, mode: Mode, device: torch.device, seed: int, compile_options: dict | None = None):
+    """The model and its optimiser; `compile_options` go to `torch.compile` in the compiled modes."""
+    teacher, student = copy.deepcopy(_initial_backbones(pair, seed))
+    torch.manual_seed(seed)  # the projectors
     model_class = OfficialCodeModel if mode.official else DistillationModel
     model = model_class(teacher, student, DistillationModelConfig(teacher_layers=list(pair.teacher_layers))).to(device)
     if mode.teacher_bf16:
         model.cast_teacher(torch.bfloat16)
     if mode.compile:
-        model.compile_blocks()
+        model.compile_blocks(**(compile_options or {}))
     model.train()
     # What the optimiser updates: student, projectors, adapters; never the teacher's own weights.
     trainable = [p for n, p in model.named_parameters() if p.requires_grad and (not n.startswith("teacher.") or "singer_" in n)]
@@ -149,23 +165,42 @@ def build(pair: Pair, mode: Mode, device: torch.device, seed: int):
     return model, optimizer
 
 
-def forward(model, images, mode: Mode):
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=mode.autocast):
-        return model(pixel_values=images)
+def host_pixels(pair: Pair, batch_size: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """A batch as scripts/distill.py's DataLoader workers ship it: uint8 pixels, pinned when bound for a GPU."""
+    size = (batch_size, 3, pair.image_size, pair.image_size)
+    pixels = torch.randint(0, 256, size, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return pixels.pin_memory() if device.type == "cuda" else pixels
 
 
-def train_step(model, optimizer, images, mode: Mode) -> None:
+_normalize = PixelNormalizer(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def device_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the Trainer does with each batch: a copy that does not block the host, normalised on the device."""
+    return _normalize(pixels.to(device, non_blocking=True))
+
+
+def forward(model, pixel_values, mode: Mode):
+    with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=mode.autocast):
+        return model(pixel_values=pixel_values)
+
+
+def train_step(model, optimizer, pixels: torch.Tensor, mode: Mode, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """One step from host pixels; its losses (total and each term, detached, not read: no sync)."""
+    pixel_values = device_pixels(pixels, device)
     if mode.teacher_only:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            model.teacher_features(images)
-        return
-    forward(model, images, mode).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model.teacher_features(pixel_values)
+        return None
+    output = forward(model, pixel_values, mode)
+    output.loss.backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)  # the reference's teacher gradients too
+    return {"total": output.loss.detach(), **{name: value.detach() for name, value in output.losses.items()}}
 
 
 def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only: bool = False) -> float:
-    """FLOPs of one step's necessary work (SPEC §11): teacher forward up to the deepest distilled
+    """FLOPs of one step's necessary work: teacher forward up to the deepest distilled
     block, block l+1 forward and backward per intermediate layer, student forward and backward up
     to its deepest distilled block, projectors and adapters. `official`: the reference's work instead,
     which also runs the teacher's and the student's later blocks, re-runs block l+1 on F^l and
@@ -195,44 +230,168 @@ def step_flops(pair: Pair, batch_size: int, official: bool = False, teacher_only
     return batch_size * (teacher + info + student + heads)
 
 
-def host_syncs(model, optimizer, images, mode: Mode) -> int:
+class HostClock:
+    """The host's wall clock: on a CPU the step runs while the host waits for it."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def wait(self) -> None:
+        pass
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class CudaClock:
+    """CUDA events on the current stream: a mark costs no synchronisation; `wait` once per timed window."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def wait(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end) / 1e3
+
+
+def clock_for(device: torch.device) -> HostClock | CudaClock:
+    return CudaClock(device) if device.type == "cuda" else HostClock()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes of the device's memory allocated at most since the last reset; None on a CPU (not tracked)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@dataclass
+class Interleaved:
+    seconds: dict[str, list[float]]
+    """Each mode's step times, one per timed round."""
+    peak_memory: dict[str, int | None]
+    first_losses: dict[str, dict[str, float]]
+    """Each training mode's losses at its first step: the initial weights, the same batch."""
+    first_step_seconds: dict[str, float]
+    """Each mode's first step, compilation included (host time, synchronised)."""
+    rounds: int
+    """Timed rounds done: fewer than asked when the deadline came first."""
+
+
+def interleave(built: dict, pixels: torch.Tensor, device: torch.device, warmup: int, rounds: int, deadline: float | None = None) -> Interleaved:
+    """`warmup` then `rounds` rounds of one step of every mode in `built` in turn; after a timed round, stops
+    when another as long would end past `deadline` (a `time.perf_counter()` value; at least one timed
+    round). One synchronisation a round."""
+    clock = clock_for(device)
+    seconds: dict[str, list[float]] = {name: [] for name in built}
+    peaks: dict[str, int | None] = dict.fromkeys(built)
+    first: dict[str, dict[str, torch.Tensor]] = {}
+    first_seconds: dict[str, float] = {}
+    timed = 0
+    for index in range(warmup + rounds):
+        began, marks = time.perf_counter(), []
+        for name, (model, optimizer) in built.items():
+            reset_peak_memory(device)
+            if index == 0:
+                clock.wait()
+                started = time.perf_counter()
+            start = clock.mark()
+            losses = train_step(model, optimizer, pixels, MODES[name], device)
+            marks.append((name, start, clock.mark()))
+            if index == 0:
+                clock.wait()
+                first_seconds[name] = time.perf_counter() - started
+            peak = peak_memory(device)
+            peaks[name] = peak if peaks[name] is None else max(peaks[name], peak)
+            if index == 0 and losses is not None:
+                first[name] = losses
+        clock.wait()
+        if index >= warmup:
+            timed += 1
+            for name, start, end in marks:
+                seconds[name].append(clock.seconds(start, end))
+            if deadline is not None and 2 * time.perf_counter() - began > deadline:
+                break
+    first_losses = {name: {term: value.item() for term, value in losses.items()} for name, losses in first.items()}
+    return Interleaved(seconds, peaks, first_losses, first_seconds, timed)
+
+
+LOSS_TARGETS = {"total": 0.02, "term": 0.10}
+"""Relative deviation from fp32's losses allowed: the total, and each term."""
+
+
+def loss_deviations(first_losses: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each mode's losses as relative deviations from fp32's (same weights, same batch); {} without fp32."""
+    if "fp32" not in first_losses:
+        return {}
+    base = first_losses["fp32"]
+    return {
+        name: {term: abs(value - base[term]) / (abs(base[term]) or 1.0) for term, value in losses.items()}
+        for name, losses in first_losses.items()
+        if name != "fp32"
+    }
+
+
+def losses_agree(deviation: dict[str, float]) -> bool:
+    return deviation["total"] <= LOSS_TARGETS["total"] and all(v <= LOSS_TARGETS["term"] for k, v in deviation.items() if k != "total")
+
+
+def agreement_lines(first_losses: dict[str, dict[str, float]]) -> list[str]:
+    if "fp32" not in first_losses:
+        return []
+    base, deviations = first_losses["fp32"], loss_deviations(first_losses)
+    lines = [f"losses at the initial weights, fp32: total {base['total']:.6g}, "
+             + ", ".join(f"{k} {v:.6g}" for k, v in base.items() if k != "total")]  # fmt: skip
+    for name, deviation in deviations.items():
+        lines.append(
+            f"  {name}: total {100 * deviation['total']:.3f}% off (target <= {100 * LOSS_TARGETS['total']:.0f}%), "
+            + ", ".join(f"{k} {100 * v:.3f}%" for k, v in deviation.items() if k != "total")
+            + f" (targets <= {100 * LOSS_TARGETS['term']:.0f}%): {'PASS' if losses_agree(deviation) else 'FAIL'}"
+        )
+    return lines
+
+
+TARGETS = {"fp32": ("time", 0.8), "bf16": ("throughput", 3.0)}
+"""Ours against the reference step: fp32 at most 0.8x its time, bf16 at least 3x its throughput."""
+
+
+def reference_ratios(seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Each mode's step time over the reference's, the median of the per-round ratios."""
+    return {
+        name: statistics.median(t / r for t, r in zip(times, seconds["reference"]))
+        for name, times in seconds.items()
+        if name != "reference" and not MODES[name].teacher_only
+    }
+
+
+def meets_target(name: str, ratio: float) -> bool | None:
+    """Whether a mode's ratio to the reference meets its target; None for modes without one."""
+    if name not in TARGETS:
+        return None
+    kind, target = TARGETS[name]
+    return ratio <= target if kind == "time" else 1 / ratio >= target
+
+
+def host_syncs(model, optimizer, pixels, mode: Mode, device: torch.device) -> int:
     """Synchronising CUDA calls in one step (torch's sync debug mode): each one stalls the host."""
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_step(model, optimizer, images, mode)
+            train_step(model, optimizer, pixels, mode, device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(warning.message) for warning in caught)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def loss_agreement(models, images, modes) -> list[str]:
-    """Each mode's losses on the same batch at the same (initial) weights, against fp32's."""
-    with torch.no_grad():
-        outputs = {name: forward(models[name], images, MODES[name]) for name in modes if not MODES[name].teacher_only}
-    if "fp32" not in outputs:
-        return []
-    base = outputs["fp32"]
-    lines = [f"losses at the initial weights, fp32: total {base.loss.item():.6g}, "
-             + ", ".join(f"{k} {v.item():.6g}" for k, v in base.losses.items())]  # fmt: skip
-    for name, output in outputs.items():
-        if name == "fp32":
-            continue
-        total = abs(output.loss.item() / base.loss.item() - 1)
-        terms = {k: abs(v.item() / base.losses[k].item() - 1) for k, v in output.losses.items()}
-        ok = total <= 0.02 and all(value <= 0.10 for value in terms.values())
-        lines.append(
-            f"  {name}: total {100 * total:.3f}% off (target <= 2%), "
-            + ", ".join(f"{k} {100 * v:.3f}%" for k, v in terms.items())
-            + f" (targets <= 10%): {'PASS' if ok else 'FAIL'}"
-        )
-    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,27 +405,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, pair = torch.device(args.device), PAIRS[args.pair]
-    images = torch.randn(args.batch_size, 3, pair.image_size, pair.image_size, generator=torch.Generator().manual_seed(1)).to(device)
+    pixels = host_pixels(pair, args.batch_size, device)
 
     built = {name: build(pair, MODES[name], device, args.seed) for name in args.modes}
-    models = {name: model for name, (model, _) in built.items()}
-    agreement = loss_agreement(models, images, args.modes)
-
-    times: dict[str, list[float]] = {name: [] for name in args.modes}
-    peak_memory: dict[str, int] = dict.fromkeys(args.modes, 0)
-    for round_index in range(args.warmup + args.steps):
-        for name in args.modes:
-            model, optimizer = built[name]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            synchronize(device)
-            start = time.perf_counter()
-            train_step(model, optimizer, images, MODES[name])
-            synchronize(device)
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
+    run = interleave(built, pixels, device, args.warmup, args.steps)
+    times = run.seconds
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.pair}: teacher {pair.teacher}, student {pair.student} (width, blocks, heads), {pair.image_size}px, "
@@ -277,13 +420,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.modes:
         median = statistics.median(times[name])
         flops = step_flops(pair, args.batch_size, teacher_only=MODES[name].teacher_only)
-        memory = f"{peak_memory[name] / 2**20:.0f}" if device.type == "cuda" else "-"
+        memory = f"{run.peak_memory[name] / 2**20:.0f}" if device.type == "cuda" else "-"
         print(
             f"{name:<14} {1e3 * median:9.1f} {1e3 * min(times[name]):7.1f}-{1e3 * max(times[name]):<7.1f} "
             f"{args.batch_size / median:9.1f} {flops / median / 1e12:8.3f} {100 * flops / median / 1e12 / args.peak_tflops:10.3f} {memory:>9}"
         )
     if device.type == "cuda":
-        syncs = {name: host_syncs(*built[name], images, MODES[name]) for name in args.modes}
+        syncs = {name: host_syncs(*built[name], pixels, MODES[name], device) for name in args.modes}
         print("host syncs in one step: " + ", ".join(f"{name} {count}" for name, count in syncs.items()))
     if device.type == "cpu":
         print(f"peak resident memory of the process (all modes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
@@ -292,18 +435,13 @@ def main(argv: list[str] | None = None) -> None:
     if "reference" in times:
         bound = flops / step_flops(pair, args.batch_size, official=True)
         print(f"per-round ratios to the reference step (median over rounds); FLOPs alone would give {bound:.3f}x:")
-        for name in args.modes:
-            if name == "reference" or MODES[name].teacher_only:
-                continue
-            ratio = statistics.median(t / r for t, r in zip(times[name], times["reference"]))
-            target = {"fp32": ("time", 0.8), "bf16": ("throughput", 3.0)}.get(name)
-            verdict = ""
-            if target and target[0] == "time":
-                verdict = f" (target <= {target[1]}x time: {'PASS' if ratio <= target[1] else 'FAIL'})"
-            elif target:
-                verdict = f" (target >= {target[1]}x throughput: {'PASS' if 1 / ratio >= target[1] else 'FAIL'})"
+        for name, ratio in reference_ratios(times).items():
+            verdict, met = "", meets_target(name, ratio)
+            if met is not None:
+                kind, target = TARGETS[name]
+                verdict = f" (target {'<=' if kind == 'time' else '>='} {target}x {kind}: {'PASS' if met else 'FAIL'})"
             print(f"  {name}: {ratio:.3f}x the reference's time, {1 / ratio:.2f}x its throughput{verdict}")
-    print("\n".join(agreement))
+    print("\n".join(agreement_lines(run.first_losses)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ setup: $(VENV)/.installed system-deps
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,tensorboard]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,tensorboard,export]"
 	touch $@
 
 system-deps:

@@ -5,15 +5,18 @@
     python scripts/distill.py configs/demo.yaml --max_steps 50               # a recipe, overridden
     accelerate launch --config_file accelerate_configs/multi_gpu_ddp_bf16.yaml scripts/distill.py RECIPE
 
-Arguments are the three dataclasses below plus `transformers.TrainingArguments`; a YAML or JSON
-recipe given anywhere on the command line supplies defaults that command-line flags override.
-Everything that can be checked without the weights is checked before anything is loaded; errors are
-one line on stderr (the traceback with --debug or SINGER_DEBUG=1). The result is a plain
+Arguments are the model and data dataclasses below, the distillation fields and
+`transformers.TrainingArguments` (`--help` lists them in that order); a YAML or JSON recipe given
+anywhere on the command line supplies defaults that command-line flags override. `--help`, flags
+and paths are checked before torch is imported, everything else that needs no weights before
+anything is loaded; errors are one line on stderr (the traceback with --debug or SINGER_DEBUG=1).
+The result is a plain
 Hugging Face student folder that `AutoModel.from_pretrained` loads without this package.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -22,29 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
-from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
-
-from singer_hf import DistillationModel, resolve_vit
-from singer_hf.architectures import load_backbone
-from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint
-from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli
-from singer_hf.data import (
-    ImageTransform,
-    PixelValuesCollator,
-    build_transforms,
-    image_processor_stats,
-    load_image_dataset,
-    student_image_processor,
-    with_image_transform,
-)
-from singer_hf.model_card import record_run, student_card_from_run
-from singer_hf.modeling import plan_layers
-from singer_hf.publishing import PublishError, publish_student
-from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments
-from singer_hf.tuner import basis_block
+from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli, source_fields
+from singer_hf.validation import DistillationFields, ReliabilityFields, TrainingDefaults
 
 logger = logging.getLogger("singer_hf.distill")
 # Library noise a user can do nothing about: PEFT calls a deprecated transformers helper, and
@@ -62,6 +44,8 @@ IMAGENET_JPEG_BYTES = 110_000
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "models"
+
     teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
     student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
     student_size: Literal[tuple(STUDENT_SIZES)] | None = field(
@@ -82,6 +66,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset_name: str = field(metadata={"help": "HF dataset: Hub id, local folder, or a local Parquet/Arrow/JSONL file."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split to distil on."})
@@ -107,19 +93,76 @@ class DataArguments:
     )
 
 
+OWN_ARGUMENTS = (ModelArguments, DataArguments, DistillationFields, TrainingDefaults, ReliabilityFields)
+"""This script's own arguments (imported without torch), listed before the other `TrainingArguments` in --help."""
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Everything that needs neither torch nor the models: `--help`, unknown flags, the values of this script's
+    own arguments, and local paths.
+
+    Run before the imports below (torch, transformers' models and Trainer, PEFT, datasets: seconds) when the
+    script starts. The other `TrainingArguments` flags are read from transformers' source here; their values
+    are parsed by `parse_arguments`.
+    """
+    trainer_fields = source_fields("transformers.training_args", "TrainingArguments")
+    if trainer_fields is None:  # a transformers release laid out otherwise: the full parse, seconds slower
+        from singer_hf.trainer import SingerTrainingArguments
+
+        parser = StrictArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments))
+    else:
+        description = (__doc__ or "").split("\n\n")[0] + " A YAML/JSON recipe anywhere on the command line supplies defaults; flags override it."
+        usage = "%(prog)s [RECIPE.yaml] --teacher_name_or_path NAME (--student_size SIZE | --student_name_or_path NAME) --dataset_name NAME [FLAGS]"
+        parser = StrictArgumentParser(OWN_ARGUMENTS, usage=usage, description=description)
+        parser.add_source_fields("training: the other transformers.TrainingArguments", trainer_fields)
+    model_args, data_args, distillation, *_ = parser.parse(argv)
+    distillation.check_distillation_fields()
+    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
+        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    names = {
+        "teacher_name_or_path": model_args.teacher_name_or_path,
+        "student_name_or_path": model_args.student_name_or_path,
+        "image_processor_name_or_path": None if model_args.image_processor_name_or_path == "default" else model_args.image_processor_name_or_path,
+        "dataset_name": data_args.dataset_name,
+    }
+    for argument, name in names.items():
+        check_local_path(argument, name)
+
+
+if __name__ == "__main__":
+    run_cli(check_command_line)  # before the imports below: --help and a typo answer in a second, not ten
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed  # noqa: E402
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING  # noqa: E402
+
+from singer_hf import DistillationModel, resolve_vit  # noqa: E402
+from singer_hf.architectures import load_backbone  # noqa: E402
+from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint  # noqa: E402
+from singer_hf.data import (  # noqa: E402
+    ImageTransform,
+    PixelValuesCollator,
+    build_transforms,
+    image_processor_stats,
+    load_image_dataset,
+    student_image_processor,
+    with_image_transform,
+)
+from singer_hf.model_card import record_run, student_card_from_run  # noqa: E402
+from singer_hf.modeling import plan_layers  # noqa: E402
+from singer_hf.publishing import PublishError, publish_student  # noqa: E402
+from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments  # noqa: E402
+from singer_hf.tuner import basis_block  # noqa: E402
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SingerTrainingArguments]:
     return StrictArgumentParser((ModelArguments, DataArguments, SingerTrainingArguments)).parse(argv)
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments):
-    """What can be checked without weights or data, so that a typo fails in a second, not after a download."""
-    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
-        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
-    check_local_path("teacher_name_or_path", model_args.teacher_name_or_path)
-    check_local_path("student_name_or_path", model_args.student_name_or_path)
-    check_local_path("dataset_name", data_args.dataset_name)
-    if model_args.image_processor_name_or_path != "default":
-        check_local_path("image_processor_name_or_path", model_args.image_processor_name_or_path)
+    """What can be checked without weights or data (after `check_command_line`), so that a mistake fails in a
+    second, not after a download."""
     if data_args.shuffle_buffer < 0:
         raise UsageError(f"shuffle_buffer: must be >= 0 examples (0: no shuffling), got {data_args.shuffle_buffer}")
     if data_args.streaming and training_args.max_steps <= 0:
@@ -184,7 +227,6 @@ def check_models_fit(model_args: ModelArguments, training_args: SingerTrainingAr
         else:
             student = load_student(model_args, teacher, image_size)
     plan_layers(resolve_vit(teacher, "teacher"), resolve_vit(student, "student"), training_args.distillation_config())
-
 
 def load_student(model_args: ModelArguments, teacher, image_size: int):
     """The student, built for `image_size` images: the size the teacher's image processor produces,
@@ -284,9 +326,13 @@ def describe(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -> dict:
+    """The run; `command_line_checked`: `check_command_line(argv)` has already passed (this script's start)."""
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    if not command_line_checked:
+        check_command_line(argv)
+    model_args, data_args, training_args = parse_arguments(argv)
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
@@ -364,4 +410,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(functools.partial(main, command_line_checked=True))

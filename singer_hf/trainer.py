@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import peft
@@ -25,7 +25,7 @@ from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_file
 from .data import PixelNormalizer, image_processor_stats
 from .modeling import DistillationConfig, DistillationModel
 from .numerics import NonFiniteGuard, NonFiniteLossError
-from .validation import DistillationFields, check_training_arguments
+from .validation import DistillationFields, ReliabilityFields, TrainingDefaults, check_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -38,45 +38,11 @@ STREAM_STATE_FILE = "stream_state_rank{}.pt"
 
 
 @dataclass
-class ReliabilityFields:
-    """How a run protects its results (see `checkpoints.py`)."""
+class SingerTrainingArguments(TrainingDefaults, TrainingArguments, DistillationFields, ReliabilityFields):
+    """`TrainingArguments` with a distillation run's defaults (`validation.TrainingDefaults`: the paper's
+    optimiser), the distillation method's fields (`validation.DistillationFields`) and `ReliabilityFields`."""
 
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
-    )
-    max_nonfinite_steps: int = field(
-        default=10, metadata={"help": "Stop after this many consecutive skipped steps with a non-finite loss (0: at the first)."}
-    )
-
-
-@dataclass
-class SingerTrainingArguments(TrainingArguments, DistillationFields, ReliabilityFields):
-    """`TrainingArguments` plus the distillation method's fields (`validation.DistillationFields`).
-
-    Defaults follow the paper run (SPEC §6): AdamW, lr 1e-3, weight decay 1e-4, cosine decay to
-    lr·1e-4 after a 5 % warm-up, no gradient clipping.
-    """
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
-    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
-    lr_scheduler_kwargs: dict | str | None = field(
-        default_factory=lambda: {"min_lr_rate": 1e-4}, metadata={"help": "Cosine floor: lr·1e-4."}
-    )
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
-    save_safetensors: bool = True
-    ddp_find_unused_parameters: bool | None = field(
-        default=False,
-        metadata={
-            "help": "DDP's find_unused_parameters. Off: DistillationModel freezes the student parameters no loss reaches, "
-            "so every trainable parameter gets a gradient at every step and DDP need not search the graph for unused ones."
-        },
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
-    )
+    _argument_group_name = "training (transformers.TrainingArguments and the distillation fields)"
 
     def __post_init__(self):
         self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device

@@ -102,6 +102,8 @@ def check_value(name: str, value, spec_name: str | None = None) -> None:
 class DistillationFields:
     """The distillation fields as a dataclass, to inherit from (see `DISTILLATION_FIELDS` for their meaning)."""
 
+    _argument_group_name = "distillation"  # a title in the scripts' --help (HfArgumentParser)
+
     method: Literal["singer", "fitnet", "vitkd"] = DISTILLATION_FIELDS["method"].field()
     teacher_layers: list[int] | None = DISTILLATION_FIELDS["teacher_layers"].field()
     rank: int = DISTILLATION_FIELDS["rank"].field()
@@ -124,6 +126,50 @@ class DistillationFields:
 
     def distillation_values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in DISTILLATION_FIELDS}
+
+
+@dataclass
+class TrainingDefaults:
+    """`TrainingArguments` fields whose defaults differ for a distillation run (`SingerTrainingArguments` lists
+    this class first so that they win). The optimiser follows the paper run: AdamW, lr 1e-3, weight decay
+    1e-4, cosine decay to lr·1e-4 after a 5 % warm-up, no gradient clipping."""
+
+    _argument_group_name = "training: the paper's defaults (more transformers.TrainingArguments below)"
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 1e-4}, metadata={"help": "Cosine floor: lr·1e-4."}
+    )
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none, as in the paper."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
+    save_safetensors: bool = True
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. Off: DistillationModel freezes the student parameters no loss reaches, "
+            "so every trainable parameter gets a gradient at every step and DDP need not search the graph for unused ones."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Off: it costs a host sync per step; SingerTrainer skips non-finite steps itself."}
+    )
+
+
+@dataclass
+class ReliabilityFields:
+    """How a run protects its results (see `checkpoints.py`)."""
+
+    _argument_group_name = "reliability"
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and adapters are removed)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop after this many consecutive skipped steps with a non-finite loss (0: at the first)."}
+    )
 
 
 # Training arguments a distillation run needs in range; transformers checks some of them only when

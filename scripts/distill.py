@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli, source_fields
+from singer_hf.cli import StrictArgumentParser, UsageError, check_hub_reachable, check_local_path, run_cli, source_fields
 from singer_hf.validation import DistillationFields, ReliabilityFields, TrainingDefaults
 
 logger = logging.getLogger("singer_hf.distill")
@@ -99,7 +99,7 @@ OWN_ARGUMENTS = (ModelArguments, DataArguments, DistillationFields, TrainingDefa
 
 def check_command_line(argv: list[str]) -> None:
     """Everything that needs neither torch nor the models: `--help`, unknown flags, the values of this script's
-    own arguments, and local paths.
+    own arguments, local paths, and that the Hub answers when an argument is a Hub id.
 
     Run before the imports below (torch, transformers' models and Trainer, PEFT, datasets: seconds) when the
     script starts. The other `TrainingArguments` flags are read from transformers' source here; their values
@@ -127,6 +127,7 @@ def check_command_line(argv: list[str]) -> None:
     }
     for argument, name in names.items():
         check_local_path(argument, name)
+    check_hub_reachable(names)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
   before importing `transformers.TrainingArguments` (which imports torch, Accelerate and PEFT).
 - `run_cli(main)`: runs a script's `main`; an error becomes one line on stderr and exit status 2
   (1 for a fault during the run), the traceback only with a bare `--debug` or `SINGER_DEBUG=1`.
-- `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup.
+- `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup;
+  `check_hub_reachable`: Hub ids fail at once, in one line, when the Hub does not answer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
 from transformers import HfArgumentParser
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -181,6 +184,26 @@ def check_local_path(argument: str, name: str | None) -> None:
     """Fails at once for a local-looking `name` that does not exist, instead of a slow Hub lookup."""
     if name is not None and looks_local(name) and not Path(name).expanduser().exists():
         raise UsageError(f"{argument}: {name} looks like a local path, but it does not exist (a Hub id is 'owner/name')")
+
+
+def check_hub_reachable(names: dict[str, str | None], timeout: float = 5.0) -> None:
+    """Fails in one line when some of `names` (argument → name) are Hub ids and the Hub does not answer one
+    request (no retries) within `timeout` seconds: the libraries would otherwise retry each file for half a
+    minute, with a warning per retry. Names that exist locally are not Hub ids; with HF_HUB_OFFLINE=1 the
+    local cache answers and nothing is checked."""
+    hub_ids = {argument: name for argument, name in names.items() if name and not Path(name).expanduser().exists()}
+    if not hub_ids or hub_constants.HF_HUB_OFFLINE:
+        return
+    endpoint = hub_constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - whatever the HTTP client raises, the Hub did not answer
+        (argument, name), *others = hub_ids.items()
+        also = f" (also Hub ids: {', '.join(f'{other}={value}' for other, value in others)})" if others else ""
+        raise UsageError(
+            f"{argument}: {name} is a Hub id, but the Hub at {endpoint} does not answer ({type(error).__name__}); if it "
+            f"is in your cache, set HF_HUB_OFFLINE=1, else give a local folder{also}"
+        ) from None
 
 
 def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:

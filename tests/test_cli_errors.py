@@ -6,6 +6,7 @@ Each case runs the script's real entry point (`run_cli(main)`) in-process; a spy
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -217,6 +218,23 @@ def test_a_mistyped_flag_gets_the_closest_one_before_torch(script, argv, message
 def test_push_to_hub_help_comes_before_torch():
     run = _run_script("push_to_hub.py", "--help")
     assert run.returncode == 0 and "--include_distillation" in run.stdout and run.stderr.strip() == "imported: []"
+
+
+def test_an_unreachable_hub_fails_in_one_line_naming_the_id(workspace, tmp_path):
+    """A Hub id while the Hub does not answer: one line suggesting HF_HUB_OFFLINE=1, before torch is imported,
+    instead of half a minute of retry warnings."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    argv = _set(_argv(workspace, tmp_path), "--teacher_name_or_path", "google/vit-base-patch16-224")
+    run = _run_script("distill.py", *argv, HF_ENDPOINT=f"http://127.0.0.1:{closed}", HF_HUB_OFFLINE="0")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: teacher_name_or_path: google/vit-base-patch16-224 is a Hub id, but the Hub at http://127.0.0.1:{closed} "
+        "does not answer (ConnectError); if it is in your cache, set HF_HUB_OFFLINE=1, else give a local folder "
+        "(run with --debug for the traceback)",
+        "imported: []",
+    ]
 
 
 def test_trainer_flags_read_from_the_source_are_transformers_own():

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import peft
@@ -47,11 +48,7 @@ class SingerTrainingArguments(TrainingDefaults, TrainingArguments, DistillationF
     def __post_init__(self):
         self.check_distillation_fields()  # before TrainingArguments' own set-up, which may touch the device
         check_training_arguments(self)
-        # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
-        # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
-        # CPU ranks over gloo instead of each training alone and writing the output.
-        if not _has_accelerator():
-            self.use_cpu = True
+        self._fit_to_hardware()
         super().__post_init__()
         if not self.use_cpu and self.dataloader_pin_memory:
             # Performance (issue 9): pinned batches are copied to the accelerator without stalling
@@ -60,6 +57,33 @@ class SingerTrainingArguments(TrainingDefaults, TrainingArguments, DistillationF
 
     def distillation_config(self) -> DistillationConfig:
         return DistillationConfig(**self.distillation_values())
+
+    def _fit_to_hardware(self) -> None:
+        """A recipe written for GPUs runs as well as it can on the machine at hand, saying what it changed.
+
+        - No accelerator: train on the CPU, so that processes started by torchrun / `accelerate launch`
+          join as CPU ranks over gloo instead of each training alone and writing the output.
+        - bf16 on a CPU without native bf16 (x86 `amx_bf16` / `avx512_bf16`, Arm `bf16`): fp32. Emulated
+          bf16 autocast runs ~10x slower than fp32 there; like a Trainer that picks the precision the
+          device supports, the run trains rather than crawls (bf16 stays on where the CPU has it).
+        - More DataLoader workers than the CPU cores this process may use (`os.sched_getaffinity`):
+          one per core. Decoding is CPU-bound; more workers only compete for the same cores.
+        """
+        if not _has_accelerator():
+            self.use_cpu = True
+        if self.use_cpu and self.bf16 and native_cpu_bf16() is False:
+            logger.warning(
+                "bf16: this CPU has no native bf16 (no %s in /proc/cpuinfo), where bf16 runs ~10x slower than fp32; "
+                "training in fp32", " / ".join(CPU_BF16_FLAGS),
+            )  # fmt: skip
+            self.bf16 = False
+        cores = usable_cores()
+        if self.dataloader_num_workers > cores:
+            logger.warning(
+                "dataloader_num_workers: %d, but this process may use %d CPU core(s) (os.sched_getaffinity); using %d",
+                self.dataloader_num_workers, cores, cores,
+            )  # fmt: skip
+            self.dataloader_num_workers = cores
 
 
 class EpochCallback(TrainerCallback):
@@ -86,6 +110,29 @@ class _RunControlCallback(TrainerCallback):
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+"""/proc/cpuinfo flags of native bf16 arithmetic: x86 AMX and AVX512-BF16, Arm's BF16 extension."""
+
+
+def native_cpu_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively, from /proc/cpuinfo; None where there is none to read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, Arm
+            flags.update(value.split())
+    return bool(flags & set(CPU_BF16_FLAGS))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or a job scheduler's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class SingerTrainer(Trainer):

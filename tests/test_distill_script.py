@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -10,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import IMAGE, PATCH, make_vit
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
@@ -118,3 +120,26 @@ def test_resume_from_the_last_checkpoint(distill, workspace, tmp_path):
     distill.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["log_history"][0].get("marker") == "from checkpoint-2"
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_a_paper_recipe_on_a_cpu_keeps_bf16_only_where_the_cpu_has_it(distill, tmp_path, monkeypatch, caplog, native_bf16):
+    """A GPU recipe (bf16, 8 DataLoader workers) on a CPU: fp32 where bf16 would be emulated (~10x slower), and
+    no more workers than the cores this process may use, each said in one line."""
+    import singer_hf.trainer
+
+    monkeypatch.setattr(singer_hf.trainer, "native_cpu_bf16", lambda: native_bf16)  # this machine's CPU is one of the two
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "vit_l_to_vit_t_singer.yaml"
+    assert yaml.safe_load(recipe.read_text())["bf16"] is True
+    cores = singer_hf.trainer.usable_cores()
+    with caplog.at_level(logging.WARNING, logger="singer_hf"):
+        _, _, args = distill.parse_arguments(
+            [str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true", "--dataloader_num_workers", str(cores + 6)]
+        )
+    assert args.bf16 is native_bf16 and args.dataloader_num_workers == cores
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[-1] == f"dataloader_num_workers: {cores + 6}, but this process may use {cores} CPU core(s) (os.sched_getaffinity); using {cores}"
+    assert lines[:-1] == ([] if native_bf16 else [
+        "bf16: this CPU has no native bf16 (no amx_bf16 / avx512_bf16 / bf16 in /proc/cpuinfo), where bf16 runs ~10x "
+        "slower than fp32; training in fp32"
+    ])  # fmt: skip

@@ -139,8 +139,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed  # 
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING  # noqa: E402
 
 from singer_hf import DistillationModel, resolve_vit  # noqa: E402
-from singer_hf.architectures import load_backbone  # noqa: E402
-from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint  # noqa: E402
+from singer_hf.architectures import ResolvedViT, load_backbone  # noqa: E402
+from singer_hf.checkpoints import check_output_dir, clear_previous_run, publishable_name, resolve_checkpoint  # noqa: E402
 from singer_hf.data import (  # noqa: E402
     ImageTransform,
     PixelValuesCollator,
@@ -151,7 +151,7 @@ from singer_hf.data import (  # noqa: E402
     with_image_transform,
 )
 from singer_hf.model_card import record_run, student_card_from_run  # noqa: E402
-from singer_hf.modeling import plan_layers  # noqa: E402
+from singer_hf.modeling import outgrown_teacher, plan_layers  # noqa: E402
 from singer_hf.publishing import PublishError, publish_student  # noqa: E402
 from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments  # noqa: E402
 from singer_hf.tuner import basis_block  # noqa: E402
@@ -227,7 +227,12 @@ def check_models_fit(model_args: ModelArguments, training_args: SingerTrainingAr
                 )
         else:
             student = load_student(model_args, teacher, image_size)
-    plan_layers(resolve_vit(teacher, "teacher"), resolve_vit(student, "student"), training_args.distillation_config())
+    teacher, student = resolve_vit(teacher, "teacher"), resolve_vit(student, "student")
+    plan_layers(teacher, student, training_args.distillation_config())
+    larger = outgrown_teacher(teacher, student)
+    if larger is not None:
+        logger.warning("student: %s is %s than its teacher; a distilled student is usually smaller", student_description(model_args, student), larger)
+
 
 def load_student(model_args: ModelArguments, teacher, image_size: int):
     """The student, built for `image_size` images: the size the teacher's image processor produces,
@@ -286,18 +291,26 @@ def with_transforms(dataset, data_args: DataArguments, image_processor, train: b
     return with_image_transform(dataset, transform), transform
 
 
+def student_description(model_args: ModelArguments, student: ResolvedViT) -> str:
+    """What the student is, after any --student_config_overrides: "ViT (4 blocks, width 64) from scratch", or the
+    model started from (a local folder by its name only) with its type and shape."""
+    shape = f"{student.depth} blocks, width {student.width}"
+    if model_args.student_name_or_path is None:
+        return f"ViT ({shape}) from scratch"
+    return f"{publishable_name(model_args.student_name_or_path)} ({student.model_type}, {shape})"
+
+
 def describe(
     model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: SingerTrainingArguments
 ) -> str:
     teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
     adapters = sum(count(layer) for layer in model.adapters.values())
-    student_name = model_args.student_name_or_path or f"ViT-{model_args.student_size} from scratch"
     resized = f", run at {model.image_size}px" if teacher.image_size != model.image_size else ""
     lines = [
         f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
         f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
-        f"Student: {student_name} ({student.model_type}, {student.depth} blocks, width {student.width}, {model.image_size}px)",
+        f"Student: {student_description(model_args, student)}, {model.image_size}px",
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
@@ -384,7 +397,8 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     trainer.save_state()
     if trainer.is_world_process_zero():
         output = Path(training_args.output_dir)
-        record_run(output, teacher_name=model_args.teacher_name_or_path, dataset_name=data_args.dataset_name, training_args=training_args)
+        record_run(output, teacher_name=model_args.teacher_name_or_path, dataset_name=data_args.dataset_name,
+                   training_args=training_args, student=student_description(model_args, resolve_vit(model.student)))  # fmt: skip
         student_card_from_run(output)
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}

@@ -62,6 +62,9 @@ def test_distill_script_end_to_end(distill, workspace, tmp_path, streaming, capl
     assert student.config.hidden_size == 32 and student.config.image_size == IMAGE
     card = (output / "README.md").read_text()
     assert "singer" in card and str(workspace) not in card  # no local absolute paths in the card
+    # The student is named by its shape after the overrides, not by --student_size.
+    assert "Student: ViT (4 blocks, width 32) from scratch, 32px" in caplog.text and "| Student | ViT (4 blocks, width 32) from scratch |" in card
+    assert "than its teacher" not in caplog.text
     assert (output / "distillation" / "adapter_model.safetensors").is_file()
 
 
@@ -120,6 +123,22 @@ def test_resume_from_the_last_checkpoint(distill, workspace, tmp_path):
     distill.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["log_history"][0].get("marker") == "from checkpoint-2"
+
+
+def test_a_student_larger_than_its_teacher_is_warned_and_named_by_its_shape(distill, workspace, tmp_path, caplog):
+    """--student_size tiny with overrides making it deeper and wider than the 6-block, 48-wide teacher."""
+    argv = _argv(workspace, tmp_path / "student", "--max_steps", "1")
+    argv[argv.index(STUDENT)] = "hidden_size=64,num_hidden_layers=8,num_attention_heads=2,intermediate_size=128"
+    with caplog.at_level(logging.INFO):
+        distill.main(argv)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "singer_hf.distill" and record.levelno == logging.WARNING]
+    assert warnings == [
+        "student: ViT (8 blocks, width 64) from scratch is deeper (8 vs 6 blocks) and wider (width 64 vs 48) than its "
+        "teacher; a distilled student is usually smaller"
+    ]
+    assert "Student: ViT (8 blocks, width 64) from scratch, 32px" in caplog.text and "ViT-tiny" not in caplog.text
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "| Student | ViT (8 blocks, width 64) from scratch |" in card
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])

@@ -141,6 +141,7 @@ from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPI
 from singer_hf import DistillationModel, resolve_vit  # noqa: E402
 from singer_hf.architectures import ResolvedViT, load_backbone  # noqa: E402
 from singer_hf.checkpoints import check_output_dir, clear_previous_run, publishable_name, resolve_checkpoint  # noqa: E402
+from singer_hf.cli import rerun_command  # noqa: E402
 from singer_hf.data import (  # noqa: E402
     ImageTransform,
     PixelValuesCollator,
@@ -152,7 +153,7 @@ from singer_hf.data import (  # noqa: E402
 )
 from singer_hf.model_card import record_run, student_card_from_run  # noqa: E402
 from singer_hf.modeling import outgrown_teacher, plan_layers  # noqa: E402
-from singer_hf.publishing import PublishError, publish_student  # noqa: E402
+from singer_hf.publishing import PublishError, check_publishable, publish_student  # noqa: E402
 from singer_hf.trainer import DISTILLATION_DIR, EpochCallback, SingerTrainer, SingerTrainingArguments  # noqa: E402
 from singer_hf.tuner import basis_block  # noqa: E402
 
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     check_arguments(model_args, data_args, training_args)
+    repo_id = check_hub_repo(training_args) if training_args.push_to_hub and training_args.should_save else None
     check_models_fit(model_args, training_args)
     collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_split(data_args, training_args, data_args.train_split, train=True)
@@ -413,15 +415,34 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
             f'    model = AutoModel.from_pretrained("{output}")\n'
             f'    processor = AutoImageProcessor.from_pretrained("{output}")'
         )
-    if training_args.push_to_hub and trainer.is_world_process_zero():  # SingerTrainer leaves the push to us
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    if repo_id is not None and trainer.is_world_process_zero():  # SingerTrainer leaves the push to us
         try:
             published = publish_student(training_args.output_dir, repo_id, private=training_args.hub_private_repo,
                                         revision=training_args.hub_revision, token=training_args.hub_token)  # fmt: skip
         except PublishError as error:
-            raise SystemExit(f"error: {error}") from None
+            publish = [training_args.output_dir, "--repo_id", repo_id]
+            publish += ["--private", "true"] if training_args.hub_private_repo else []
+            publish += ["--revision", training_args.hub_revision] if training_args.hub_revision else []
+            token = "HF_TOKEN=<your token> " if training_args.hub_token else ""
+            print(f"error: {error.reason}; the student is saved in {training_args.output_dir}, nothing was published. "
+                  f"Publish it with:\n    {token}{rerun_command(Path(__file__).with_name('push_to_hub.py'), publish)}",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(1) from None
         print(f"Published to {published.commit_url}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
+
+
+def check_hub_repo(training_args: SingerTrainingArguments) -> str:
+    """--push_to_hub: the token, the repo and the Hub checked before anything is trained (`check_publishable`);
+    the repo's full id."""
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    try:
+        return check_publishable(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
+    except ValueError as error:  # the repo id
+        named = "" if training_args.hub_model_id else " (output_dir's name: set --hub_model_id)"
+        raise UsageError(f"hub_model_id: {error}{named}") from None
+    except PublishError as error:
+        raise UsageError(f"push_to_hub: {error.reason}; nothing was trained") from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
   (1 for a fault during the run), the traceback only with a bare `--debug` or `SINGER_DEBUG=1`.
 - `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup;
   `check_hub_reachable`: Hub ids fail at once, in one line, when the Hub does not answer.
+- `rerun_command`: the command line that runs a script again, e.g. to resume or to publish a run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +206,17 @@ def check_hub_reachable(names: dict[str, str | None], timeout: float = 5.0) -> N
             f"{argument}: {name} is a Hub id, but the Hub at {endpoint} does not answer ({type(error).__name__}); if it "
             f"is in your cache, set HF_HUB_OFFLINE=1, else give a local folder{also}"
         ) from None
+
+
+def rerun_command(script: str | os.PathLike, argv: list[str]) -> str:
+    """The shell command that runs `script` with `argv`, with this process's interpreter and its options when
+    this process was itself started as a script (else `python`); the script's path relative to here if below."""
+    interpreter, started = ["python"], len(sys.orig_argv) - len(sys.argv)
+    if sys.argv and started > 0 and Path(sys.argv[0]).is_file() and Path(sys.orig_argv[started]).resolve() == Path(sys.argv[0]).resolve():
+        interpreter = sys.orig_argv[:started]
+    path = Path(script).resolve()
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    return shlex.join([*interpreter, str(shown), *argv])
 
 
 def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:

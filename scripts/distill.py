@@ -10,7 +10,7 @@ Arguments are the model and data dataclasses below, the distillation fields and
 anywhere on the command line supplies defaults that command-line flags override. `--help`, flags
 and paths are checked before torch is imported, everything else that needs no weights before
 anything is loaded; errors are one line on stderr (the traceback with --debug or SINGER_DEBUG=1).
-The result is a plain
+Ctrl-C or SIGTERM writes a checkpoint and prints the command that resumes. The result is a plain
 Hugging Face student folder that `AutoModel.from_pretrained` loads without this package.
 """
 
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     if not command_line_checked:
         check_command_line(argv)
     model_args, data_args, training_args = parse_arguments(argv)
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    logging.getLogger("singer_hf").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     check_arguments(model_args, data_args, training_args)
@@ -389,10 +389,12 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
         clear_previous_run(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:
-        step = trainer.state.global_step
-        print(f"error: stopped by SIGTERM at step {step} after writing checkpoint-{step}; continue with "
-              "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
-        raise SystemExit(143)  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+        step, signal_name = trainer.state.global_step, trainer.stop_signal
+        stopped_by = "Ctrl-C (SIGINT)" if signal_name == "SIGINT" else signal_name
+        resume = rerun_command(__file__, resume_arguments(argv))
+        print(f"error: stopped by {stopped_by} at step {step} after writing checkpoint-{step} to {training_args.output_dir}; "
+              f"resume with: {resume}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130 if signal_name == "SIGINT" else 143)  # 128 + the signal, as a shell or scheduler expects
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -430,6 +432,19 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
             raise SystemExit(1) from None
         print(f"Published to {published.commit_url}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """`argv` set to resume from the last checkpoint of its output_dir."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = True
+        elif not token.startswith(("--resume_from_checkpoint=", "--resume-from-checkpoint=")):
+            kept.append(token)
+    return [*kept, "--resume_from_checkpoint", "true"]
 
 
 def check_hub_repo(training_args: SingerTrainingArguments) -> str:

@@ -36,6 +36,8 @@ HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "distillation_config.json"
 STREAM_STATE_FILE = "stream_state_rank{}.pt"
 """A checkpoint's streamed-data position (the stateful DataLoader's state), one per process."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""Signals that make `SingerTrainer.train` write a checkpoint after the current step and stop."""
 
 
 @dataclass
@@ -100,10 +102,14 @@ class _RunControlCallback(TrainerCallback):
     def __init__(self, trainer: "SingerTrainer"):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_resumed(state)
+
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._restore_rng()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._continue_epoch(state)
         self.trainer._stop_if_preempted(state, control)
 
 
@@ -151,7 +157,8 @@ class SingerTrainer(Trainer):
       (`DistillationModel.compile_blocks`), never the whole model.
     - Faults: a step with a non-finite loss or gradient is skipped on the device (`numerics.py`);
       checkpoints are written under a temporary name and renamed when complete, with a fingerprint
-      that resuming checks (`checkpoints.py`); SIGTERM saves a checkpoint and stops (`preempted`).
+      that resuming checks (`checkpoints.py`); SIGTERM and Ctrl-C (SIGINT) save a checkpoint after the
+      current step and stop (`preempted`, `stop_signal`); a second Ctrl-C stops at once.
     """
 
     def __init__(self, model: DistillationModel, args: SingerTrainingArguments, **kwargs):
@@ -166,7 +173,7 @@ class SingerTrainer(Trainer):
             # The Trainer's own push (a repo made at start, checkpoint pushes, its layout and card)
             # stays off: singer_hf.publishing publishes the saved student, with its card, after
             # training (scripts/distill.py --push_to_hub does).
-            logger.info("push_to_hub: the Trainer's own push is off; publish with singer_hf.publishing.publish_student")
+            logger.debug("push_to_hub: the Trainer's own push is off; publish with singer_hf.publishing.publish_student")
             args = copy.copy(args)
             args.push_to_hub = False
         super().__init__(model=model, args=args, **kwargs)
@@ -179,7 +186,8 @@ class SingerTrainer(Trainer):
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
-        self.preempted, self._sigterm_received = False, False
+        self.preempted, self.stop_signal, self._signal_received = False, None, None
+        self._resumed_from, self._stream_resumed, self._epoch_offset, self._resumed_epoch = None, False, 0.0, 0
         self.add_callback(_RunControlCallback(self))
         # A stream resumes from its saved position instead of being read again up to it (see train()).
         self._resume_stream = isinstance(self.train_dataset, datasets.IterableDataset) and is_torchdata_stateful_dataloader_available()
@@ -286,10 +294,12 @@ class SingerTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from a complete checkpoint written by this configuration.
 
-        SIGTERM (a pre-emption) stops training after the current step with a checkpoint; `preempted`
-        is then True and the caller should exit without treating the student as finished.
+        SIGTERM (a pre-emption) or Ctrl-C (SIGINT) stops training after the current step with a checkpoint;
+        `preempted` is then True, `stop_signal` names the signal, and the caller should exit without treating
+        the student as finished. A second Ctrl-C raises KeyboardInterrupt at once, without the checkpoint.
         """
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._stream_resumed, self._epoch_offset = False, 0.0
         if checkpoint is not None:
             check_fingerprint(self.accelerator.unwrap_model(self.model), checkpoint)
             stream_state = os.path.join(checkpoint, STREAM_STATE_FILE.format(self.args.process_index))
@@ -299,14 +309,17 @@ class SingerTrainer(Trainer):
                 self._stream_state = torch.load(stream_state, weights_only=True)
                 self._rng_checkpoint = checkpoint
                 self.args.ignore_data_skip = True
-        self.preempted, self._sigterm_received = False, False
+                self._stream_resumed = True
+        self._resumed_from = checkpoint
+        self.preempted, self.stop_signal, self._signal_received = False, None, None
+        self._signal_pid = os.getpid()
         handles_signals = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handles_signals else None
+        previous = {number: signal.signal(number, self._on_stop_signal) for number in STOP_SIGNALS} if handles_signals else {}
         try:
             return super().train(resume_from_checkpoint=checkpoint, **kwargs)
         finally:
-            if handles_signals:
-                signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
@@ -321,14 +334,36 @@ class SingerTrainer(Trainer):
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        logger.warning("SIGTERM: writing a checkpoint after this step, then stopping")
-        self._sigterm_received = True
+    def _begin_resumed(self, state) -> None:
+        """Says where a resumed run continues. A stream resumed from its saved position is not read again up
+        to it, so the Trainer counts this epoch's steps from 0: `_continue_epoch` adds those done before."""
+        if self._resumed_from is None:
+            return
+        logger.info("resuming from %s (step %d of %d)", os.path.basename(self._resumed_from), state.global_step, state.max_steps)
+        if self._stream_resumed:  # an unsized stream's epoch is max_steps steps long
+            self._resumed_epoch = state.global_step // state.max_steps
+            self._epoch_offset = (state.global_step % state.max_steps) / state.max_steps
+
+    def _continue_epoch(self, state) -> None:
+        """The true epoch in the epoch a stream resumed in (see `_begin_resumed`), also in the logs and checkpoints."""
+        if self._epoch_offset and int(state.epoch) == self._resumed_epoch:
+            state.epoch += self._epoch_offset
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        if os.getpid() != self._signal_pid:
+            return  # a DataLoader worker forked from this process: the training process saves and stops
+        if self._signal_received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+            return
+        self._signal_received = signum
+        again = " (Ctrl-C again: stop now, without it)" if signum == signal.SIGINT else ""
+        logger.warning("%s: writing a checkpoint after this step, then stopping%s", signal.Signals(signum).name, again)
 
     def _stop_if_preempted(self, state, control) -> None:
-        """On SIGTERM: save and stop at this step's end. With several processes the ranks agree on it at each log
-        step (a collective per step would cost a host sync), so a signal reaching one rank only is acted on there."""
-        received = self._sigterm_received
+        """On SIGTERM or SIGINT: save and stop at this step's end. With several processes the ranks agree on it at
+        each log step (a collective per step would cost a host sync), so a signal reaching one rank only is acted on there."""
+        received = self._signal_received is not None
         if self.accelerator.num_processes > 1:
             if state.global_step % max(int(self.args.logging_steps), 1):
                 return
@@ -337,6 +372,8 @@ class SingerTrainer(Trainer):
         if received:
             control.should_save = control.should_training_stop = True
             self.preempted = True
+            # a signal to another rank only: named SIGTERM, what schedulers send (Ctrl-C reaches every rank)
+            self.stop_signal = signal.Signals(self._signal_received or signal.SIGTERM).name
 
     def _save_checkpoint(self, model, trial) -> None:
         """Writes `checkpoint-N` under a temporary name and renames it when every process is done with it,

@@ -5,15 +5,18 @@
     python scripts/distill.py configs/demo.yaml --max_steps 50               # a recipe, overridden
     accelerate launch --config_file accelerate_configs/multi_gpu_ddp_bf16.yaml scripts/distill.py RECIPE
 
-Arguments are the three dataclasses below plus `transformers.TrainingArguments`; a YAML or JSON
-recipe given anywhere on the command line supplies defaults that command-line flags override.
-Everything that can be checked without the weights is checked before anything is loaded; errors are
-one line on stderr (the traceback with --debug or SINGER_DEBUG=1). The result is a plain
+Arguments are the model and data dataclasses below, the distillation fields and
+`transformers.TrainingArguments` (`--help` lists them in that order); a YAML or JSON recipe given
+anywhere on the command line supplies defaults that command-line flags override. `--help`, flags
+and paths are checked before torch is imported, everything else that needs no weights before
+anything is loaded; errors are one line on stderr (the traceback with --debug or SINGER_DEBUG=1).
+Ctrl-C or SIGTERM writes a checkpoint and prints the command that resumes. The result is a plain
 Hugging Face student folder that `AutoModel.from_pretrained` loads without this package.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -22,30 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
-from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
-
-from singer_hf import DistillationModel, resolve_vit
-from singer_hf.architectures import load_backbone
-from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint
-from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli
-from singer_hf.data import (
-    ImageTransform,
-    PixelValuesCollator,
-    build_transforms,
-    image_processor_stats,
-    load_image_dataset,
-    student_image_processor,
-    with_image_transform,
-)
-from singer_hf.modeling import plan_layers
-from singer_hf.publishing import PublishError
-from singer_hf.callbacks import EpochCallback
-from singer_hf.layout import DISTILLATION_DIR
-from singer_hf.trainer import FeatureDistillationArguments, FeatureDistillationTrainer
-from singer_hf.tuner import basis_block
+from singer_hf.checks import check_fields
+from singer_hf.cli import StrictArgumentParser, UsageError, check_hub_reachable, check_local_path, run_cli, source_fields
+from singer_hf.fields import MethodFields, RunFields, TrainingDefaults
 
 logger = logging.getLogger("singer_hf.distill")
 # Library noise a user can do nothing about: PEFT calls a deprecated transformers helper, and
@@ -62,6 +44,8 @@ IMAGENET_JPEG_BYTES = 110_000
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "models"
+
     teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
     student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
     student_size: Literal[tuple(STUDENT_SIZES)] | None = field(
@@ -82,6 +66,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset_name: str = field(metadata={"help": "HF dataset: Hub id, local folder, or a local Parquet/Arrow/JSONL file."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split to distil on."})
@@ -107,19 +93,80 @@ class DataArguments:
     )
 
 
+OWN_ARGUMENTS = (ModelArguments, DataArguments, MethodFields, TrainingDefaults, RunFields)
+"""This script's own arguments (imported without torch), listed before the other `TrainingArguments` in --help."""
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Everything that needs neither torch nor the models: `--help`, unknown flags, the values of this script's
+    own arguments, local paths, and that the Hub answers when an argument is a Hub id.
+
+    Run before the imports below (torch, transformers' models and Trainer, PEFT, datasets: seconds) when the
+    script starts. The other `TrainingArguments` flags are read from transformers' source here; their values
+    are parsed by `parse_arguments`.
+    """
+    trainer_fields = source_fields("transformers.training_args", "TrainingArguments")
+    if trainer_fields is None:  # a transformers release laid out otherwise: the full parse, seconds slower
+        from singer_hf.trainer import FeatureDistillationArguments
+
+        parser = StrictArgumentParser((ModelArguments, DataArguments, FeatureDistillationArguments))
+    else:
+        description = (__doc__ or "").split("\n\n")[0] + " A YAML/JSON recipe anywhere on the command line supplies defaults; flags override it."
+        usage = "%(prog)s [RECIPE.yaml] --teacher_name_or_path NAME (--student_size SIZE | --student_name_or_path NAME) --dataset_name NAME [FLAGS]"
+        parser = StrictArgumentParser(OWN_ARGUMENTS, usage=usage, description=description)
+        parser.add_source_fields("training: the other transformers.TrainingArguments", trainer_fields)
+    model_args, data_args, distillation, *_ = parser.parse(argv)
+    check_fields(distillation)
+    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
+        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    names = {
+        "teacher_name_or_path": model_args.teacher_name_or_path,
+        "student_name_or_path": model_args.student_name_or_path,
+        "image_processor_name_or_path": None if model_args.image_processor_name_or_path == "default" else model_args.image_processor_name_or_path,
+        "dataset_name": data_args.dataset_name,
+    }
+    for argument, name in names.items():
+        check_local_path(argument, name)
+    check_hub_reachable(names)
+
+
+if __name__ == "__main__":
+    run_cli(check_command_line)  # before the imports below: --help and a typo answer in a second, not ten
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed  # noqa: E402
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING  # noqa: E402
+
+from singer_hf import DistillationModel, resolve_vit  # noqa: E402
+from singer_hf.architectures import ResolvedViT, load_backbone  # noqa: E402
+from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint  # noqa: E402
+from singer_hf.cli import rerun_command  # noqa: E402
+from singer_hf.data import (  # noqa: E402
+    ImageTransform,
+    PixelValuesCollator,
+    build_transforms,
+    image_processor_stats,
+    load_image_dataset,
+    student_image_processor,
+    with_image_transform,
+)
+from singer_hf.modeling import outgrown_teacher, plan_layers  # noqa: E402
+from singer_hf.layout import DISTILLATION_DIR  # noqa: E402
+from singer_hf.locations import public_name  # noqa: E402
+from singer_hf.publishing import PublishError, check_publishable  # noqa: E402
+from singer_hf.callbacks import EpochCallback  # noqa: E402
+from singer_hf.trainer import FeatureDistillationArguments, FeatureDistillationTrainer  # noqa: E402
+from singer_hf.tuner import basis_block  # noqa: E402
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, FeatureDistillationArguments]:
     return StrictArgumentParser((ModelArguments, DataArguments, FeatureDistillationArguments)).parse(argv)
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments):
-    """What can be checked without weights or data, so that a typo fails in a second, not after a download."""
-    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
-        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
-    check_local_path("teacher_name_or_path", model_args.teacher_name_or_path)
-    check_local_path("student_name_or_path", model_args.student_name_or_path)
-    check_local_path("dataset_name", data_args.dataset_name)
-    if model_args.image_processor_name_or_path != "default":
-        check_local_path("image_processor_name_or_path", model_args.image_processor_name_or_path)
+    """What can be checked without weights or data (after `check_command_line`), so that a mistake fails in a
+    second, not after a download."""
     if data_args.shuffle_buffer < 0:
         raise UsageError(f"shuffle_buffer: must be >= 0 examples (0: no shuffling), got {data_args.shuffle_buffer}")
     if data_args.streaming and training_args.max_steps <= 0:
@@ -183,7 +230,11 @@ def check_models_fit(model_args: ModelArguments, training_args: FeatureDistillat
                 )
         else:
             student = load_student(model_args, teacher, image_size)
-    plan_layers(resolve_vit(teacher, "teacher"), resolve_vit(student, "student"), training_args.distillation_config())
+    teacher, student = resolve_vit(teacher, "teacher"), resolve_vit(student, "student")
+    plan_layers(teacher, student, training_args.distillation_config())
+    larger = outgrown_teacher(teacher, student)
+    if larger is not None:
+        logger.warning("student: %s is %s than its teacher; a distilled student is usually smaller", student_description(model_args, student), larger)
 
 
 def load_student(model_args: ModelArguments, teacher, image_size: int):
@@ -243,18 +294,26 @@ def with_transforms(dataset, data_args: DataArguments, image_processor, train: b
     return with_image_transform(dataset, transform), transform
 
 
+def student_description(model_args: ModelArguments, student: ResolvedViT) -> str:
+    """What the student is, after any --student_config_overrides: "ViT (4 blocks, width 64) from scratch", or the
+    model started from (a local folder by its name only) with its type and shape."""
+    shape = f"{student.depth} blocks, width {student.width}"
+    if model_args.student_name_or_path is None:
+        return f"ViT ({shape}) from scratch"
+    return f"{public_name(model_args.student_name_or_path)} ({student.model_type}, {shape})"
+
+
 def describe(
     model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments
 ) -> str:
     teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
     adapters = sum(count(layer) for layer in model.adapters.values())
-    student_name = model_args.student_name_or_path or f"ViT-{model_args.student_size} from scratch"
     resized = f", run at {model.image_size}px" if teacher.image_size != model.image_size else ""
     lines = [
         f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
         f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
-        f"Student: {student_name} ({student.model_type}, {student.depth} blocks, width {student.width}, {model.image_size}px)",
+        f"Student: {student_description(model_args, student)}, {model.image_size}px",
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
@@ -284,13 +343,18 @@ def describe(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -> dict:
+    """The run; `command_line_checked`: `check_command_line(argv)` has already passed (this script's start)."""
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    if not command_line_checked:
+        check_command_line(argv)
+    model_args, data_args, training_args = parse_arguments(argv)
+    logging.getLogger("singer_hf").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     check_arguments(model_args, data_args, training_args)
+    repo_id = check_hub_repo(training_args) if training_args.push_to_hub and training_args.should_save else None
     check_models_fit(model_args, training_args)
     collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_split(data_args, training_args, data_args.train_split, train=True)
@@ -327,15 +391,20 @@ def main(argv: list[str] | None = None) -> dict:
         clear_previous_run(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:
-        step = trainer.state.global_step
-        print(f"error: stopped by {trainer.preempted} at step {step} after writing checkpoint-{step}; continue with "
-              "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
-        raise SystemExit(143)  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+        step, signal_name = trainer.state.global_step, trainer.preempted
+        stopped_by = "Ctrl-C (SIGINT)" if signal_name == "SIGINT" else signal_name
+        resume = rerun_command(__file__, resume_arguments(argv))
+        print(f"error: stopped by {stopped_by} at step {step} after writing checkpoint-{step} to {training_args.output_dir}; "
+              f"resume with: {resume}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130 if signal_name == "SIGINT" else 143)  # 128 + the signal, as a shell or scheduler expects
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    trainer.create_model_card(finetuned_from=model_args.teacher_name_or_path, dataset=data_args.dataset_name)
+    trainer.create_model_card(
+        finetuned_from=model_args.teacher_name_or_path, dataset=data_args.dataset_name,
+        students={name: student_description(model_args, resolve_vit(student)) for name, student in model.students.items()},
+    )  # fmt: skip
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
     if training_args.should_log:
@@ -349,14 +418,47 @@ def main(argv: list[str] | None = None) -> dict:
             f'    model = AutoModel.from_pretrained("{output}")\n'
             f'    processor = AutoImageProcessor.from_pretrained("{output}")'
         )
-    if training_args.push_to_hub and trainer.is_world_process_zero():
+    if repo_id is not None and trainer.is_world_process_zero():
         try:
             published = trainer.push_to_hub()
         except PublishError as error:
-            raise SystemExit(f"error: {error}") from None
+            publish = [training_args.output_dir, "--repo_id", repo_id]
+            publish += ["--private", "true"] if training_args.hub_private_repo else []
+            publish += ["--revision", training_args.hub_revision] if training_args.hub_revision else []
+            token = "HF_TOKEN=<your token> " if training_args.hub_token else ""
+            print(f"error: {error.reason}; the student is saved in {training_args.output_dir}, nothing was published. "
+                  f"Publish it with:\n    {token}{rerun_command(Path(__file__).with_name('push_to_hub.py'), publish)}",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(1) from None
         print(f"Published to {', '.join(published)}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
 
 
+def resume_arguments(argv: list[str]) -> list[str]:
+    """`argv` set to resume from the last checkpoint of its output_dir."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = True
+        elif not token.startswith(("--resume_from_checkpoint=", "--resume-from-checkpoint=")):
+            kept.append(token)
+    return [*kept, "--resume_from_checkpoint", "true"]
+
+
+def check_hub_repo(training_args: FeatureDistillationArguments) -> str:
+    """--push_to_hub: the token, the repo and the Hub checked before anything is trained (`check_publishable`);
+    the repo's full id."""
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    try:
+        return check_publishable(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
+    except ValueError as error:  # the repo id
+        named = "" if training_args.hub_model_id else " (output_dir's name: set --hub_model_id)"
+        raise UsageError(f"hub_model_id: {error}{named}") from None
+    except PublishError as error:
+        raise UsageError(f"push_to_hub: {error.reason}; nothing was trained") from None
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(functools.partial(main, command_line_checked=True))

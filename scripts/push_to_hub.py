@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass, field
 
 from singer_hf.cli import StrictArgumentParser, run_cli
-from singer_hf.publishing import PublishError, publish_student
 
 
 @dataclass
@@ -43,6 +42,8 @@ def main(argv: list[str] | None = None):
     if argv and not argv[0].startswith("-"):
         argv = ["--run_dir", *argv]  # the run folder, given first without its flag
     (args,) = StrictArgumentParser(PublishArguments).parse(argv)
+    from singer_hf.publishing import PublishError, publish_student  # after the arguments: --help answers without torch
+
     try:
         published = publish_student(
             args.run_dir,

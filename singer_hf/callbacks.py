@@ -7,6 +7,7 @@
   has no fingerprint and is never resumed from.
 - `PreemptionCallback`: SIGTERM (a scheduler's pre-emption) and Ctrl-C save a checkpoint after the
   current step and stop; a second Ctrl-C stops at once.
+- `ResumedEpochCallback`: a resumed run says where it continues and logs its true epoch.
 - `StudentClippingCallback`: gradient clipping per student, so one student's gradient norm never
   scales another's update (with one student it is the Trainer's usual clipping).
 - `EpochCallback`: keeps an epoch-seeded transform (`data.ImageTransform`) on the current epoch.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -52,17 +54,23 @@ class CheckpointCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """Installs SIGTERM and SIGINT handlers for the duration of `train()` (main thread only)."""
+    """Installs SIGTERM and SIGINT handlers for the duration of `train()` (main thread only).
 
-    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+    `signal_name` is the signal that stopped the run ("SIGTERM", "SIGINT"), or None. A signal that
+    reached another process only is reported as SIGTERM, what schedulers send (Ctrl-C reaches every
+    process of a launch).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.received: str | None = None
-        self._previous = {}
+        self.signal_name: str | None = None
+        self._received: int | None = None
+        self._previous, self._pid = {}, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.received = None
+        self.signal_name, self._received, self._pid = None, None, os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
 
@@ -72,26 +80,51 @@ class PreemptionCallback(TrainerCallback):
         self._previous = {}
 
     def _handle(self, number, frame) -> None:
-        if self.received == "Ctrl-C" and number == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, the checkpoint being written or not
-        self.received = self.SIGNALS[number]
-        again = "; Ctrl-C again to stop at once" if number == signal.SIGINT else ""
-        logger.warning("%s: writing a checkpoint after this step, then stopping%s", self.received, again)
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked from this process: the training process saves and stops
+        if self._received is not None:
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+            return
+        self._received = number
+        again = " (Ctrl-C again: stop now, without it)" if number == signal.SIGINT else ""
+        logger.warning("%s: writing a checkpoint after this step, then stopping%s", signal.Signals(number).name, again)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Save and stop at this step's end. With several processes the ranks agree on it at each log
         step (a collective per step would cost a host sync), so a signal reaching one rank only is
         acted on there."""
-        received = self.received is not None
+        received = self._received is not None
         accelerator = self.trainer.accelerator
         if accelerator.num_processes > 1:
             if state.global_step % max(int(args.logging_steps), 1):
                 return
             flag = torch.tensor(float(received), device=accelerator.device)
             received = bool(accelerator.reduce(flag, reduction="sum").item())
-            self.received = self.received or "a signal on another process"
         if received:
             control.should_save = control.should_training_stop = True
+            self.signal_name = signal.Signals(self._received or signal.SIGTERM).name
+
+
+class ResumedEpochCallback(TrainerCallback):
+    """Says where a resumed run continues, and keeps the true epoch when a stream resumed from its saved
+    position: the stream is not read again up to it, so the Trainer counts that epoch's steps from 0."""
+
+    def __init__(self, checkpoint: str | None, stream_resumed: bool):
+        self.checkpoint, self.stream_resumed = checkpoint, stream_resumed
+        self._epoch, self._offset = 0, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.checkpoint is None:
+            return
+        logger.warning("resuming from %s (step %d of %d)", Path(self.checkpoint).name, state.global_step, state.max_steps)
+        if self.stream_resumed:  # an unsized stream's epoch is max_steps steps long
+            self._epoch = state.global_step // state.max_steps
+            self._offset = (state.global_step % state.max_steps) / state.max_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._offset and int(state.epoch) == self._epoch:
+            state.epoch += self._offset
 
 
 class StudentClippingCallback(TrainerCallback):

@@ -2,22 +2,35 @@
 
 - `StrictArgumentParser`: an `HfArgumentParser` that refuses abbreviated flags, reports argparse
   errors as one line, and takes a YAML/JSON recipe anywhere on the command line (flags always win
-  over the recipe, wherever they are); a recipe key that is no argument is refused by name.
+  over the recipe, wherever they are); an unknown flag or recipe key is refused by name, with the
+  closest known one.
+- `source_fields` / `StrictArgumentParser.add_source_fields`: the flags of a dataclass read from its
+  module's source without importing it, so that a script answers `--help` and a mistyped flag
+  before importing `transformers.TrainingArguments` (which imports torch, Accelerate and PEFT).
 - `run_cli(main)`: runs a script's `main`; an error becomes one line on stderr and exit status 2
   (1 for a fault during the run), the traceback only with a bare `--debug` or `SINGER_DEBUG=1`.
-- `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup.
+- `check_local_path`: a path-looking name that does not exist fails at once, before any Hub lookup;
+  `check_hub_reachable`: Hub ids fail at once, in one line, when the Hub does not answer.
+- `rerun_command`: the command line that runs a script again, e.g. to resume or to publish a run.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import difflib
+import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
 from transformers import HfArgumentParser
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,6 +51,7 @@ class StrictArgumentParser(HfArgumentParser):
 
     def parse(self, argv: list[str]) -> tuple:
         """The dataclasses from `argv`, where one positional YAML/JSON recipe supplies defaults."""
+        self._check_flags(argv)
         recipes = [index for index, token in enumerate(argv) if _is_recipe(argv, index)]
         if len(recipes) > 1:
             raise UsageError(f"config file: give at most one YAML/JSON recipe, got {[argv[i] for i in recipes]}")
@@ -45,6 +59,35 @@ class StrictArgumentParser(HfArgumentParser):
             index = recipes[0]
             argv = self._recipe_flags(argv[index]) + argv[:index] + argv[index + 1 :]  # later flags win
         return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+    def add_source_fields(self, title: str, fields: list[SourceField]) -> None:
+        """Accepts and documents `fields` (see `source_fields`) as flags taking any values, in a group after the
+        dataclasses' own; fields of the same name already added are skipped. Their values are parsed and
+        checked by the real dataclass later."""
+        known = {action.dest for action in self._actions}
+        group = self.add_argument_group(title)
+        for spec in fields:
+            if spec.name in known:
+                continue
+            text = f"{spec.help} (default: {spec.default})".replace("%", "%%")
+            group.add_argument(*_long_options(spec.name), nargs="*", default=argparse.SUPPRESS, metavar="VALUE", help=text)
+            if spec.negatable:
+                group.add_argument(f"--no_{spec.name}", f"--no-{spec.name.replace('_', '-')}", action="store_true",
+                                   default=argparse.SUPPRESS, help=f"Sets --{spec.name} false.")  # fmt: skip
+
+    def _check_flags(self, argv: list[str]) -> None:
+        """An unknown `--flag` fails first, naming the closest known one (before "required" errors, which a typo causes)."""
+        known = {option for action in self._actions for option in action.option_strings}
+        for token in argv:
+            if token == "--":
+                break
+            flag = token.partition("=")[0]
+            if token.startswith("--") and flag not in known:
+                spelled = "--" + flag[2:].replace("-", "_")
+                names = [option for option in known if option.startswith("--") and "-" not in option[2:]]
+                close = difflib.get_close_matches(spelled, names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else " (see --help)"
+                raise UsageError(f"{flag}: unknown argument{hint}")
 
     def _recipe_flags(self, path: str) -> list[str]:
         if not Path(path).is_file():
@@ -73,6 +116,58 @@ class StrictArgumentParser(HfArgumentParser):
         return flags
 
 
+@dataclass(frozen=True)
+class SourceField:
+    """A dataclass field as written in its module's source: enough to document and recognise its flags."""
+
+    name: str
+    help: str
+    default: str
+    negatable: bool
+    """A bool defaulting to True, which `HfArgumentParser` also gives a `--no_NAME` flag."""
+
+
+def source_fields(module: str, class_name: str) -> list[SourceField] | None:
+    """The init fields of the dataclass `class_name`, read from `module`'s source without executing it (its
+    parent packages are imported); None when they cannot be read that way (e.g. the class has base classes)."""
+    spec = importlib.util.find_spec(module)
+    try:
+        tree = ast.parse(Path(spec.origin).read_text())
+    except (AttributeError, TypeError, OSError, SyntaxError):
+        return None
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name]
+    if len(classes) != 1 or classes[0].bases:
+        return None
+    fields = []
+    for node in classes[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        value = node.value
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
+            keywords = {keyword.arg: keyword.value for keyword in value.keywords}
+        else:
+            keywords = {} if value is None else {"default": value}
+        if isinstance(keywords.get("init"), ast.Constant) and keywords["init"].value is False:
+            continue
+        metadata = keywords.get("metadata")
+        help_text = ""
+        if isinstance(metadata, ast.Dict):
+            for key, value in zip(metadata.keys, metadata.values):
+                if isinstance(key, ast.Constant) and key.value == "help" and isinstance(value, ast.Constant):
+                    help_text = str(value.value)
+        default = keywords.get("default", keywords.get("default_factory"))
+        annotation = ast.unparse(node.annotation).replace(" ", "")
+        negatable = annotation in ("bool", "bool|None", "Optional[bool]") and isinstance(default, ast.Constant) and default.value is True
+        text = "required" if default is None else ast.unparse(default)
+        fields.append(SourceField(node.target.id, " ".join(help_text.split()), text, negatable))
+    return fields
+
+
+def _long_options(name: str) -> list[str]:
+    """`--name` and, as `HfArgumentParser` adds, `--name-with-dashes`."""
+    return [f"--{name}", f"--{name.replace('_', '-')}"] if "_" in name else [f"--{name}"]
+
+
 def _is_recipe(argv: list[str], index: int) -> bool:
     """A recipe is a positional `*.yaml|yml|json` token, i.e. not the value of the flag before it."""
     token = argv[index]
@@ -93,6 +188,37 @@ def check_local_path(argument: str, name: str | None) -> None:
         raise UsageError(f"{argument}: {name} looks like a local path, but it does not exist (a Hub id is 'owner/name')")
 
 
+def check_hub_reachable(names: dict[str, str | None], timeout: float = 5.0) -> None:
+    """Fails in one line when some of `names` (argument → name) are Hub ids and the Hub does not answer one
+    request (no retries) within `timeout` seconds: the libraries would otherwise retry each file for half a
+    minute, with a warning per retry. Names that exist locally are not Hub ids; with HF_HUB_OFFLINE=1 the
+    local cache answers and nothing is checked."""
+    hub_ids = {argument: name for argument, name in names.items() if name and not Path(name).expanduser().exists()}
+    if not hub_ids or hub_constants.HF_HUB_OFFLINE:
+        return
+    endpoint = hub_constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - whatever the HTTP client raises, the Hub did not answer
+        (argument, name), *others = hub_ids.items()
+        also = f" (also Hub ids: {', '.join(f'{other}={value}' for other, value in others)})" if others else ""
+        raise UsageError(
+            f"{argument}: {name} is a Hub id, but the Hub at {endpoint} does not answer ({type(error).__name__}); if it "
+            f"is in your cache, set HF_HUB_OFFLINE=1, else give a local folder{also}"
+        ) from None
+
+
+def rerun_command(script: str | os.PathLike, argv: list[str]) -> str:
+    """The shell command that runs `script` with `argv`, with this process's interpreter and its options when
+    this process was itself started as a script (else `python`); the script's path relative to here if below."""
+    interpreter, started = ["python"], len(sys.orig_argv) - len(sys.argv)
+    if sys.argv and started > 0 and Path(sys.argv[0]).is_file() and Path(sys.orig_argv[started]).resolve() == Path(sys.argv[0]).resolve():
+        interpreter = sys.orig_argv[:started]
+    path = Path(script).resolve()
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    return shlex.join([*interpreter, str(shown), *argv])
+
+
 def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     """Removes a bare `--debug`; `--debug underflow_overflow` (TrainingArguments' own option) stays."""
     for index, token in enumerate(argv):
@@ -103,9 +229,8 @@ def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 def _lost_peer_rank(error: Exception) -> int | None:
     """This process's rank when `error` is a collective that failed because a peer went away, else None."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group (and no seconds spent importing it)
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
         return None
     text = str(error).lower()
     return dist.get_rank() if any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed")) else None

@@ -136,11 +136,14 @@ def write_student_card(
     )
 
 
-def record_run(output_dir: str | os.PathLike, *, teacher_name: str, dataset_name: str, training_args) -> dict:
+def record_run(
+    output_dir: str | os.PathLike, *, teacher_name: str, dataset_name: str, training_args, student: str | None = None
+) -> dict:
     """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
 
     Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
-    name only), the training arguments (scrubbed like the card) and the hardware. Returns the record.
+    name only), the student as the script describes it (e.g. "ViT (4 blocks, width 64) from scratch"),
+    the training arguments (scrubbed like the card) and the hardware. Returns the record.
     """
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     device = training_args.device
@@ -149,6 +152,7 @@ def record_run(output_dir: str | os.PathLike, *, teacher_name: str, dataset_name
     record = {
         "teacher": dict(zip(("name", "hub_id"), _source(teacher_name))),
         "dataset": dict(zip(("name", "hub_id"), _source(dataset_name))),
+        "student": _scrub(student),
         "training": training,
         "hardware": {"num_processes": training_args.world_size, "device": device_name, "precision": precision},
     }
@@ -195,6 +199,7 @@ def student_card_from_run(
         figures=figures,
         distillation_included=distillation_included,
         student_depth=_student_depth(run_dir),
+        student=record.get("student"),
     )
 
 
@@ -215,6 +220,7 @@ def _render(
     figures: list[str] | tuple[str, ...],
     distillation_included: bool,
     student_depth: int | None,
+    student: str | None = None,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = public_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
@@ -248,6 +254,7 @@ def _render(
         repo_id=repo_id or model_name,
         teacher=teacher,
         teacher_is_hub=teacher_hub is not None,
+        student=student,
         dataset=dataset,
         dataset_is_hub=dataset_hub is not None,
         method=method,

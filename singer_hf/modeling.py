@@ -27,6 +27,7 @@ class DistillationModelConfig(MethodFields):
 
     def __post_init__(self):
         check_fields(self)
+        get_method(self.method)  # a registered method
         if self.teacher_layers is not None:
             self.teacher_layers = sorted(self.teacher_layers)
 
@@ -83,6 +84,18 @@ def plan_layers(
     teacher.check_blocks(teacher_layers, "teacher_layers")
     config.method_class.check_teacher(teacher, teacher_layers)
     return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
+
+
+def outgrown_teacher(teacher: ResolvedViT, student: ResolvedViT) -> str | None:
+    """How the student is larger than its teacher ("deeper (8 vs 6 blocks) and wider (width 256 vs 128)"),
+    or None. Such a pair trains, but is rarely meant: a student gains nothing by mimicking a smaller model,
+    and its blocks after the deepest distilled one get no training signal."""
+    larger = []
+    if student.depth > teacher.depth:
+        larger.append(f"deeper ({student.depth} vs {teacher.depth} blocks)")
+    if student.width > teacher.width:
+        larger.append(f"wider (width {student.width} vs {teacher.width})")
+    return " and ".join(larger) or None
 
 
 @dataclass

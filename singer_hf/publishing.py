@@ -8,7 +8,8 @@ and uploads that folder with `HfApi.upload_folder`, one commit. Nothing else of 
 path on the way.
 
 The run folder is only read: when the Hub cannot be reached or refuses the token, `PublishError`
-says so in one line and the same call can simply be repeated. A repeat with identical files makes
+says so in one line and the same call can simply be repeated. `check_publishable` asks the Hub the
+same questions before a run that publishes at its end, so that it fails before training, not after. A repeat with identical files makes
 no commit: `create_commit` compares each file with the Hub's copy (the hashes the preupload
 endpoint returns) and skips the commit when nothing changed.
 """
@@ -19,11 +20,13 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, httpx before
     from httpx2 import HTTPError as ClientError
@@ -47,7 +50,12 @@ FIGURES_DIR = "figures"
 
 
 class PublishError(RuntimeError):
-    """The upload failed (Hub unreachable, token refused, ...); the message is one line."""
+    """The upload failed (Hub unreachable, token refused, ...): one line, the `reason` and that nothing
+    changed locally, so that the same call can be repeated."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"{reason}; {_RETRY}")
 
 
 @dataclass
@@ -107,7 +115,7 @@ def publish_student(
         files = _stage(run_dir, folder, repo_id, loaded_results, loaded_baselines, figures, include_distillation, license)
         return PublishResult(folder=folder, files=files)
     if token is None and get_token() is None:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then re-run the same command")
+        raise PublishError(_NO_TOKEN)
     with tempfile.TemporaryDirectory(prefix="singer-hf-publish-") as staging:
         files = _stage(run_dir, Path(staging), repo_id, loaded_results, loaded_baselines, figures, include_distillation, license)
         message = commit_message or _commit_message(run_dir)
@@ -221,21 +229,50 @@ def _commit_message(run_dir: Path) -> str:
 
 
 # -- upload ------------------------------------------------------------------------------------------
+def check_publishable(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """What `publish_student` needs from the Hub, asked before a run that publishes at its end: a token, a
+    valid `repo_id`, a Hub that answers and accepts the token (`whoami`), and the repo (created now when
+    missing, as the upload would). Returns the repo's full id (a bare name goes to the token's user).
+
+    Raises:
+        ValueError: `repo_id` is not a repo id.
+        PublishError: what is missing or refused, in one line (`reason`).
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id ({str(error).splitlines()[0]}); give user/name") from None
+    if token is None and get_token() is None:
+        raise PublishError(_NO_TOKEN)
+    api = HfApi(token=token)
+    with _hub_errors(api, repo_id):
+        api.whoami()
+        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
 def _upload(folder: Path, repo_id: str, *, private: bool | None, revision: str | None, token: str | None, message: str) -> str:
     api = HfApi(token=token)
-    try:
+    with _hub_errors(api, repo_id, "the upload to "):
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, revision=revision, commit_message=message)
+    return commit.commit_url
+
+
+@contextmanager
+def _hub_errors(api: HfApi, repo_id: str, what: str = ""):
+    """The Hub's refusals and network failures as one-line `PublishError`s, without the token."""
+    try:
+        yield
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "?"
         reason = (error.server_message or str(error)).strip().splitlines()[0]
         hint = " (is the token valid, with write access to the repo?)" if status in (401, 403) else ""
-        raise PublishError(f"the Hub refused the upload to {repo_id}: HTTP {status} {reason}{hint}; {_RETRY}") from None
+        raise PublishError(f"the Hub refused {what}{repo_id}: HTTP {status} {reason}{hint}") from None
     except (ClientError, OSError) as error:
-        raise PublishError(f"cannot reach the Hub at {api.endpoint} ({type(error).__name__}); {_RETRY}") from None
-    return commit.commit_url
+        raise PublishError(f"cannot reach the Hub at {api.endpoint} ({type(error).__name__})") from None
 
 
+_NO_TOKEN = "no Hugging Face token: set HF_TOKEN or run `hf auth login`"
 _RETRY = "nothing was changed locally: re-run the same command to retry"

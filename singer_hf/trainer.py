@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -12,30 +12,20 @@ from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stat
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .callbacks import CheckpointCallback, PreemptionCallback, StudentClippingCallback
-from .checks import check_fields, check_value, checked_field, integer_at_least, number_above, number_at_least
+from .callbacks import CheckpointCallback, PreemptionCallback, ResumedEpochCallback, StudentClippingCallback
+from . import hardware
+from .checks import check_fields, check_value, integer_at_least, number_above, number_at_least
 from .checkpoints import check_fingerprint, remove_incomplete_checkpoints, resolve_checkpoint
 from .data import PixelNormalizer, image_processor_stats
 from .layout import STREAM_STATE_FILE, export_students, student_dir
-from .methods import MethodFields
+from .fields import MethodFields, RunFields, TrainingDefaults
+from .methods import get_method
 from .model_card import record_run, student_card_from_run
 from .modeling import DistillationModel, DistillationModelConfig
 from .numerics import NonFiniteGuard
 from .publishing import publish_student
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class RunFields:
-    """How a run protects its results."""
-
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and results are removed)."}
-    )
-    max_nonfinite_steps: int = checked_field(
-        10, help="Stop after this many consecutive skipped steps with a non-finite loss (0: at the first).", check=integer_at_least(0)
-    )
 
 
 # `TrainingArguments` fields a distillation run needs in range; transformers checks some of them only
@@ -58,46 +48,19 @@ TRAINING_CHECKS = {
 
 
 @dataclass
-class FeatureDistillationArguments(TrainingArguments, MethodFields, RunFields):
-    """`TrainingArguments` plus the distillation method's fields (`methods.MethodFields`).
+class FeatureDistillationArguments(TrainingDefaults, TrainingArguments, MethodFields, RunFields):
+    """`TrainingArguments` with a distillation run's defaults (`fields.TrainingDefaults`: the paper's
+    optimiser), the distillation method's fields (`fields.MethodFields`) and `fields.RunFields`.
+    `max_grad_norm` > 0 clips each student on its own."""
 
-    Defaults follow the paper's run: AdamW, lr 1e-3, weight decay 1e-4, cosine decay to lr·1e-4
-    after a 5 % warm-up, no gradient clipping. `max_grad_norm` > 0 clips each student on its own.
-    """
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
-    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
-    lr_scheduler_kwargs: dict | str | None = field(
-        default_factory=lambda: {"min_lr_rate": 1e-4}, metadata={"help": "Cosine floor: lr·1e-4."}
-    )
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of training if < 1."})
-    max_grad_norm: float = field(
-        default=0.0, metadata={"help": "Gradient clipping norm, per student; 0: none, as in the paper."}
-    )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
-    save_safetensors: bool = True
-    hub_strategy: str = field(default="end", metadata={"help": "Only 'end': the finished student is published."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False,
-        metadata={
-            "help": "DDP's find_unused_parameters. Off: DistillationModel freezes the student parameters no loss reaches, "
-            "so every trainable parameter gets a gradient at every step and DDP need not search the graph for unused ones."
-        },
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False, metadata={"help": "Off: it costs a host sync per step; non-finite steps are skipped on the device."}
-    )
+    _argument_group_name = "training (transformers.TrainingArguments and the distillation fields)"
 
     def __post_init__(self):
         check_fields(self)  # before TrainingArguments' own set-up, which may touch the device
         for name, check in TRAINING_CHECKS.items():
             check_value(name, getattr(self, name), check)
-        # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
-        # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
-        # CPU ranks over gloo instead of each training alone and writing the output.
-        if not _has_accelerator():
-            self.use_cpu = True
+        get_method(self.method)  # a registered method
+        self._fit_to_hardware()
         super().__post_init__()
         if not self.use_cpu and self.dataloader_pin_memory:
             # Pinned batches are copied to the accelerator without stalling the host at every step
@@ -116,10 +79,32 @@ class FeatureDistillationArguments(TrainingArguments, MethodFields, RunFields):
     def distillation_config(self) -> DistillationModelConfig:
         return DistillationModelConfig(**self.method_values())
 
+    def _fit_to_hardware(self) -> None:
+        """A recipe written for GPUs runs as well as it can on the machine at hand, saying what it changed.
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+        - No accelerator: train on the CPU, so that processes started by torchrun / `accelerate launch`
+          join as CPU ranks over gloo instead of each training alone and writing the output.
+        - bf16 on a CPU without native bf16 (x86 `amx_bf16` / `avx512_bf16`, Arm `bf16`): fp32. Emulated
+          bf16 autocast runs ~10x slower than fp32 there; like a Trainer that picks the precision the
+          device supports, the run trains rather than crawls (bf16 stays on where the CPU has it).
+        - More DataLoader workers than the CPU cores this process may use (`os.sched_getaffinity`):
+          one per core. Decoding is CPU-bound; more workers only compete for the same cores.
+        """
+        if not hardware.has_accelerator():
+            self.use_cpu = True
+        if self.use_cpu and self.bf16 and hardware.native_cpu_bf16() is False:
+            logger.warning(
+                "bf16: this CPU has no native bf16 (no %s in /proc/cpuinfo), where bf16 runs ~10x slower than fp32; "
+                "training in fp32", " / ".join(hardware.CPU_BF16_FLAGS),
+            )  # fmt: skip
+            self.bf16 = False
+        cores = hardware.usable_cores()
+        if self.dataloader_num_workers > cores:
+            logger.warning(
+                "dataloader_num_workers: %d, but this process may use %d CPU core(s) (os.sched_getaffinity); using %d",
+                self.dataloader_num_workers, cores, cores,
+            )  # fmt: skip
+            self.dataloader_num_workers = cores
 
 
 class FeatureDistillationTrainer(Trainer):
@@ -195,8 +180,8 @@ class FeatureDistillationTrainer(Trainer):
 
     @property
     def preempted(self) -> str | None:
-        """What stopped the last `train()` early with a checkpoint ("SIGTERM", "Ctrl-C"), else None."""
-        return self._preemption.received
+        """The signal that stopped the last `train()` early with a checkpoint ("SIGTERM", "SIGINT"), else None."""
+        return self._preemption.signal_name
 
     # -- the step --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -281,8 +266,8 @@ class FeatureDistillationTrainer(Trainer):
                 # batches by reading them again.
                 self._stream_state = torch.load(stream_state, weights_only=True)
                 self.args.ignore_data_skip = True
-            step = int(Path(checkpoint).name.rpartition("-")[2])
-            logger.warning("Resuming from %s (step %d of %d)", Path(checkpoint).name, step, self.args.max_steps)
+        self.pop_callback(ResumedEpochCallback)
+        self.add_callback(ResumedEpochCallback(checkpoint, self._stream_state is not None))
         if self.args.should_save:
             remove_incomplete_checkpoints(self.args.output_dir)  # a kill's leftovers are never mixed into a new checkpoint
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
@@ -310,16 +295,24 @@ class FeatureDistillationTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return [student_dir(output_dir or self.args.output_dir, model, name) for name in model.students]
 
-    def create_model_card(self, license: str | None = None, finetuned_from: str | None = None, dataset: str | None = None, **kwargs) -> None:
+    def create_model_card(
+        self,
+        license: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | None = None,
+        students: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
         """The run record and the card of each exported student (`model_card.student_card_from_run`):
         `finetuned_from` names the teacher and `dataset` the data (Hub ids or local paths, shown by
-        name only)."""
+        name only), `students` describes each student by name (e.g. "ViT (4 blocks, width 64) from scratch")."""
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
         teacher = finetuned_from or getattr(model.teacher.config, "_name_or_path", None) or "teacher"
-        for folder in self.student_folders():
-            record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments)
+        for name, folder in zip(model.students, self.student_folders()):
+            record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments,
+                       student=(students or {}).get(name))  # fmt: skip
             student_card_from_run(folder, license=license)
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None, revision: str | None = None, **kwargs):

@@ -6,6 +6,7 @@ Each case runs the script's real entry point (`run_cli(main)`) in-process; a spy
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +173,89 @@ def test_debug_shows_the_traceback(distill, workspace, tmp_path, monkeypatch, ho
         monkeypatch.setenv("SINGER_DEBUG", "1")
     with pytest.raises(ValueError, match="rank: must be >= 1"):  # raised, not turned into a line and an exit
         run_cli(distill.main, argv)
+
+
+# -- answered before the heavy imports -----------------------------------------------------------------
+# `python scripts/X.py --help` or a mistyped flag must not wait for torch, PEFT, datasets or transformers'
+# model code: this wrapper runs a script as `python` would and reports which of them it imported.
+HEAVY = ("torch", "peft", "datasets", "accelerate", "transformers.modeling_utils")
+AS_SCRIPT = (
+    "import atexit, runpy, sys\n"
+    f"atexit.register(lambda: print('imported:', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def _run_script(script: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    environment.pop("SINGER_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", AS_SCRIPT, str(ROOT / "scripts" / script), *argv],
+                          capture_output=True, text=True, env=environment, timeout=120)  # fmt: skip
+
+
+def test_help_comes_before_torch_with_the_distillation_arguments_first():
+    run = _run_script("distill.py", "--help")
+    assert run.returncode == 0 and run.stderr.strip() == "imported: []", run.stderr[-2000:]
+    titles = [line[:-1] for line in run.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles[:4] == ["options", "models", "data", "distillation"] and titles[-1] == "training: the other transformers.TrainingArguments"
+    flags = run.stdout.index
+    assert flags("--teacher_name_or_path") < flags("--dataset_name") < flags("--rank") < flags("--learning_rate") < flags("--gradient_accumulation_steps")
+    assert "--no_dataloader_pin_memory" in run.stdout and "--report_to" in run.stdout  # all of TrainingArguments
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("distill.py", ["--teacher_name_or_path", "t", "--lerning_rate", "1e-3"], "--lerning_rate: unknown argument; did you mean --learning_rate?"),
+    ("distill.py", ["--per_device_train_bach_size", "8"], "--per_device_train_bach_size: unknown argument; did you mean --per_device_train_batch_size?"),
+    ("push_to_hub.py", ["runs/x", "--repo-idd", "me/x"], "--repo-idd: unknown argument; did you mean --repo_id?"),
+])  # fmt: skip
+def test_a_mistyped_flag_gets_the_closest_one_before_torch(script, argv, message):
+    run = _run_script(script, *argv)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [f"error: {message} (run with --debug for the traceback)", "imported: []"]
+
+
+def test_push_to_hub_help_comes_before_torch():
+    run = _run_script("push_to_hub.py", "--help")
+    assert run.returncode == 0 and "--include_distillation" in run.stdout and run.stderr.strip() == "imported: []"
+
+
+def test_an_unreachable_hub_fails_in_one_line_naming_the_id(workspace, tmp_path):
+    """A Hub id while the Hub does not answer: one line suggesting HF_HUB_OFFLINE=1, before torch is imported,
+    instead of half a minute of retry warnings."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    argv = _set(_argv(workspace, tmp_path), "--teacher_name_or_path", "google/vit-base-patch16-224")
+    run = _run_script("distill.py", *argv, HF_ENDPOINT=f"http://127.0.0.1:{closed}", HF_HUB_OFFLINE="0")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: teacher_name_or_path: google/vit-base-patch16-224 is a Hub id, but the Hub at http://127.0.0.1:{closed} "
+        "does not answer (ConnectError); if it is in your cache, set HF_HUB_OFFLINE=1, else give a local folder "
+        "(run with --debug for the traceback)",
+        "imported: []",
+    ]
+
+
+def test_trainer_flags_read_from_the_source_are_transformers_own():
+    """The flags answered before the import are exactly the fields `HfArgumentParser` makes of `TrainingArguments`."""
+    import dataclasses
+
+    from singer_hf.cli import source_fields
+
+    read = source_fields("transformers.training_args", "TrainingArguments")
+    real = [f for f in dataclasses.fields(transformers.TrainingArguments) if f.init]
+    assert [f.name for f in read] == [f.name for f in real]
+    assert {f.name for f in read if f.negatable} == {f.name for f in real if f.default is True and f.type in (bool, bool | None)}
+
+
+def test_importing_the_package_needs_no_torch_and_still_registers_the_peft_type():
+    code = (
+        "import sys\n"
+        "import singer_hf, singer_hf.cli\n"
+        "assert 'torch' not in sys.modules and 'peft' not in sys.modules\n"
+        "import peft\n"  # imported after singer_hf, as the model card's recipe may do
+        "assert 'SINGER' in peft.utils.PeftType.__members__\n"
+        "assert singer_hf.SingerConfig.__module__ == 'singer_hf.tuner.config'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

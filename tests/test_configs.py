@@ -101,9 +101,12 @@ def test_recipe_parses_with_the_script_and_matches_the_paper(name, distill_scrip
     assert (args.learning_rate, args.weight_decay, args.adam_beta1, args.adam_beta2) == (1e-3, 1e-4, 0.9, 0.999)
     assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 1e-4}
     assert args.warmup_steps == 0.05
-    assert args.bf16 is True and args.seed == 0
+    # bf16 and the workers as the recipe asks (on a CPU without native bf16, or with fewer cores, the run
+    # itself uses fp32 and fewer workers: tests/test_distill_script.py)
+    recipe = yaml.safe_load(path.read_text())
+    assert (recipe["bf16"], recipe["dataloader_num_workers"]) == (True, 8) and args.seed == 0
     assert args.report_to == ["tensorboard"]
-    assert (args.logging_steps, args.save_steps, args.save_total_limit, args.dataloader_num_workers) == (50, 5000, 3, 8)
+    assert (args.logging_steps, args.save_steps, args.save_total_limit) == (50, 5000, 3)
 
     # The file itself: output folder, header (result, launch line, batch note, mapping).
     text = path.read_text()

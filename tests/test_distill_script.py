@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -10,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import IMAGE, PATCH, make_vit
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
@@ -60,6 +62,9 @@ def test_distill_script_end_to_end(distill, workspace, tmp_path, streaming, capl
     assert student.config.hidden_size == 32 and student.config.image_size == IMAGE
     card = (output / "README.md").read_text()
     assert "singer" in card and str(workspace) not in card  # no local absolute paths in the card
+    # The student is named by its shape after the overrides, not by --student_size.
+    assert "Student: ViT (4 blocks, width 32) from scratch, 32px" in caplog.text and "| Student | ViT (4 blocks, width 32) from scratch |" in card
+    assert "than its teacher" not in caplog.text
     assert (output / "distillation" / "adapter_model.safetensors").is_file()
 
 
@@ -118,3 +123,42 @@ def test_resume_from_the_last_checkpoint(distill, workspace, tmp_path):
     distill.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["log_history"][0].get("marker") == "from checkpoint-2"
+
+
+def test_a_student_larger_than_its_teacher_is_warned_and_named_by_its_shape(distill, workspace, tmp_path, caplog):
+    """--student_size tiny with overrides making it deeper and wider than the 6-block, 48-wide teacher."""
+    argv = _argv(workspace, tmp_path / "student", "--max_steps", "1")
+    argv[argv.index(STUDENT)] = "hidden_size=64,num_hidden_layers=8,num_attention_heads=2,intermediate_size=128"
+    with caplog.at_level(logging.INFO):
+        distill.main(argv)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "singer_hf.distill" and record.levelno == logging.WARNING]
+    assert warnings == [
+        "student: ViT (8 blocks, width 64) from scratch is deeper (8 vs 6 blocks) and wider (width 64 vs 48) than its "
+        "teacher; a distilled student is usually smaller"
+    ]
+    assert "Student: ViT (8 blocks, width 64) from scratch, 32px" in caplog.text and "ViT-tiny" not in caplog.text
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "| Student | ViT (8 blocks, width 64) from scratch |" in card
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_a_paper_recipe_on_a_cpu_keeps_bf16_only_where_the_cpu_has_it(distill, tmp_path, monkeypatch, caplog, native_bf16):
+    """A GPU recipe (bf16, 8 DataLoader workers) on a CPU: fp32 where bf16 would be emulated (~10x slower), and
+    no more workers than the cores this process may use, each said in one line."""
+    import singer_hf.hardware
+
+    monkeypatch.setattr(singer_hf.hardware, "native_cpu_bf16", lambda: native_bf16)  # this machine's CPU is one of the two
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "vit_l_to_vit_t_singer.yaml"
+    assert yaml.safe_load(recipe.read_text())["bf16"] is True
+    cores = singer_hf.hardware.usable_cores()
+    with caplog.at_level(logging.WARNING, logger="singer_hf"):
+        _, _, args = distill.parse_arguments(
+            [str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true", "--dataloader_num_workers", str(cores + 6)]
+        )
+    assert args.bf16 is native_bf16 and args.dataloader_num_workers == cores
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[-1] == f"dataloader_num_workers: {cores + 6}, but this process may use {cores} CPU core(s) (os.sched_getaffinity); using {cores}"
+    assert lines[:-1] == ([] if native_bf16 else [
+        "bf16: this CPU has no native bf16 (no amx_bf16 / avx512_bf16 / bf16 in /proc/cpuinfo), where bf16 runs ~10x "
+        "slower than fp32; training in fp32"
+    ])  # fmt: skip

@@ -2,6 +2,8 @@
 
 import io
 import json
+import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -212,6 +214,9 @@ class Fault(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == step_at and fault == "sigterm":  # arrives during step `step_at`
             os.kill(os.getpid(), signal.SIGTERM)
+        if state.global_step + 1 == step_at and fault.startswith("ctrl_c"):  # a terminal's Ctrl-C: the whole process group
+            for _ in range(2 if fault == "ctrl_c_twice" else 1):
+                os.killpg(os.getpgrp(), signal.SIGINT)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == step_at and fault == "sigkill":
@@ -254,8 +259,8 @@ def _run_with_fault(tmp_path, fault, step, argv):
     probe.write_text(PROBE)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("SINGER_DEBUG", None)
-    return subprocess.run([sys.executable, str(probe), fault, str(step), str(SCRIPT), *argv],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run([sys.executable, str(probe), fault, str(step), str(SCRIPT), *argv], capture_output=True,
+                          text=True, env=env, timeout=300, start_new_session=True)  # its own process group, for Ctrl-C  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +332,37 @@ def test_sigterm_writes_a_checkpoint_before_exiting(distill, workspace, tmp_path
     assert not (output / "model.safetensors").exists()  # an unfinished student is not presented as the result
     distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
     assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+
+
+@pytest.mark.parametrize("mode", list(RESUME_MODES))
+def test_ctrl_c_writes_a_checkpoint_and_prints_the_command_that_resumes(distill, workspace, tmp_path, uninterrupted, caplog, mode):
+    output = tmp_path / "run"
+    argv = _resume_argv(workspace, output, mode)
+    stopped = _run_with_fault(tmp_path, "ctrl_c", 5, argv)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by Ctrl-C (SIGINT) at step 5 after writing checkpoint-5 to {output}; resume with: ")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    # The command printed is the one that was run, plus --resume_from_checkpoint true.
+    command = shlex.split(last.partition("; resume with: ")[2])
+    assert command[0] == sys.executable and Path(command[1]).resolve() == SCRIPT
+    assert command[2:] == [*argv, "--resume_from_checkpoint", "true"]
+    with caplog.at_level(logging.INFO, logger="singer_hf"):
+        distill.main(command[2:])
+    assert "resuming from checkpoint-5 (step 5 of 8)" in caplog.text
+    # Logged epochs continue where the interrupted run left them: 8 steps of 4 of the 32 images are one epoch.
+    logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4, 6, 8]
+    assert [entry["epoch"] for entry in logged] == pytest.approx([entry["step"] / 8 for entry in logged])
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(workspace, tmp_path):
+    output = tmp_path / "run"
+    stopped = _run_with_fault(tmp_path, "ctrl_c_twice", 5, _resume_argv(workspace, output, "map-style, 2 workers"))
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]  # the last complete one, kept
 
 
 # -- safe loading and secrets ------------------------------------------------------------------------

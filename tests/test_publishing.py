@@ -1,7 +1,7 @@
 """Publishing a distilled student: the card from the run's records, the dry-run folder, and the upload.
 
 Uploads go to `StandInHub`, a small HTTP server on 127.0.0.1 that stands in for the Hugging Face
-Hub: it implements the endpoints `huggingface_hub` calls for `create_repo`, `create_branch`,
+Hub: it implements the endpoints `huggingface_hub` calls for `whoami`, `create_repo`, `create_branch`,
 `upload_folder` (validate-yaml, preupload, the LFS batch API and its basic upload, commit) and
 `repo_info`, and records every request. It is a stand-in, not the Hub: safetensors files go through
 LFS as on the Hub, but with the basic transfer (the tests switch off Xet, huggingface_hub's default
@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from conftest import IMAGE, make_vit
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from singer_hf.cli import run_cli
 from singer_hf.publishing import PublishError, publish_student
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,7 @@ class StandInHub(ThreadingHTTPServer):
         self.requests = []  # (method, path with query, headers, body)
         self.repos = {}  # repo_id -> {branch: {"files": {path: bytes}, "commits": [(oid, summary)]}}
         self.refused_tokens = set()
+        self.failing_repos = set()  # their uploads get HTTP 503, as during an outage
         self.lfs = {}  # sha256 -> bytes, uploaded through the LFS basic transfer
 
     def commits(self, repo_id, branch="main"):
@@ -101,6 +104,8 @@ class StandInHandler(BaseHTTPRequestHandler):
                 return self._reply(409, {"error": "You already created this model repo", "url": f"{self.server.url}/{repo_id}"})
             self.server.repos[repo_id] = {"main": {"files": {}, "commits": [("0" * 40, "initial commit")]}}
             return self._reply(200, {"url": f"{self.server.url}/{repo_id}"})
+        if route == ("GET", "api", "whoami-v2"):
+            return self._reply(200, {"type": "user", "name": "me"})
         if route == ("POST", "api", "validate-yaml"):
             return self._reply(200, {"errors": [], "warnings": []})
         if parts[2:] == ["info", "lfs", "objects", "batch"] and method == "POST":  # /{repo}.git/info/lfs/objects/batch
@@ -118,6 +123,8 @@ class StandInHandler(BaseHTTPRequestHandler):
         if parts[:2] != ["api", "models"] or len(parts) < 6:
             return self._reply(404, {"error": f"not implemented by the stand-in: {method} {self.path}"})
         repo_id, action, branch = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+        if repo_id in self.server.failing_repos:
+            return self._reply(503, {"error": "Service temporarily unavailable"})
         repo = self.server.repos.get(repo_id)
         if repo is None:
             return self._reply(404, {"error": "Repository not found"})
@@ -255,11 +262,11 @@ def test_distill_push_to_hub_publishes_our_layout_once_with_the_token_in_the_hea
     assert sorted(files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     assert files["model.safetensors"] == (pushed_run / "model.safetensors").read_bytes()
     assert ModelCard(files["README.md"].decode()).data.pipeline_tag == "image-feature-extraction"
-    creates = [r for r in hub.requests if r[1] == "/api/repos/create"]
-    assert len(creates) == 1
-    uploads = [r for r in hub.requests if r[1].startswith(("/api/repos/", "/api/models/", "/api/validate-yaml", "/me/"))]
+    uploads = [r for r in hub.requests if r[1].startswith(("/api/whoami-v2", "/api/repos/", "/api/models/", "/api/validate-yaml", "/me/"))]
     assert [r[1] for r in uploads if r[1] != "/api/validate-yaml"] == [
+        "/api/whoami-v2",  # checked before training: the token, the Hub and the repo
         "/api/repos/create",
+        "/api/repos/create",  # the upload itself (exist_ok)
         "/api/models/me/vit-tiny-singer/preupload/main",
         "/me/vit-tiny-singer.git/info/lfs/objects/batch",
         "/api/models/me/vit-tiny-singer/commit/main",
@@ -453,3 +460,61 @@ def test_the_card_renders_from_an_installed_wheel(pushed_run, tmp_path):
     assert ModelCard(text).data.pipeline_tag == "image-feature-extraction"
     assert "### Training budget" in text and 'repo = "me/from-wheel"' in text
     assert "outputs.hidden_states[-1]" in text
+
+
+# -- --push_to_hub checked before training -------------------------------------------------------------
+def _distill_argv(workspace, output, repo_id, *extra):
+    return [
+        "--teacher_name_or_path", str(workspace / "teacher"), "--student_size", "tiny",
+        "--student_config_overrides", STUDENT, "--dataset_name", str(workspace / "data.parquet"),
+        "--image_column", "img", "--output_dir", str(output), "--per_device_train_batch_size", "8",
+        "--rank", "4", "--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--push_to_hub", "true", "--hub_model_id", repo_id, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", ["no token", "Hub unreachable", "token refused", "not a repo id"])
+def test_push_to_hub_problems_stop_the_run_before_training(workspace, on_hub, tmp_path, monkeypatch, capsys, problem):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    repo_id, expected = "me/checked-first", None
+    if problem == "no token":
+        monkeypatch.delenv("HF_TOKEN")
+        expected = "push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was trained"
+    elif problem == "Hub unreachable":
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+        expected = f"push_to_hub: cannot reach the Hub at http://127.0.0.1:{closed} (ConnectError); nothing was trained"
+    elif problem == "token refused":
+        refused = "hf_" + "gone" * 9
+        on_hub.refused_tokens.add(refused)
+        monkeypatch.setenv("HF_TOKEN", refused)
+        expected = "push_to_hub: the Hub refused me/checked-first: HTTP 401 "
+    else:
+        repo_id = "me/not a name"
+        expected = "hub_model_id: 'me/not a name' is not a Hub repo id"
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(load_script("distill").main, _distill_argv(workspace, output, repo_id))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    assert not output.exists()  # nothing trained, nothing written
+
+
+def test_a_failed_upload_after_training_prints_the_command_that_publishes_the_run(workspace, on_hub, tmp_path, capsys):
+    output = tmp_path / "run"
+    on_hub.failing_repos.add("me/outage")  # answers the checks before training, fails the upload after it
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("distill").main(_distill_argv(workspace, output, "me/outage"))
+    error, command = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert exit_info.value.code == 1 and (output / "model.safetensors").is_file()
+    assert error.startswith("error: the Hub refused the upload to me/outage: HTTP 503 ")
+    assert error.endswith(f"the student is saved in {output}, nothing was published. Publish it with:")
+    command = shlex.split(command)
+    assert command[0] == "python" and Path(command[1]).resolve() == ROOT / "scripts" / "push_to_hub.py"
+    assert command[2:] == [str(output), "--repo_id", "me/outage"]
+    on_hub.failing_repos.clear()
+    load_script("push_to_hub").main(command[2:])  # the Hub is back: that command publishes the finished run
+    assert sorted(on_hub.files("me/outage")) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]

@@ -5,7 +5,8 @@ Swapped, because it cannot exist offline or on 2 CPU cores: the teacher (a tiny 
 family, depth and prefix tokens, so the recipe's `teacher_layers` hold; see tests/standins.py), the
 dataset (local Parquet with the recipe's image column, streamed as the recipe says), `output_dir`, and
 the step count and batch size. Everything else is the recipe's: method, layers, loss weights,
-schedule, `max_grad_norm`, bf16 (which this CPU runs), `report_to`, logging and saving, workers.
+schedule, `max_grad_norm`, bf16 (fp32 on a CPU without native bf16), `report_to`, logging and saving, workers
+(capped at the cores).
 """
 
 from __future__ import annotations

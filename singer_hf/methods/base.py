@@ -11,16 +11,15 @@ A new method is one file: a subclass of `DistillationMethod` decorated with `@re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..architectures import ResolvedViT
-from ..checks import block_indices, checked_field, number_at_least, one_of, open_interval
+from ..fields import MethodFields
 from ..losses import feature_mse
-from ..tuner.config import AdapterFields, SingerConfig
+from ..tuner.config import SingerConfig
 
 METHODS: dict[str, type[DistillationMethod]] = {}
 """Every registered method by name: the values `--method` accepts."""
@@ -43,35 +42,6 @@ def get_method(name: str) -> type[DistillationMethod]:
 def method_label(name: str) -> str:
     """The method's display name ("SiNGER"), or `name` itself for one that is not registered here."""
     return METHODS[name].label if name in METHODS else name
-
-
-def _weight_field(help: str):
-    return checked_field(None, help=help, check=number_at_least(0, optional=True))
-
-
-@dataclass
-class MethodFields(AdapterFields):
-    """How one student is distilled from one teacher, declared once (the model's config and the
-    training arguments inherit these fields; the adapter's come from `AdapterFields`).
-
-    `None` takes the method's default: its teacher layers scaled to the teacher's depth, its loss weights.
-    """
-
-    method: str = checked_field("singer", help="Distillation method (singer, fitnet, vitkd, or any registered one).", check=one_of(lambda: METHODS))
-    teacher_layers: list[int] | None = checked_field(
-        None, help="Distilled teacher blocks (0-based); default: the method's, scaled to the teacher's depth.", check=block_indices(optional=True)
-    )
-    outlier_quantile: float = checked_field(
-        0.97, help="q: per-image norm quantile above which patch tokens are outliers (SiNGER).", check=open_interval(0, 1)
-    )
-    kd_weight: float | None = _weight_field("λ_KD (default: singer 1, fitnet 10, vitkd mimic 1).")
-    outlier_weight: float | None = _weight_field("λ_out (default: singer 0.01).")
-    info_weight: float | None = _weight_field("λ_info (default: singer 1; 0 is the ablation).")
-    generation_weight: float | None = _weight_field("ViTKD generation weight (default 1).")
-    mask_ratio: float = checked_field(0.5, help="Fraction of student patch tokens ViTKD masks.", check=open_interval(0, 1))
-
-    def method_values(self) -> dict:
-        return {name: getattr(self, name) for name in MethodFields.__dataclass_fields__}
 
 
 class DistillationMethod(nn.Module):

@@ -8,30 +8,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..checks import block_indices, check_fields, checked_field, integer_at_least, number_at_least, one_of
-
-INIT_METHODS = ("nullspace", "random")
-
-
-@dataclass
-class AdapterFields:
-    """The adapter's settings, declared once: `SingerConfig` and the distillation settings inherit them."""
-
-    rank: int = checked_field(64, help="SiNGER adapter rank r (basis rows per adapter).", check=integer_at_least(1))
-    null_threshold: float = checked_field(
-        0.05,
-        help="τ: absolute threshold on the singular values of M = (W_fc2 W_fc1)ᵀ; directions with σ < τ form the nullspace.",
-        check=number_at_least(0),
-    )
-    adapter_init: Literal["nullspace", "random"] = checked_field(
-        "nullspace", help=f"One of {list(INIT_METHODS)} (random: the paper's ablation).", check=one_of(INIT_METHODS)
-    )
-    adapter_seed: int = checked_field(
-        0, help="Seed of the adapters' random rows; block l uses seed + l.", check=integer_at_least(0)
-    )
-
-    def adapter_values(self) -> dict:
-        return {name: getattr(self, name) for name in AdapterFields.__dataclass_fields__}
+from ..checks import block_indices, check_fields, checked_field
+from ..fields import AdapterFields
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SiNGER's loss terms (SPEC §5). Each loss has exactly one implementation here."""
+"""SiNGER's loss terms (docs/method.md). Each loss has exactly one implementation here."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ def _teacher_with_known_nullspace(null_dims=8, width=32, seed=0):
     """Block 2's MLP ignores an 8-dim, zero-mean subspace Q: W_fc1 ← W_fc1 (I − QQᵀ).
 
     Block 2's attention output is zeroed and its pre-MLP LayerNorm made (nearly) linear with a large
-    eps, so the block computes its MLP branch on a rescaled input: the setting in which SPEC §4's
+    eps, so the block computes its MLP branch on a rescaled input: the setting in which the adapter's
     linearisation x ↦ x·M is exact up to the activation.
     """
     teacher = make_vit(width, 4, seed=seed).eval()

@@ -1,4 +1,4 @@
-"""The losses equal SPEC §5's formulas, computed here independently of the package."""
+"""The losses equal the method's formulas (docs/method.md), computed here independently of the package."""
 
 import numpy as np
 import peft

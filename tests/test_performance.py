@@ -1,4 +1,4 @@
-"""What the faster step changes (issue 9): the teacher's block loop, its early stop, its bf16 weights."""
+"""What the faster step changes: the teacher's block loop, its early stop, its bf16 weights."""
 
 import math
 

@@ -159,8 +159,9 @@ def build(pair: Pair, mode: Mode, device: torch.device, seed: int, compile_optio
     if mode.compile:
         model.compile_blocks(**(compile_options or {}))
     model.train()
-    # What the optimiser updates: student, projectors, adapters; never the teacher's own weights.
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad and (not n.startswith("teacher.") or "singer_" in n)]
+    # What the optimiser updates: each student, its heads and adapters (the model's own list); never the
+    # teacher's own weights, though the reference leaves them trainable.
+    trainable = [parameter for name in model.students for parameter in model.student_parameters(name)]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=1e-4, fused=True)
     return model, optimizer
 

@@ -78,6 +78,7 @@ from step import (  # noqa: E402
     peak_memory,
     reference_ratios,
     reset_peak_memory,
+    round_ratios,
     same_students,
     separate_seconds,
     step_flops,
@@ -100,7 +101,7 @@ PEAK_BF16_TFLOPS = [
     (r"\bRTX 5090$", 209.5, "NVIDIA RTX Blackwell GPU architecture whitepaper, RTX 5090: peak FP16/BF16 Tensor TFLOPS with FP32 accumulate 209.5 (419 with sparsity)"),
 ]
 
-SHARES = {"steps": 0.5, "students": 0.1, "teacher": 0.15, "data": 0.05, "batch_search": 0.3}
+SHARES = {"steps": 0.5, "students": 0.15, "teacher": 0.15, "data": 0.05, "batch_search": 0.3}
 """Each part's share of the time left when it starts, over the shares of the parts still to run."""
 
 SOURCE_SIZE = [500, 375]
@@ -386,8 +387,9 @@ def run_students(suite: Suite, deadline: float) -> str | None:
         rows["separate"] = suite.figures(size, statistics.median(separate_seconds(run.seconds)), size * (sum(flops.values()) - flops["group"]),
                                          None if None in memories else max(memories))  # fmt: skip
         differences = group_loss_differences(run.first_losses)
+        spread = {key: [min(ratios), max(ratios)] for key, ratios in round_ratios(run.seconds).items()}
         record.update(batch_size=size, rounds=run.rounds, same_students=same_students(group), rows=rows,
-                      time_ratios=group_ratios(run.seconds), flop_ratios=flop_ratios(suite.pair, group),
+                      time_ratios=group_ratios(run.seconds), time_ratio_ranges=spread, flop_ratios=flop_ratios(suite.pair, group),
                       losses={student: {"group": run.first_losses["group"][f"{student}/total"], "alone": run.first_losses[f"{student} alone"]["total"]}
                               for student in differences},
                       loss_differences=differences, losses_equal=losses_equal(differences))  # fmt: skip
@@ -646,7 +648,8 @@ def render_markdown(results: dict) -> str:
         described = []
         for name, record in groups:
             measured, bound, count = record["time_ratios"], record["flop_ratios"], len(record["students"])
-            text = f"{name}: the group's step {measured['separate']:.3f}× its {count} separate steps' time (FLOP count {bound['separate']:.3f}×)"
+            low, high = record["time_ratio_ranges"]["separate"]
+            text = f"{name}: the group's step {measured['separate']:.3f}× its {count} separate steps' time ({low:.3f}–{high:.3f} over the rounds; FLOP count {bound['separate']:.3f}×)"
             if record["same_students"]:
                 text += f", {measured['one']:.3f}× one student's step ({bound['one']:.3f}×)"
             worst = max(difference["absolute"] for difference in record["loss_differences"].values())

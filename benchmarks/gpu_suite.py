@@ -12,11 +12,15 @@ when it starts (`--budget_s` counts from the start of the process, imports and c
    teacher weights trainable, block l+1 re-run) against this project's step in fp32, bf16 and bf16 with
    regional compilation. images/s, ms/step, peak memory, TFLOP/s, the share of the GPU's dense bf16
    peak, the ratio to the reference, each mode's losses against fp32's on the same batch.
-2. `teacher`: the teacher's forward alone in bf16 (eager, and compiled when that mode ran), at
+2. `students`: `--students` groups (three of the pair's student; a ViT-Ti/S/B-like family) trained in
+   one pass (one teacher forward) against each student's own step, interleaved, at the steps' batch
+   in `--students_mode` (bf16): the group's time over the separate steps', over one student's step,
+   the FLOP count's bounds on both, and each student's losses in the group against alone (equal).
+3. `teacher`: the teacher's forward alone in bf16 (eager, and compiled when that mode ran), at
    `--teacher_batch`: compare timm's published inference figures for ViT-L/16.
-3. `data`: one DataLoader worker's rate (benchmarks/data.py's uint8 pipelines, briefly, or read from
+4. `data`: one DataLoader worker's rate (benchmarks/data.py's uint8 pipelines, briefly, or read from
    `--data_json`), hence the workers the fastest step rate needs.
-4. `batch_search`: the largest batch the fastest mode fits, by doubling then bisection, an out-of-memory
+5. `batch_search`: the largest batch the fastest mode fits, by doubling then bisection, an out-of-memory
    error caught and its memory freed; its images/s at each size tried.
 
 A part stops when its share is spent (after at least one timed measurement) and says so in the JSON
@@ -53,19 +57,30 @@ import transformers  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import measure_rates, workers_needed  # noqa: E402
 from step import (  # noqa: E402
+    GROUPS,
     H100_PEAK_TFLOPS,
     MODES,
     PAIRS,
+    Mode,
     build,
+    build_group,
     clock_for,
     host_pixels,
     host_syncs,
+    flop_ratios,
+    group_flops,
+    group_loss_differences,
+    group_ratios,
     interleave,
     loss_deviations,
     losses_agree,
+    losses_equal,
     peak_memory,
     reference_ratios,
     reset_peak_memory,
+    round_ratios,
+    same_students,
+    separate_seconds,
     step_flops,
     train_step,
 )
@@ -86,7 +101,7 @@ PEAK_BF16_TFLOPS = [
     (r"\bRTX 5090$", 209.5, "NVIDIA RTX Blackwell GPU architecture whitepaper, RTX 5090: peak FP16/BF16 Tensor TFLOPS with FP32 accumulate 209.5 (419 with sparsity)"),
 ]
 
-SHARES = {"steps": 0.5, "teacher": 0.15, "data": 0.05, "batch_search": 0.3}
+SHARES = {"steps": 0.5, "students": 0.15, "teacher": 0.15, "data": 0.05, "batch_search": 0.3}
 """Each part's share of the time left when it starts, over the shares of the parts still to run."""
 
 SOURCE_SIZE = [500, 375]
@@ -106,6 +121,11 @@ class SuiteArguments:
     )
     warmup: int = field(default=3, metadata={"help": "Untimed rounds first (compilation happens there)."})
     rounds: int = field(default=20, metadata={"help": "Timed rounds at most (one step of every mode each)."})
+    students: list[str] = field(
+        default_factory=lambda: ["same", "family"],
+        metadata={"help": f"Groups of students the students part trains in one pass, each against its students' separate steps; any of {list(GROUPS)}."},
+    )
+    students_mode: str = field(default="bf16", metadata={"help": "The mode the students part runs in: a training mode other than the reference."})
     teacher_batch: int = field(default=1024, metadata={"help": "Images per teacher forward (timm's figures use 1024 and 2048); halved on OOM."})
     teacher_steps: int = field(default=10, metadata={"help": "Timed teacher forwards per row."})
     search_steps: int = field(default=3, metadata={"help": "Timed steps per batch size tried by the search."})
@@ -126,6 +146,10 @@ def check(args: SuiteArguments) -> None:
     training = [name for name in MODES if not MODES[name].teacher_only]
     if not args.modes or any(mode not in training for mode in args.modes):
         raise UsageError(f"--modes: give some of {training}, got {args.modes}")
+    if not args.students or any(group not in GROUPS for group in args.students):
+        raise UsageError(f"--students: give some of {list(GROUPS)}, got {args.students}")
+    if args.students_mode not in training or MODES[args.students_mode].official:
+        raise UsageError(f"--students_mode: must be one of {[name for name in training if not MODES[name].official]}, got {args.students_mode!r}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UsageError(f"--device: must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -294,26 +318,33 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_steps(suite: Suite, deadline: float) -> str | None:
-    """The interleaved modes at `--batch_size`, halved (the models built again: the losses compare initial
-    weights) while the device runs out of memory."""
-    args, part = suite.args, suite.results["parts"]["steps"]
-    batch = args.batch_size
+def interleave_fitting(suite: Suite, label: str, build_all: Callable[[], dict], batch: int, deadline: float, record: dict, mode: Mode | None = None):
+    """(`interleave` of the models `build_all()` returns, the batch it ran at, the models, the pixels): at
+    `batch`, halved (the models built again: the losses compare initial weights) while the device runs out
+    of memory, the sizes that did not fit listed in `record["out_of_memory_at"]`. `mode`: how every model
+    runs (default: the mode of its name)."""
+    args = suite.args
     while True:
-        built = {name: suite.model(name) for name in args.modes}
-        suite.log(f"steps: {args.warmup} warm-up + up to {args.rounds} timed rounds of {list(built)} at batch {batch}")
+        built = build_all()
+        suite.log(f"{label}: {args.warmup} warm-up + up to {args.rounds} timed rounds of {list(built)} at batch {batch}")
         pixels = host_pixels(suite.pair, batch, suite.device)
         try:
-            run = interleave(built, pixels, suite.device, args.warmup, args.rounds, deadline)
-            break
+            modes = None if mode is None else dict.fromkeys(built, mode)
+            return interleave(built, pixels, suite.device, args.warmup, args.rounds, deadline, modes), batch, built, pixels
         except RuntimeError as error:
             if batch == 1 or not out_of_memory_error(error):
                 raise
         del built, pixels  # out of memory: freed here, where the exception no longer holds the step's frames
         suite.keep_only(set())
-        part.setdefault("out_of_memory_at", []).append(batch)
+        record.setdefault("out_of_memory_at", []).append(batch)
         batch //= 2
-        suite.log(f"steps: out of memory; halving the batch to {batch}")
+        suite.log(f"{label}: out of memory; halving the batch to {batch}")
+
+
+def run_steps(suite: Suite, deadline: float) -> str | None:
+    """The interleaved modes at `--batch_size`, halved while the device runs out of memory."""
+    args, part = suite.args, suite.results["parts"]["steps"]
+    run, batch, built, pixels = interleave_fitting(suite, "steps", lambda: {name: suite.model(name) for name in args.modes}, args.batch_size, deadline, part)
     flops = step_flops(suite.pair, batch)
     ratios = reference_ratios(run.seconds) if "reference" in run.seconds else {}
     deviations = loss_deviations(run.first_losses)
@@ -330,6 +361,46 @@ def run_steps(suite: Suite, deadline: float) -> str | None:
     if suite.device.type == "cuda":
         part["host_syncs"] = {name: host_syncs(*built[name], pixels, MODES[name], suite.device) for name in built}
     return None if run.rounds == args.rounds else f"time share spent after {run.rounds} of {args.rounds} timed rounds"
+
+
+def run_students(suite: Suite, deadline: float) -> str | None:
+    """Each group of `--students` trained in one pass against its students' separate steps, interleaved, at
+    the steps' batch, in `--students_mode`; a group starts only before the part's deadline."""
+    args, part = suite.args, suite.results["parts"]["students"]
+    mode = MODES[args.students_mode]
+    batch = suite.results["parts"]["steps"].get("batch_size", args.batch_size)
+    groups = part.setdefault("groups", {})
+    part.update(mode=args.students_mode, warmup=args.warmup)
+    for name in args.students:
+        if groups and time.perf_counter() >= deadline:
+            return f"time share spent before the group {name}"
+        group, record = GROUPS[name], groups.setdefault(name, {})
+        record["students"] = [{"name": f"student{index}", "shape": member.shape(suite.pair), "method": member.method} for index, member in enumerate(group)]
+
+        def build_all():
+            return build_group(suite.pair, group, mode, suite.device, args.seed, suite.compile_options)
+
+        run, size, built, _ = interleave_fitting(suite, f"students {name}", build_all, batch, deadline, record, mode)
+        flops = group_flops(suite.pair, group)
+        rows = {key: suite.figures(size, statistics.median(seconds), size * flops[key], run.peak_memory[key]) for key, seconds in run.seconds.items()}
+        memories = [memory for key, memory in run.peak_memory.items() if key != "group"]
+        rows["separate"] = suite.figures(size, statistics.median(separate_seconds(run.seconds)), size * (sum(flops.values()) - flops["group"]),
+                                         None if None in memories else max(memories))  # fmt: skip
+        differences = group_loss_differences(run.first_losses)
+        spread = {key: [min(ratios), max(ratios)] for key, ratios in round_ratios(run.seconds).items()}
+        record.update(batch_size=size, rounds=run.rounds, same_students=same_students(group), rows=rows,
+                      time_ratios=group_ratios(run.seconds), time_ratio_ranges=spread, flop_ratios=flop_ratios(suite.pair, group),
+                      losses={student: {"group": run.first_losses["group"][f"{student}/total"], "alone": run.first_losses[f"{student} alone"]["total"]}
+                              for student in differences},
+                      loss_differences=differences, losses_equal=losses_equal(differences))  # fmt: skip
+        ratios = record["time_ratios"]
+        suite.log(f"students {name}: the group's step {ratios['separate']:.3f}x its {len(group)} separate steps' time, losses {'equal' if record['losses_equal'] else 'DIFFERENT'}")
+        del built
+        free_memory(suite.device)
+        suite.write()
+        if run.rounds < args.rounds:
+            return f"time share spent after {run.rounds} of {args.rounds} timed rounds of the group {name}"
+    return None
 
 
 def run_teacher(suite: Suite, deadline: float) -> str | None:
@@ -430,7 +501,7 @@ def run_batch_search(suite: Suite, deadline: float) -> str | None:
     return cut
 
 
-PARTS = {"steps": run_steps, "teacher": run_teacher, "data": run_data, "batch_search": run_batch_search}
+PARTS = {"steps": run_steps, "students": run_students, "teacher": run_teacher, "data": run_data, "batch_search": run_batch_search}
 
 
 def part_deadline(now: float, end: float, name: str, to_run: list[str]) -> float:
@@ -499,6 +570,12 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _students(students: list[dict]) -> str:
+    """"3 × width 192 singer", or each student's width and method when they differ."""
+    described = [f"width {student['shape'][0]} {student['method']}" for student in students]
+    return f"{len(described)} × {described[0]}" if len(set(described)) == 1 else ", ".join(described)
+
+
 def render_markdown(results: dict) -> str:
     """The results as a Markdown table and a few lines; from the JSON alone."""
     device, pair, parts = results["device"], results["pair"], results["parts"]
@@ -532,6 +609,12 @@ def render_markdown(results: dict) -> str:
             f"total {100 * deviation['total']:.3f} %, worst term {100 * max(v for k, v in deviation.items() if k != 'total'):.2f} % "
             f"({'PASS' if figures['losses_agree'] else 'FAIL'})")  # fmt: skip
         lines.append(row(labels.get(name, name), figures, figures["time_vs_reference"], losses))
+    students = parts["students"]
+    for name, record in students.get("groups", {}).items():
+        if "rows" in record:
+            count, mode = len(record["students"]), labels.get(students["mode"], students["mode"]).removeprefix("this step, ")
+            lines.append(row(f"{count} students in one pass ({name}: {_students(record['students'])}), {mode}", record["rows"]["group"]))
+            lines.append(row(f"the same {count} students, {count} separate steps, {mode}", record["rows"]["separate"]))
     search = parts["batch_search"]
     fitting = [trial for trial in search.get("trials", []) if trial["fits"]]
     if fitting:
@@ -561,6 +644,18 @@ def render_markdown(results: dict) -> str:
         halved = f" (out of memory at batch {', '.join(map(str, steps['out_of_memory_at']))} first)" if "out_of_memory_at" in steps else ""
         lines.append(f"- Interleaved: {steps['rounds']} timed rounds after {steps['warmup']} warm-up{halved}; first step (compilation included): {compiled}. "
                      f"The FLOP count alone bounds ours/reference time at {steps['flop_bound']:.3f}.")  # fmt: skip
+    if groups := [(name, record) for name, record in students.get("groups", {}).items() if "rows" in record]:
+        described = []
+        for name, record in groups:
+            measured, bound, count = record["time_ratios"], record["flop_ratios"], len(record["students"])
+            low, high = record["time_ratio_ranges"]["separate"]
+            text = f"{name}: the group's step {measured['separate']:.3f}× its {count} separate steps' time ({low:.3f}–{high:.3f} over the rounds; FLOP count {bound['separate']:.3f}×)"
+            if record["same_students"]:
+                text += f", {measured['one']:.3f}× one student's step ({bound['one']:.3f}×)"
+            worst = max(difference["absolute"] for difference in record["loss_differences"].values())
+            text += f"; losses in the group and alone {'equal' if record['losses_equal'] else 'DIFFERENT'} (largest difference {worst:.3g})"
+            described.append(text + f", {record['rounds']} timed rounds at batch {record['batch_size']}")
+        lines.append(f"- Students in one pass ({students['mode']}; one teacher forward for all): " + "; ".join(described) + ".")
     if trials := search.get("trials"):
         tried = ", ".join(f"{trial['batch_size']}{'' if trial['fits'] else ' (out of memory)'}" for trial in trials)
         lines.append(f"- Batch search ({search['mode']}): tried {tried}.")

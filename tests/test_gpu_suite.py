@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,24 @@ def test_every_part_runs_writes_the_table_and_backs_off_after_out_of_memory(suit
     assert modes["bf16"]["losses"].keys() == {"total", "kd", "outlier", "info"}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled mode compiled
 
+    # Three students in one pass against each alone, in bf16; each trains exactly as alone: equal first losses.
+    students = parts["students"]
+    assert students["mode"] == "bf16" and list(students["groups"]) == ["same", "family"]
+    flops, teacher = suite.step_flops(suite.PAIRS["tiny"], 1), suite.step_flops(suite.PAIRS["tiny"], 1, teacher_only=True)
+    for name, group in students["groups"].items():
+        assert group["batch_size"] == 8 and group["rounds"] == 2 and group["losses_equal"]
+        totals = [losses["alone"] for losses in group["losses"].values()]
+        assert all(losses["group"] == losses["alone"] for losses in group["losses"].values()) and len(set(totals)) == 3  # three different students
+        assert set(group["rows"]) == {"group", "student0 alone", "student1 alone", "student2 alone", "separate"}
+        assert group["rows"]["separate"]["ms_per_step"] >= max(group["rows"][f"student{i} alone"]["ms_per_step"] for i in range(3))
+    same = students["groups"]["same"]
+    assert same["same_students"] and same["time_ratios"]["one"] == pytest.approx(3 * same["time_ratios"]["separate"])
+    # The group count agrees with the one-student step's: one teacher forward, three students' work.
+    assert same["flop_ratios"]["separate"] == pytest.approx((teacher + 3 * (flops - teacher)) / (3 * flops))
+    assert same["flop_ratios"]["one"] == pytest.approx((teacher + 3 * (flops - teacher)) / flops)
+    family = students["groups"]["family"]
+    assert not family["same_students"] and family["flop_ratios"]["student0 alone"] > family["flop_ratios"]["student2 alone"] > 1
+
     assert set(parts["teacher"]["rows"]) == {"eager", "compiled"}
     assert all(row["batch_size"] == 4 and row["images_per_s"] > 0 for row in parts["teacher"]["rows"].values())
     search = parts["batch_search"]
@@ -83,6 +102,14 @@ def test_every_part_runs_writes_the_table_and_backs_off_after_out_of_memory(suit
         assert f"| {label} |" in table
     assert ", largest that fits | 8 |" in table and "tried 8, 16 (out of memory)" in table
     assert "(out of memory at batch 16 first)" in table
+    assert "| 3 students in one pass (same: 3 × width 32 singer), bf16 | 8 |" in table
+    assert "| 3 students in one pass (family: width 32 singer, width 64 singer, width 128 singer), bf16 | 8 |" in table
+    assert table.count("| the same 3 students, 3 separate steps, bf16 | 8 |") == 2
+    ratio, (low, high) = same["time_ratios"]["separate"], same["time_ratio_ranges"]["separate"]
+    assert low <= ratio <= high
+    assert (f"same: the group's step {ratio:.3f}× its 3 separate steps' time ({low:.3f}–{high:.3f} over the rounds; "
+            f"FLOP count {same['flop_ratios']['separate']:.3f}×)") in table  # fmt: skip
+    assert "losses in the group and alone equal (largest difference 0)" in table
     assert "on CPU:" in table and "| peak unknown |" in table
     fastest = max([row["images_per_s"] for row in modes.values()] + [t["images_per_s"] for t in search["trials"] if t["fits"]])
     assert f"map-style uint8 {math.ceil(fastest / per_worker['map-style uint8']['images_per_s'])}," in table
@@ -95,7 +122,7 @@ def test_a_spent_budget_cuts_the_steps_after_one_round_and_skips_the_rest(suite,
     steps = saved["parts"]["steps"]
     assert steps["status"] == "cut" and steps["rounds"] == 1 and steps["reason"] == "time share spent after 1 of 50 timed rounds"
     assert list(steps["modes"]) == MODES
-    for name in ["teacher", "data", "batch_search"]:
+    for name in ["students", "teacher", "data", "batch_search"]:
         assert saved["parts"][name] == {"status": "skipped", "reason": "budget spent before this part"}
     assert saved["parts"] == json.loads(json.dumps(results["parts"]))
     assert "steps cut (time share spent after 1 of 50 timed rounds)" in (tmp_path / "results.md").read_text()
@@ -120,7 +147,7 @@ def test_sigterm_stops_the_run_and_keeps_what_was_measured(suite, tmp_path):
         signal.signal(signal.SIGTERM, previous)
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]
     assert parts["steps"]["status"] == "cut" and "stopped by signal 15" in parts["steps"]["reason"]
-    assert all(parts[name]["status"] == "skipped" for name in ["teacher", "data", "batch_search"])
+    assert all(parts[name]["status"] == "skipped" for name in ["students", "teacher", "data", "batch_search"])
     assert "steps cut (stopped by signal 15" in (tmp_path / "results.md").read_text()
 
 
@@ -168,6 +195,8 @@ def test_known_gpus_get_their_dense_bf16_peak_and_others_none(suite):
         (["--device", "cuda"], "--device cuda: no CUDA device here"),
         (["--max_batch", "2"], "--max_batch: must be at least --batch_size (4), got 2"),
         (["--data_json", "nowhere.json"], "--data_json: nowhere.json does not exist"),
+        (["--students", "same", "trio"], "--students: give some of ['same', 'family', 'methods']"),
+        (["--students_mode", "reference"], "--students_mode: must be one of ['fp32', 'bf16-autocast', 'bf16'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_anything_is_built(suite, tmp_path, capsys, argv, message):
@@ -207,3 +236,26 @@ def test_the_step_benchmark_still_prints_its_table(capsys):
     assert any(line.startswith("  fp32: ") and "the reference's time" in line for line in lines)
     agreement = [line for line in lines if line.startswith("  reference: total ")]
     assert len(agreement) == 1 and agreement[0].endswith("PASS")
+
+
+def test_the_step_benchmark_times_students_in_one_pass_against_each_alone(capsys):
+    """`step.py --students`: one model training the three methods' students against each one's own step;
+    each student's first losses are the same in the group as alone."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    step.main(["--pair", "tiny", "--students", "methods", "--batch_size", "2", "--steps", "2", "--warmup", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "student0 (32, 4, 2) singer, student1 (32, 4, 2) fitnet, student2 (32, 4, 2) vitkd" in lines[1]
+    assert [line.split()[0] for line in lines[3:8]] == ["group", "student0", "student1", "student2", "3"]
+    bound = step.flop_ratios(step.PAIRS["tiny"], step.GROUPS["methods"])["separate"]
+    assert any(line.startswith("  3 separate steps: ") and line.endswith(f"; FLOPs {bound:.3f}x)") for line in lines)
+    totals = [re.fullmatch(r"  student\d: total (\S+) and (\S+), (\S+) apart", line) for line in lines]
+    totals = [match.groups() for match in totals if match]
+    assert len(totals) == 3 and all(group == alone and gap == "0" for group, alone, gap in totals)
+    assert len({group for group, _, _ in totals}) == 3  # three different students
+    assert lines[-1] == "  equal (every term within 1e-06 of its value): PASS"
+    with pytest.raises(SystemExit, match="--modes: with --students, give one of"):
+        step.main(["--pair", "tiny", "--students", "same", "--modes", "fp32", "bf16"])

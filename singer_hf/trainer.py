@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stateful_dataloader_available
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
@@ -127,8 +127,9 @@ class SingerTrainer(Trainer):
 
     - Each loss term is logged as `loss_<name>` (e.g. `loss_kd`, `loss_outlier`, `loss_info`),
       averaged over the logging interval and the processes, with one host sync per log, not per step;
-      `skipped_images` counts the undecodable images dropped so far. `evaluate()` reports `eval_loss`
-      and `eval_loss_<name>` the same way.
+      `skipped_images` counts the undecodable images dropped so far (all processes), in each log and
+      the final metrics, with one warning per logging interval in which some were dropped.
+      `evaluate()` reports `eval_loss` and `eval_loss_<name>` the same way.
     - `args.push_to_hub` does not make the Trainer push (see `singer_hf.publishing`).
     - `save_model` writes the student (config, safetensors, image processor) at the top of the
       folder, so `AutoModel.from_pretrained` loads it without this package; the adapters (PEFT
@@ -174,6 +175,7 @@ class SingerTrainer(Trainer):
             self.accelerator.dataloader_config.use_stateful_dataloader = True
         self._stream_state, self._rng_checkpoint = None, None
         self._pixel_normalizer = None
+        self._skipped_reported = (0, 0)  # undecodable images reported so far, and the step of that report
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """`--torch_compile` (or an Accelerate config's dynamo backend) compiles each teacher and student
@@ -241,25 +243,45 @@ class SingerTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Mutating `logs` in place also puts the terms into the metrics that `evaluate()` returns.
+        collator_counts = hasattr(self.data_collator, "skipped") and hasattr(self.data_collator, "seen")
+        if "train_runtime" in logs and collator_counts:  # the end of training: the final metrics get the total
+            totals = self.accelerator.reduce(self._image_counts(self.args.device), reduction="sum").tolist()
+            self._report_skipped(logs, *totals)
+            return super().log(logs, start_time)
         eval_loss = next((key for key in logs if key.endswith("_loss")), None)
         phase, prefix = ("train", "loss") if "loss" in logs else ("eval", eval_loss)
         if prefix is not None and self._loss_sums[phase]:
             sums = self._loss_sums[phase]
             names = list(sums)
             values = [sums[name] for name in names]
-            skipped = getattr(self.data_collator, "skipped", None) if phase == "train" else None
-            if skipped is not None:  # undecodable images so far, this process
-                values.append(torch.tensor(float(skipped), device=values[0].device))
+            counts = collator_counts and phase == "train"
+            if counts:  # undecodable and collated images so far, this process
+                values += list(self._image_counts(values[0].device))
             totals = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()  # the one host sync
             for name, total in zip(names, totals):
                 logs[f"{prefix}_{name}"] = total / (self._loss_steps[phase] * self.accelerator.num_processes)
-            if skipped is not None:
-                logs["skipped_images"] = int(totals[-1])
+            if counts:
+                self._report_skipped(logs, *totals[-2:])
             self._loss_sums[phase], self._loss_steps[phase] = {}, 0
             skipped_steps = self._nonfinite.report() if phase == "train" else 0
             if skipped_steps:
                 logs["nonfinite_steps"] = skipped_steps
         super().log(logs, start_time)
+
+    def _image_counts(self, device) -> torch.Tensor:
+        return torch.tensor([float(self.data_collator.skipped), float(self.data_collator.seen)], device=device)
+
+    def _report_skipped(self, logs: dict, skipped: float, seen: float) -> None:
+        """`skipped_images` into `logs`, and one warning for the images dropped since the last report."""
+        skipped, seen = int(skipped), int(seen)
+        logs["skipped_images"] = skipped
+        reported, since = self._skipped_reported
+        if skipped > reported:
+            logger.warning(
+                "skipped_images: %d undecodable image(s) dropped in steps %d–%d (%s of the %s examples read so far, %.1f %%)",
+                skipped - reported, since + 1, self.state.global_step, f"{skipped:,}", f"{seen:,}", 100 * skipped / max(seen, 1),
+            )  # fmt: skip
+        self._skipped_reported = (skipped, self.state.global_step)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Refuses to write (or push) a student with non-finite weights."""
@@ -291,9 +313,22 @@ class SingerTrainer(Trainer):
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if handles_signals else None
         try:
             return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        except BaseException:
+            self._close_progress_bars()
+            raise
         finally:
             if handles_signals:
                 signal.signal(signal.SIGTERM, previous)
+
+    def _close_progress_bars(self) -> None:
+        """Closes the progress bars of a run that failed, before its error is printed: left open, a bar is
+        closed (and drawn once more) when the interpreter exits, after the error message."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for name in ("training_bar", "prediction_bar"):
+                    if getattr(callback, name, None) is not None:
+                        getattr(callback, name).close()
+                        setattr(callback, name, None)
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()

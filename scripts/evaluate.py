@@ -66,6 +66,7 @@ from singer_hf.evaluation.probe_data import (
 )
 from singer_hf.evaluation.probes import MOMENTUM, WEIGHT_DECAY
 from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries, published_name
+from singer_hf.trainer import has_accelerator
 
 TASKS = ("image-classification", *DENSE_TASKS)
 PAPER_EPOCHS = {"image-classification": 150, "image-segmentation": 200, "depth-estimation": 200}
@@ -202,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     backbone_args, data_args, probe_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_arguments(backbone_args, data_args, probe_args)
     start = time.perf_counter()
-    accelerator = Accelerator()
+    # Without an accelerator the processes `accelerate launch` starts join as CPU ranks over gloo;
+    # otherwise Accelerate leaves each one alone, evaluating everything and printing its own table.
+    accelerator = Accelerator(cpu=not has_accelerator())
     if probe_args.augmentation != "none" and accelerator.num_processes > 1:
         raise ValueError("augmentation: the augmented probe runs in one process; drop `accelerate launch` or use --augmentation none")
     set_seed(probe_args.seed)

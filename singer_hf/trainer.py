@@ -84,7 +84,7 @@ class SingerTrainingArguments(TrainingArguments, DistillationFields, Reliability
         # On a machine without an accelerator, train on the CPU: the recipes' bf16 then runs as CPU
         # autocast instead of failing, and processes started by torchrun / `accelerate launch` join as
         # CPU ranks over gloo instead of each training alone and writing the output.
-        if not _has_accelerator():
+        if not has_accelerator():
             self.use_cpu = True
         super().__post_init__()
         if not self.use_cpu and self.dataloader_pin_memory:
@@ -117,7 +117,8 @@ class _RunControlCallback(TrainerCallback):
         self.trainer._stop_if_preempted(state, control)
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (GPU, XPU, MPS, ...); without one, the scripts run their processes as CPU ranks."""
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModel, set_seed
+from transformers import AutoImageProcessor, set_seed
 
 from singer_hf.architectures import load_backbone
 
@@ -67,7 +67,7 @@ def main(extra_flags: list[str]) -> None:
     processor = AutoImageProcessor.from_pretrained(str(student_dir))
     train_images, train_labels = probe_images("train", PROBE_TRAIN, processor)
     test_images, test_labels = probe_images("test", PROBE_TEST, processor)
-    student = AutoModel.from_pretrained(str(student_dir))
+    student = load_backbone(str(student_dir))
     set_seed(0)
     untrained = type(student)(student.config)  # same architecture, random weights: the floor
     accuracies = {}
@@ -84,7 +84,7 @@ def main(extra_flags: list[str]) -> None:
         f"final losses: {result['losses']}\n"
         f"time: teacher {teacher_seconds:.0f} s, distillation {distill_seconds:.0f} s, total {total:.0f} s\n"
         f"Load the student without singer_hf:\n"
-        f'    AutoModel.from_pretrained("{student_dir}"), AutoImageProcessor.from_pretrained("{student_dir}")'
+        f'    AutoModel.from_pretrained("{student_dir}", add_pooling_layer=False), AutoImageProcessor.from_pretrained("{student_dir}")'
     )
 
 

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 from singer_hf import DistillationModel, resolve_vit
-from singer_hf.architectures import load_backbone
+from singer_hf.architectures import load_backbone, load_pretrained
 from singer_hf.checkpoints import check_output_dir, clear_previous_run, resolve_checkpoint
 from singer_hf.cli import StrictArgumentParser, UsageError, check_local_path, run_cli
 from singer_hf.data import (
@@ -190,8 +190,8 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
     """The student, built for `image_size` images: the size the teacher's image processor produces,
     which is saved with the student (`check_models_fit` has checked a given student's size)."""
     if model_args.student_name_or_path is not None:
-        return AutoModel.from_pretrained(
-            model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
+        return load_pretrained(
+            AutoModel, model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
         )
     hidden, heads = STUDENT_SIZES[model_args.student_size]
     geometry = resolve_vit(teacher, "teacher")
@@ -212,7 +212,7 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
                 f"student_config_overrides: image_size={config.image_size} differs from the {image_size}px the "
                 "teacher's image processor gives; the saved student and its processor must agree"
             )
-    return transformers.ViTModel(config)
+    return transformers.ViTModel(config, add_pooling_layer=False)  # distillation would never train a pooler
 
 
 def open_split(data_args: DataArguments, training_args: SingerTrainingArguments, split: str, train: bool):
@@ -344,12 +344,13 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_log:
         output = Path(training_args.output_dir).resolve()
         artefacts = "adapters and projectors" if model.adapters else "projectors and heads"
+        without_pooler = ", add_pooling_layer=False" if getattr(model.student, "pooler", False) is None else ""
         print(
             f"\nDone: {result.global_step} steps, last logged losses {losses}\n"
             f"Student saved to {output} ({artefacts} in {output / DISTILLATION_DIR}).\n"
             f"Load it with:\n"
             f"    from transformers import AutoModel, AutoImageProcessor\n"
-            f'    model = AutoModel.from_pretrained("{output}")\n'
+            f'    model = AutoModel.from_pretrained("{output}"{without_pooler})\n'
             f'    processor = AutoImageProcessor.from_pretrained("{output}")'
         )
     if training_args.push_to_hub and trainer.is_world_process_zero():  # SingerTrainer leaves the push to us

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
                        probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True, augmented=augmented)  # fmt: skip
     settings = {
         "head": probe.head,
-        "feature": f"output of block {block + 1} of {vit.depth}, before the final norm",
+        "feature": f"output of block {block} of blocks 0–{vit.depth - 1}, before the final norm",
         "optimizer": f"SGD, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY:g}, cosine schedule per step",
         "epochs": epochs,
         "batch_size": probe_args.batch_size,
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone": {
             "name_or_path": published_name(backbone_args.model_name_or_path),
             "model_type": vit.backbone.config.model_type,
-            "feature": f"{feature_tokens} of block {block + 1} of {vit.depth}, before the final norm",
+            "feature": f"{feature_tokens} of block {block} of blocks 0–{vit.depth - 1}, before the final norm",
             "num_parameters": sum(p.numel() for p in vit.backbone.parameters()),
         },
         "seed": probe_args.seed,

@@ -7,13 +7,19 @@ and how to run one block. Everything else in the package goes through `resolve_v
 
 from __future__ import annotations
 
+import inspect
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 
 def _hf_embed(interpolation_flag: bool = True, pre_norm: str | None = None):
@@ -253,10 +259,41 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False, use_safete
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     saved_as = (getattr(config, "architectures", None) or [""])[0]
     model_class = getattr(transformers, saved_as, None) if saved_as else None  # None: remote code, or no record
-    model = (model_class or AutoModel).from_pretrained(
-        name_or_path, config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors
+    model = load_pretrained(
+        model_class or AutoModel, name_or_path, config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors
     )
     return backbone_of(model)
+
+
+def load_pretrained(model_class, name_or_path: str, **kwargs) -> nn.Module:
+    """`model_class.from_pretrained(name_or_path, **kwargs)`, without a pooler when the checkpoint has none.
+
+    Distillation trains no pooler, so students are built and saved without one
+    (`add_pooling_layer=False`); `from_pretrained` would otherwise add a newly initialised pooler and
+    report its weights missing. Checkpoints with a pooler, and classes without the option, load as usual.
+    """
+    target = model_class
+    if hasattr(model_class, "_model_mapping"):  # an Auto class: the class it builds for this config
+        config = kwargs.get("config") or AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        target = model_class._model_mapping.get(type(config), None)
+    takes_flag = target is not None and "add_pooling_layer" in inspect.signature(target.__init__).parameters
+    saved = saved_weight_names(name_or_path) if takes_flag else None
+    if saved is not None and not any(re.match(r"(.+\.)?pooler\.", name) for name in saved):
+        kwargs.setdefault("add_pooling_layer", False)
+    return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+def saved_weight_names(name_or_path: str) -> list[str] | None:
+    """Names of the safetensors weights of a folder or (cached or downloadable) Hub checkpoint; None if unknown."""
+    quiet = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, **quiet)
+    if index is not None:
+        return list(json.loads(Path(index).read_text())["weight_map"])
+    single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, **quiet)
+    if single is None:
+        return None
+    with safe_open(single, "pt") as weights:
+        return list(weights.keys())
 
 
 def resolve_vit(model: nn.Module, argument: str = "model") -> ResolvedViT:

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .architectures import saved_weight_names
 from .modeling import DistillationConfig
-from .trainer import CONFIG_FILE, DISTILLATION_DIR
+from .trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainingArguments
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "student.md"
 """The student card template (package data: installed with the wheel)."""
@@ -72,6 +73,10 @@ HEADS = {
     "vitkd": "the mimic projectors, the generation projector, the generator and the mask token.",
 }
 WEIGHT_LABELS = {"kd": "KD", "mimic": "mimic", "outlier": "outlier", "info": "information", "generation": "generation"}
+WEIGHT_FIELDS = {"kd": "kd_weight", "mimic": "kd_weight", "outlier": "outlier_weight", "info": "info_weight", "generation": "generation_weight"}
+"""The `DistillationConfig` field that sets each loss weight."""
+FAMILY_LABELS = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 (with registers)",
+                 "clip_vision_model": "CLIP vision", "siglip_vision_model": "SigLIP vision", "timm_wrapper": "timm ViT"}  # fmt: skip
 
 # Training settings shown first, in this order, when `training` holds them (e.g. `args.to_dict()`).
 TRAINING_KEYS = (
@@ -128,8 +133,8 @@ def write_student_card(
         training: optional training settings, e.g. `training_args.to_dict()` (only the usual
             optimisation settings of a `TrainingArguments` dict are shown) or a small dict of your own
             (shown in full, e.g. `{"global_batch_size": 512}`).
-        license: the card's `license` metadata; left out by default, since the student's terms follow
-            its teacher's and its data's.
+        license: the card's `license` metadata, shown in its body too; left out by default, since the
+            student's terms follow its teacher's and its data's, which are not ours to assert.
         repo_id: the Hub repo the card's usage example loads; default: the folder's name.
         template_path: another Jinja template; default `model_cards/student.md` (package data).
         trainer_state: the run's `trainer_state.json`: steps, epochs and wall time of the budget.
@@ -148,6 +153,7 @@ def write_student_card(
         Path(output_dir),
         teacher=teacher,
         dataset=dataset,
+        source_licenses=(None, None),
         distillation=distillation,
         training=_scrub(dict(training or {})),
         license=license,
@@ -159,7 +165,7 @@ def write_student_card(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student_depth=_student_depth(Path(output_dir)),
+        student=_student_config(Path(output_dir)),
     )
 
 
@@ -167,15 +173,16 @@ def record_run(output_dir: str | os.PathLike, *, teacher_name: str, dataset_name
     """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
 
     Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
-    name only), the training arguments (scrubbed like the card) and the hardware. Returns the record.
+    name only, with the `license` their own cards declare, when a card is at hand), the training
+    arguments (scrubbed like the card) and the hardware. Returns the record.
     """
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     device = training_args.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
     record = {
-        "teacher": dict(zip(("name", "hub_id"), _source(teacher_name))),
-        "dataset": dict(zip(("name", "hub_id"), _source(dataset_name))),
+        "teacher": {**dict(zip(("name", "hub_id"), _source(teacher_name))), "license": card_license(teacher_name)},
+        "dataset": {**dict(zip(("name", "hub_id"), _source(dataset_name))), "license": card_license(dataset_name, "dataset")},
         "training": training,
         "hardware": {"num_processes": training_args.world_size, "device": device_name, "precision": precision},
     }
@@ -210,6 +217,7 @@ def student_card_from_run(
         Path(output_dir) if output_dir is not None else run_dir,
         teacher=(record["teacher"]["name"], record["teacher"]["hub_id"]),
         dataset=(record["dataset"]["name"], record["dataset"]["hub_id"]),
+        source_licenses=(record["teacher"].get("license"), record["dataset"].get("license")),
         distillation=distillation,
         training=record["training"],
         license=license,
@@ -221,7 +229,7 @@ def student_card_from_run(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student_depth=_student_depth(run_dir),
+        student=_student_config(run_dir),
     )
 
 
@@ -230,6 +238,7 @@ def _render(
     *,
     teacher: tuple[str, str | None],
     dataset: tuple[str, str | None],
+    source_licenses: tuple[str | None, str | None],
     distillation: dict,
     training: dict,
     license: str | None,
@@ -241,10 +250,11 @@ def _render(
     baseline_results: list[dict] | tuple[dict, ...],
     figures: list[str] | tuple[str, ...],
     distillation_included: bool,
-    student_depth: int | None,
+    student: dict,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = _local_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
+    student_depth = student.get("num_hidden_layers") if isinstance(student.get("num_hidden_layers"), int) else None
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
@@ -258,6 +268,10 @@ def _render(
         )
     known = {f.name for f in fields(DistillationConfig)}
     config = DistillationConfig(**{k: v for k, v in distillation.items() if k in known})
+    # The loss weights as used (the file keeps None for "the method's default"), so that the JSON
+    # shown agrees with the settings table; weights the method does not use are left out.
+    distillation = {k: v for k, v in distillation.items() if k not in set(WEIGHT_FIELDS.values())}
+    distillation.update({WEIGHT_FIELDS[name]: value for name, value in config.weights().items()})
 
     last = int(student_layers[-1])
     feature_is_last = student_depth is not None and last == student_depth - 1
@@ -269,9 +283,17 @@ def _render(
     ]
     results = _scrub(results) if results else None
     baseline_results = [_scrub(other) for other in baseline_results]
+    saved_weights = saved_weight_names(str(output_dir)) if (output_dir / "model.safetensors").is_file() else None
+    no_pooler = saved_weights is not None and not any(name.split(".")[0] == "pooler" for name in saved_weights)
     variables = dict(
+        title=f"{_describe_student(student)} distilled from `{teacher}` with {METHOD_LABELS[method]}",
         model_name=model_name,
         repo_id=repo_id or model_name,
+        load_kwargs=", add_pooling_layer=False" if no_pooler else "",
+        has_pooler=not no_pooler,
+        license=license,
+        teacher_license=source_licenses[0],
+        dataset_license=source_licenses[1],
         teacher=teacher,
         teacher_is_hub=teacher_hub is not None,
         dataset=dataset,
@@ -388,13 +410,42 @@ def strip_local_paths(value: Any) -> Any:
     return value
 
 
-def _student_depth(output_dir: Path) -> int | None:
+def _student_config(output_dir: Path) -> dict:
+    """The student's config.json ({} when missing): its depth, width, patch size and family."""
     try:
-        config = json.loads((output_dir / "config.json").read_text())
+        return json.loads((output_dir / "config.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def _describe_student(config: dict) -> str:
+    """`ViT (4 blocks, width 64, patch 4)`: what the model is, from its config."""
+    family = FAMILY_LABELS.get(config.get("model_type"), "Vision Transformer")
+    shape = [
+        f"{config['num_hidden_layers']} blocks" if isinstance(config.get("num_hidden_layers"), int) else None,
+        f"width {config['hidden_size']}" if isinstance(config.get("hidden_size"), int) else None,
+        f"patch {config['patch_size']}" if isinstance(config.get("patch_size"), int) else None,
+    ]
+    shape = [part for part in shape if part]
+    return f"{family} student ({', '.join(shape)})" if shape else f"{family} student"
+
+
+def card_license(name_or_path: str, repo_type: str = "model") -> str | None:
+    """The `license` a model's or dataset's own card declares, read from a local folder or the Hub
+    cache (never downloaded); None when no card is at hand or it names none."""
+    local = Path(os.path.expanduser(name_or_path))
+    if local.exists():
+        card = local / "README.md" if local.is_dir() else None
+    else:
+        try:
+            cached = try_to_load_from_cache(name_or_path, "README.md", repo_type=repo_type)
+        except (HFValidationError, ValueError):
+            return None
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is None or not card.is_file():
         return None
-    depth = config.get("num_hidden_layers")
-    return int(depth) if isinstance(depth, int) else None
+    value = (metadata_load(card) or {}).get("license")
+    return str(value) if value else None
 
 
 def _settings(config: DistillationConfig) -> list[tuple[str, str]]:
@@ -415,9 +466,9 @@ def _settings(config: DistillationConfig) -> list[tuple[str, str]]:
 def _training_rows(training: dict | None) -> list[tuple[str, str]]:
     if not training:
         return []
-    from transformers import TrainingArguments  # lazily: only to recognise a full TrainingArguments dict
-
-    standard = {f.name for f in fields(TrainingArguments)} | {f.name for f in fields(DistillationConfig)}
+    # The TrainingArguments and our own (distillation fields, output and fault handling): what is not
+    # in TRAINING_KEYS among them is bookkeeping, not a hyperparameter.
+    standard = {f.name for f in fields(SingerTrainingArguments)}
     training = _scrub(dict(training))
     max_steps = training.get("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:

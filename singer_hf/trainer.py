@@ -21,6 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .architectures import load_pretrained
 from .checkpoints import STAGING_PREFIX, check_fingerprint, publish_adapter_files, resolve_checkpoint, write_fingerprint
 from .data import PixelNormalizer, image_processor_stats
 from .modeling import DistillationConfig, DistillationModel
@@ -443,7 +444,7 @@ class SingerTrainer(Trainer):
         if not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} holds no saved student (config.json)")
         # save_pretrained may write the Hub's key layout; from_pretrained is what maps it back.
-        saved_student = type(model.student).from_pretrained(resume_from_checkpoint, use_safetensors=True)
+        saved_student = load_pretrained(type(model.student), resume_from_checkpoint, use_safetensors=True)
         expected = {key.removeprefix("student.") for key in model.state_dict() if key.startswith("student.")}
         student = {key: value for key, value in saved_student.state_dict().items() if key in expected}
         if missing := sorted(expected - set(student)):

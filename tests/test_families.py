@@ -50,7 +50,7 @@ def test_family_distils_through_the_script(distill, images, tmp_path, family):
     # The student is built at the size the teacher's processor gives (DINOv2: its crop, not its
     # config's 64), and the card's usage works with the processor saved beside it.
     processor = transformers.AutoImageProcessor.from_pretrained(output)
-    student = transformers.AutoModel.from_pretrained(output)
+    student = transformers.AutoModel.from_pretrained(output, add_pooling_layer=False)  # as the card says
     teacher_processor = transformers.AutoImageProcessor.from_pretrained(teacher)
     size = distill.image_processor_stats(teacher_processor)[2]
     assert student.config.image_size == size == 32

@@ -266,21 +266,29 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False, use_safete
 
 
 def load_pretrained(model_class, name_or_path: str, **kwargs) -> nn.Module:
-    """`model_class.from_pretrained(name_or_path, **kwargs)`, without a pooler when the checkpoint has none.
+    """`model_class.from_pretrained(name_or_path, **kwargs)`, without a pooler when the checkpoint has none
+    (`without_pooler`)."""
+    return model_class.from_pretrained(name_or_path, **{**without_pooler(model_class, name_or_path, kwargs.get("config")), **kwargs})
 
-    Distillation trains no pooler, so students are built and saved without one
-    (`add_pooling_layer=False`); `from_pretrained` would otherwise add a newly initialised pooler and
-    report its weights missing. Checkpoints with a pooler, and classes without the option, load as usual.
+
+def without_pooler(model_class, name_or_path: str, config=None) -> dict:
+    """`{"add_pooling_layer": False}` when `model_class` (or the class an Auto class builds) takes that
+    option and the checkpoint holds no pooler weights, else `{}`: the `from_pretrained` arguments that
+    load it as saved.
+
+    Distillation trains no pooler, so students are built and saved without one; `from_pretrained`
+    would otherwise add a newly initialised pooler and report its weights missing.
     """
     target = model_class
     if hasattr(model_class, "_model_mapping"):  # an Auto class: the class it builds for this config
-        config = kwargs.get("config") or AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        config = config or AutoConfig.from_pretrained(name_or_path)
         target = model_class._model_mapping.get(type(config), None)
-    takes_flag = target is not None and "add_pooling_layer" in inspect.signature(target.__init__).parameters
-    saved = saved_weight_names(name_or_path) if takes_flag else None
-    if saved is not None and not any(re.match(r"(.+\.)?pooler\.", name) for name in saved):
-        kwargs.setdefault("add_pooling_layer", False)
-    return model_class.from_pretrained(name_or_path, **kwargs)
+    if target is None or "add_pooling_layer" not in inspect.signature(target.__init__).parameters:
+        return {}
+    saved = saved_weight_names(name_or_path)
+    if saved is None or any(re.match(r"(.+\.)?pooler\.", name) for name in saved):
+        return {}
+    return {"add_pooling_layer": False}
 
 
 def saved_weight_names(name_or_path: str) -> list[str] | None:

@@ -25,8 +25,9 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModel
 
-from .architectures import saved_weight_names
+from .architectures import saved_weight_names, without_pooler
 from .modeling import DistillationConfig
 from .trainer import CONFIG_FILE, DISTILLATION_DIR, SingerTrainingArguments
 
@@ -165,7 +166,7 @@ def write_student_card(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student=_student_config(Path(output_dir)),
+        student_dir=Path(output_dir),
     )
 
 
@@ -229,7 +230,7 @@ def student_card_from_run(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student=_student_config(run_dir),
+        student_dir=run_dir,
     )
 
 
@@ -250,11 +251,15 @@ def _render(
     baseline_results: list[dict] | tuple[dict, ...],
     figures: list[str] | tuple[str, ...],
     distillation_included: bool,
-    student: dict,
+    student_dir: Path,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = _local_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
+    student = _student_config(student_dir)
     student_depth = student.get("num_hidden_layers") if isinstance(student.get("num_hidden_layers"), int) else None
+    saved = saved_weight_names(str(student_dir)) if student else None  # a student folder: its config and weights
+    load_kwargs = without_pooler(AutoModel, str(student_dir)) if saved else {}
+    has_pooler = any(re.match(r"(.+\.)?pooler\.", name) for name in saved or [])
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
@@ -283,14 +288,12 @@ def _render(
     ]
     results = _scrub(results) if results else None
     baseline_results = [_scrub(other) for other in baseline_results]
-    saved_weights = saved_weight_names(str(output_dir)) if (output_dir / "model.safetensors").is_file() else None
-    no_pooler = saved_weights is not None and not any(name.split(".")[0] == "pooler" for name in saved_weights)
     variables = dict(
         title=f"{_describe_student(student)} distilled from `{teacher}` with {METHOD_LABELS[method]}",
         model_name=model_name,
         repo_id=repo_id or model_name,
-        load_kwargs=", add_pooling_layer=False" if no_pooler else "",
-        has_pooler=not no_pooler,
+        load_kwargs="".join(f", {name}={value!r}" for name, value in load_kwargs.items()),
+        has_pooler=has_pooler,
         license=license,
         teacher_license=source_licenses[0],
         dataset_license=source_licenses[1],

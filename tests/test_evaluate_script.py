@@ -87,7 +87,7 @@ def test_classification_probe_end_to_end_with_selection_on_held_out_train(backbo
     results = run(backbone, data, tmp_path / "out", "--learning_rates", "0.01", "0.5", "--epochs", "30")
     assert results["schema"] == "singer-hf/probe-results" and results["schema_version"] == 1
     assert results["backbone"]["name_or_path"] == Path(backbone).name  # never the absolute path
-    loaded = transformers.AutoModel.from_pretrained(backbone)
+    loaded = transformers.AutoModel.from_pretrained(backbone, add_pooling_layer=False)  # as saved: no pooler
     assert results["backbone"]["num_parameters"] == sum(p.numel() for p in loaded.parameters())
     (result,) = results["results"]
     assert result["task"] == "image-classification"

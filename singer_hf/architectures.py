@@ -268,10 +268,11 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False, use_safete
 def load_pretrained(model_class, name_or_path: str, **kwargs) -> nn.Module:
     """`model_class.from_pretrained(name_or_path, **kwargs)`, without a pooler when the checkpoint has none
     (`without_pooler`)."""
-    return model_class.from_pretrained(name_or_path, **{**without_pooler(model_class, name_or_path, kwargs.get("config")), **kwargs})
+    found = without_pooler(model_class, name_or_path, kwargs.get("config"), kwargs.get("trust_remote_code", False))
+    return model_class.from_pretrained(name_or_path, **{**found, **kwargs})
 
 
-def without_pooler(model_class, name_or_path: str, config=None) -> dict:
+def without_pooler(model_class, name_or_path: str, config=None, trust_remote_code: bool = False) -> dict:
     """`{"add_pooling_layer": False}` when `model_class` (or the class an Auto class builds) takes that
     option and the checkpoint holds no pooler weights, else `{}`: the `from_pretrained` arguments that
     load it as saved.
@@ -281,7 +282,7 @@ def without_pooler(model_class, name_or_path: str, config=None) -> dict:
     """
     target = model_class
     if hasattr(model_class, "_model_mapping"):  # an Auto class: the class it builds for this config
-        config = config or AutoConfig.from_pretrained(name_or_path)
+        config = config or AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         target = model_class._model_mapping.get(type(config), None)
     if target is None or "add_pooling_layer" not in inspect.signature(target.__init__).parameters:
         return {}

@@ -130,7 +130,7 @@ def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, out
     is squashed to the left. Counts are on a log axis, so a few outliers show.
     Returns the (closed) figure, after saving it."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 2.9), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.4), squeeze=False, layout="constrained")
     for axis, (name, values) in zip(axes[0], norms.items()):
         flat = values.flatten().float()
         low, high = flat.min().item(), flat.max().item()
@@ -147,7 +147,7 @@ def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, out
         axis.set_title(name, fontsize=8)
         axis.set_xlabel("patch norm", fontsize=8)
         axis.set_ylabel("tokens (log scale)", fontsize=8)
-        axis.legend(fontsize=7, loc="upper right")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)  # below: never over the bars
     figure.suptitle("Patch-norm histograms: log counts; each x axis spans its view's norms (clipped to the data)", fontsize=9)
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModel, set_seed
+from transformers import AutoImageProcessor, set_seed
 
 from singer_hf.architectures import load_backbone
 
@@ -67,7 +67,7 @@ def main(extra_flags: list[str]) -> None:
     processor = AutoImageProcessor.from_pretrained(str(student_dir))
     train_images, train_labels = probe_images("train", PROBE_TRAIN, processor)
     test_images, test_labels = probe_images("test", PROBE_TEST, processor)
-    student = AutoModel.from_pretrained(str(student_dir))
+    student = load_backbone(str(student_dir))
     set_seed(0)
     untrained = type(student)(student.config)  # same architecture, random weights: the floor
     accuracies = {}

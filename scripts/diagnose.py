@@ -6,11 +6,12 @@
         --dataset_name ILSVRC/imagenet-1k --split validation --output_dir outputs/diagnose-vit-b
     # a SiNGER run: the teacher with the run's adapters (distillation/) applied, and its student
     python scripts/diagnose.py --model_name_or_path outputs/demo/teacher --run_dir outputs/demo/student \
-        --dataset_name outputs/demo/fashion_mnist_train.parquet --output_dir outputs/demo/diagnose
+        --dataset_name outputs/demo/fashion_mnist --split test --output_dir outputs/demo/diagnose
 
 Writes `artifact_stats.json` (per view and block: max/median patch-norm ratio, share of outlier
-patch tokens, norm quantiles, CLS norm), `patch_norms.png`, `norm_histograms.png` and
-`comparison.png` (one image: norm map, cosine map from a patch, cosine Gram matrix per view).
+patch tokens, norm quantiles, CLS norm), `patch_norms.png` (the views of an image share one colour
+scale), `norm_histograms.png` (log counts, x axes clipped to the data) and `comparison.png` (one
+image: norm map, cosine map from a patch, cosine Gram matrix per view, one colour scale per column).
 """
 
 from __future__ import annotations

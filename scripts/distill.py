@@ -263,7 +263,11 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
                 f"student_config_overrides: image_size={config.image_size} differs from the {image_size}px the "
                 "teacher's image processor gives; the saved student and its processor must agree"
             )
-    return transformers.ViTModel(config)
+    student = transformers.ViTModel(config)
+    with torch.no_grad():  # distillation never trains the pooler: saved zeroed, it cannot pass for a feature
+        for parameter in student.pooler.parameters():
+            parameter.zero_()
+    return student
 
 
 def open_split(data_args: DataArguments, training_args: FeatureDistillationArguments, split: str, train: bool):

@@ -66,6 +66,7 @@ from singer_hf.evaluation.probe_data import (
 )
 from singer_hf.evaluation.probes import MOMENTUM, WEIGHT_DECAY
 from singer_hf.evaluation.results import SCHEMA, SCHEMA_VERSION, markdown_table, metric_entries
+from singer_hf.hardware import has_accelerator
 from singer_hf.locations import public_name
 
 TASKS = ("image-classification", *DENSE_TASKS)
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     backbone_args, data_args, probe_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_arguments(backbone_args, data_args, probe_args)
     start = time.perf_counter()
-    accelerator = Accelerator()
+    # Without an accelerator the processes `accelerate launch` starts join as CPU ranks over gloo;
+    # otherwise Accelerate leaves each one alone, evaluating everything and printing its own table.
+    accelerator = Accelerator(cpu=not has_accelerator())
     if probe_args.augmentation != "none" and accelerator.num_processes > 1:
         raise ValueError("augmentation: the augmented probe runs in one process; drop `accelerate launch` or use --augmentation none")
     set_seed(probe_args.seed)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                        probe_args.seed, probe_args.held_out_fraction, accelerator.device, progress=True, augmented=augmented)  # fmt: skip
     settings = {
         "head": probe.head,
-        "feature": f"output of block {block + 1} of {vit.depth}, before the final norm",
+        "feature": f"output of block {block} of blocks 0–{vit.depth - 1}, before the final norm",
         "optimizer": f"SGD, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY:g}, cosine schedule per step",
         "epochs": epochs,
         "batch_size": probe_args.batch_size,
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone": {
             "name_or_path": public_name(backbone_args.model_name_or_path),
             "model_type": vit.backbone.config.model_type,
-            "feature": f"{feature_tokens} of block {block + 1} of {vit.depth}, before the final norm",
+            "feature": f"{feature_tokens} of block {block} of blocks 0–{vit.depth - 1}, before the final norm",
             "num_parameters": sum(p.numel() for p in vit.backbone.parameters()),
         },
         "seed": probe_args.seed,

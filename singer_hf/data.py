@@ -8,7 +8,9 @@ inside a DataLoader worker hours into a run, the image column is read undecoded
 (``Image(decode=False)``), decoded in :class:`ImageTransform` where a failure can be caught, and
 the example is marked with ``pixel_values=None`` and the reason; :class:`PixelValuesCollator` then
 drops it and counts it (one counter, shared by DataLoader workers), and stops the run when more than
-a set share of the examples fails: a wrong column or a broken dataset fails early, by name.
+a set share of the examples fails: a wrong column or a broken dataset fails early, by name. A run
+warns once, at its first bad image; after that the trainer reports the counts at each log, not one
+line per image and pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import gzip
 import logging
 import multiprocessing
+import re
 from pathlib import Path
 from typing import Any
 
@@ -244,13 +247,23 @@ STREAM_MAP_BATCH = 16
 EXAMPLE_INDEX = "example_index"
 """Column added to map-style datasets (and filled from the stream position when streaming) so that a
 failing example can be named."""
+IMAGE_ERROR = "image_error"
+"""Per example: None, or (what the index is, the index, the reason) when its image is unusable."""
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(error: Exception) -> str:
+    """`Type: message` of a decoding failure, without object reprs (PIL names an in-memory file it
+    cannot identify as `<_io.BytesIO object at 0x…>`, which says nothing to the user)."""
+    message = _OBJECT_REPR.sub("", str(error)).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 class ImageTransform:
     """Batched ``{image_column: [...]} -> {"pixel_values": [tensor | None], "image_error", "example_index", ["labels"]}``.
 
-    An image that cannot be decoded (or is missing) becomes ``pixel_values=None`` with its reason in
-    ``image_error``, instead of an exception; :class:`PixelValuesCollator` drops and counts it.
+    An image that cannot be decoded (or is missing) becomes ``pixel_values=None`` with where it is and
+    why in ``image_error``, instead of an exception; :class:`PixelValuesCollator` drops and counts it.
     Apply it with :func:`with_image_transform`.
     """
 
@@ -284,7 +297,7 @@ class ImageTransform:
 
     def _decode(self, value) -> tuple[PIL.Image.Image | None, str | None]:
         if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
-            return None, "no image (None)"
+            return None, "no image"
         if isinstance(value, str):
             value = {"path": value, "bytes": None}
         elif isinstance(value, (bytes, bytearray)):
@@ -293,19 +306,20 @@ class ImageTransform:
             image = self._decoder.decode_example(value)  # bytes, local or remote path; applies EXIF rotation
             return to_rgb(image), None  # forces a full decode, so a truncated file fails here too
         except Exception as exc:  # PIL reports corrupt data with many exception types (OSError, SyntaxError, ...)
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, _reason(exc)
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        # A map-style dataset's index is its row; a stream's (`with_indices`) is the position in this
+        # pass over the shuffled stream, which says where an image was read, not where it is stored.
+        where = "row" if indices is None else "stream position"
         if indices is None:
             indices = batch.get(EXAMPLE_INDEX, [None] * len(batch[self.image_column]))
         pixel_values, errors = [], []
         for index, value in zip(indices, batch[self.image_column]):
-            image, error = self._decode(value)
-            if error is not None:
-                logger.warning("Skipping example %s: column %r has %s", index, self.image_column, error)
+            image, reason = self._decode(value)
             pixel_values.append(None if image is None else self._augment(image, index))
-            errors.append(error)
-        out = {"pixel_values": pixel_values, "image_error": errors, EXAMPLE_INDEX: list(indices)}
+            errors.append(None if reason is None else (where, index, reason))
+        out = {"pixel_values": pixel_values, IMAGE_ERROR: errors, EXAMPLE_INDEX: list(indices)}
         if self.label_column is not None:
             out["labels"] = batch[self.label_column]
         return out
@@ -337,10 +351,11 @@ def with_image_transform(dataset, transform: ImageTransform):
 class PixelValuesCollator:
     """Stacks ``pixel_values`` (and ``labels``), dropping the examples :class:`ImageTransform` marked undecodable.
 
-    ``skipped`` is the total dropped so far, across DataLoader worker processes (the counters live in
-    shared memory), so the trainer can log it. When more than ``max_bad_share`` of the examples seen
-    fail (counted over at least the first ``window`` examples, so a bad column fails within them),
-    it raises, naming the column and the failing examples.
+    ``seen`` and ``skipped`` count the examples collated and dropped so far, across DataLoader worker
+    processes (the counters live in shared memory), so the trainer can log them. The run's first bad
+    image is named in one warning; the trainer then reports the counts at each log. When more than
+    ``max_bad_share`` of the examples fail (counted over at least the first ``window`` examples, so a
+    bad column fails within them), it raises, naming the column, the counts and failing examples.
     """
 
     def __init__(self, image_column: str = "image", max_bad_share: float = 0.1, window: int = 1000):
@@ -351,7 +366,11 @@ class PixelValuesCollator:
         self.image_column, self.max_bad_share, self.window = image_column, max_bad_share, window
         # seen, skipped; a spawn-context lock can be shared with workers started by fork, spawn and forkserver alike.
         self._counts = multiprocessing.get_context("spawn").Array("q", 2)
-        self._failures: list[str] = []  # this process's first failures, for the error message
+        self._failures: list[tuple] = []  # this process's first failures (where, index, reason), for the error message
+
+    @property
+    def seen(self) -> int:
+        return self._counts[0]
 
     @property
     def skipped(self) -> int:
@@ -359,23 +378,48 @@ class PixelValuesCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         kept = [example for example in examples if example["pixel_values"] is not None]
-        bad = [example for example in examples if example["pixel_values"] is None]
+        failures = [example.get(IMAGE_ERROR) or ("example", None, "no image") for example in examples if example["pixel_values"] is None]
         with self._counts.get_lock():
             self._counts[0] += len(examples)
-            self._counts[1] += len(bad)
+            self._counts[1] += len(failures)
             seen, skipped = self._counts[0], self._counts[1]
-        self._failures += [f"{example.get(EXAMPLE_INDEX)} ({example.get('image_error')})" for example in bad][: 5 - len(self._failures)]
-        if bad and skipped > self.max_bad_share * max(seen, self.window):
-            raise ValueError(
-                f"image_column={self.image_column!r}: {skipped} of the first {seen} examples have no usable image "
-                f"(more than max_bad_image_share={self.max_bad_share} of {max(seen, self.window)}); e.g. examples "
-                f"{', '.join(self._failures)}"
-            )
+        self._failures += failures[: 5 - len(self._failures)]
+        if failures:
+            allowed = int(self.max_bad_share * max(seen, self.window))
+            if skipped > allowed:
+                raise ValueError(
+                    f"image_column={self.image_column!r}: {skipped} of the first {seen:,} examples have no usable image, more "
+                    f"than max_bad_image_share={self.max_bad_share:g} allows ({_allowance(allowed, seen, self.window)}); "
+                    f"e.g. {_describe(self._failures)}"
+                )
+            if skipped == len(failures):  # the run's first bad images (across workers: the counter is shared)
+                logger.warning(
+                    "image_column=%r: %s; such examples are skipped, counted in `skipped_images` and summed up at each log",
+                    self.image_column, _describe(failures[:5]),
+                )  # fmt: skip
         if not kept:
             raise ValueError(
-                f"all {len(examples)} images of a batch were undecodable; check image_column and the dataset's image data"
+                f"image_column={self.image_column!r}: all {len(examples)} images of a batch are unusable; e.g. "
+                f"{_describe(failures[:5])}"
             )
         batch = {"pixel_values": torch.stack([example["pixel_values"] for example in kept])}
         if "labels" in kept[0]:
             batch["labels"] = torch.tensor([example["labels"] for example in kept])
         return batch
+
+
+def _allowance(allowed: int, seen: int, window: int) -> str:
+    return f"at most {allowed:,} in the first bad_image_window={window:,}" if seen < window else f"at most {allowed:,} of {seen:,}"
+
+
+def _describe(failures: list[tuple]) -> str:
+    """`rows 3, 7 (UnidentifiedImageError: cannot identify image file); row 9 (no image)`: indices grouped by reason."""
+    groups: dict[tuple[str, str], list] = {}
+    for where, index, reason in failures:
+        groups.setdefault((where, reason), []).append(index)
+    parts = []
+    for (where, reason), indices in groups.items():
+        known = [str(index) for index in sorted(index for index in indices if index is not None)]
+        plural = "s" if len(indices) > 1 else ""
+        parts.append(f"{where}{plural} {', '.join(known)} ({reason})" if known else f"{len(indices)} {where}{plural} ({reason})")
+    return "; ".join(parts)

@@ -96,67 +96,97 @@ def _pyplot():
     return plt
 
 
-def norm_maps_figure(images: torch.Tensor, norms: dict[str, torch.Tensor], path: str | Path) -> None:
-    """One row per image (H×W×3 in [0, 1]); its patch-norm map under each view (B×P each)."""
+def norm_maps_figure(images: torch.Tensor, norms: dict[str, torch.Tensor], path: str | Path):
+    """One row per image (H×W×3 in [0, 1]); its patch-norm map under each view (B×P each).
+
+    The views of a row share one colour scale (the row's smallest to largest norm, one colour bar),
+    so a view whose norms stay low looks dim beside one with high-norm artifacts, instead of every
+    panel spanning the whole colour map. Returns the (closed) figure, after saving it."""
     plt = _pyplot()
     rows, columns = images.shape[0], 1 + len(norms)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns + 0.6, 2.2 * rows + 0.4), squeeze=False, layout="constrained")
     for row in range(rows):
         axes[row, 0].imshow(images[row].numpy())
+        row_norms = torch.stack([values[row] for values in norms.values()])
+        limits = {"vmin": row_norms.min().item(), "vmax": row_norms.max().item()}
         for column, (name, values) in enumerate(norms.items(), start=1):
-            shown = axes[row, column].imshow(_grid(values[row]).numpy(), cmap="viridis")
-            figure.colorbar(shown, ax=axes[row, column], fraction=0.046)
+            shown = axes[row, column].imshow(_grid(values[row]).numpy(), cmap="viridis", **limits)
             if row == 0:
                 axes[row, column].set_title(name, fontsize=8)
+        figure.colorbar(shown, ax=axes[row, 1:].tolist(), fraction=0.05, pad=0.02).set_label("patch norm", fontsize=8)
     for axis in axes.flat:
         axis.axis("off")
-    figure.suptitle("Patch-token norms")
-    figure.tight_layout()
+    figure.suptitle("Patch-token norms: one colour scale per row, shared by the views of its image", fontsize=10)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return figure
 
 
-def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> None:
-    """Histogram of all patch norms per view, the 0.97 quantile and `outlier_ratio` × median marked."""
+def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, outlier_ratio: float = DEFAULT_OUTLIER_RATIO):
+    """Histogram of all patch norms per view, the 0.97 quantile and `outlier_ratio` × median marked.
+
+    Each x axis spans its view's norms (a few percent of margin); an outlier cut beyond the largest
+    norm is only named in the legend, with its value, instead of stretching the axis until the data
+    is squashed to the left. Counts are on a log axis, so a few outliers show.
+    Returns the (closed) figure, after saving it."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 2.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms), 3.4), squeeze=False, layout="constrained")
     for axis, (name, values) in zip(axes[0], norms.items()):
-        flat = values.flatten()
+        flat = values.flatten().float()
+        low, high = flat.min().item(), flat.max().item()
+        margin = 0.03 * max(high - low, 1e-6)
         axis.hist(flat.numpy(), bins=60, color="tab:blue", log=True)
+        axis.set_xlim(low - margin, high + margin)
         axis.axvline(torch.quantile(flat, MARKED_QUANTILE).item(), color="tab:orange", label=f"q{MARKED_QUANTILE:g}")
-        axis.axvline(outlier_ratio * flat.median().item(), color="tab:red", linestyle="--", label=f"{outlier_ratio:g}× median")
+        cut = outlier_ratio * flat.median().item()
+        label = f"{outlier_ratio:g}× median ({cut:.3g})"
+        if cut <= high + margin:
+            axis.axvline(cut, color="tab:red", linestyle="--", label=label)
+        else:  # beyond every norm of this view (no token is an outlier): named in the legend, not drawn
+            axis.plot([], [], color="tab:red", linestyle="--", label=f"{label},\nbeyond the axis →")
         axis.set_title(name, fontsize=8)
         axis.set_xlabel("patch norm", fontsize=8)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
+        axis.set_ylabel("tokens (log scale)", fontsize=8)
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)  # below: never over the bars
+    figure.suptitle("Patch-norm histograms: log counts; each x axis spans its view's norms (clipped to the data)", fontsize=9)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return figure
 
 
-def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query: int, path: str | Path) -> None:
+def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query: int, path: str | Path):
     """One image, one row per view (P×D patch tokens: raw teacher, refined teacher, student):
-    patch-norm map, cosine map from patch `query` (marked), cosine Gram matrix."""
+    patch-norm map, cosine map from patch `query` (marked), cosine Gram matrix.
+
+    Each column has one colour scale for all rows: the norm maps share the smallest to largest norm
+    of all views of the image, the cosine panels span [-1, 1]. Returns the (closed) figure, after saving it."""
     plt = _pyplot()
-    figure, axes = plt.subplots(len(views), 4, figsize=(8.8, 2.2 * len(views)), squeeze=False)
+    figure, axes = plt.subplots(len(views), 4, figsize=(9.6, 2.2 * len(views) + 0.5), squeeze=False, layout="constrained")
     side = math.isqrt(next(iter(views.values())).shape[0])
+    norms = {name: patches.float().norm(dim=-1) for name, patches in views.items()}
+    everything = torch.cat(list(norms.values()))
+    norm_limits = {"vmin": everything.min().item(), "vmax": everything.max().item()}
+    shown = {}
     for row, (name, patches) in enumerate(views.items()):
         axes[row, 0].imshow(image.numpy())
         axes[row, 0].set_ylabel(name, fontsize=8)
         panels = (
-            (_grid(patches.float().norm(dim=-1)), "viridis", "patch norm"),
-            (_grid(cosine_map(patches, query)), "coolwarm", "cosine to ×"),
-            (cosine_gram(patches), "coolwarm", "cosine Gram"),
+            (_grid(norms[name]), "viridis", norm_limits, "patch norm"),
+            (_grid(cosine_map(patches, query)), "coolwarm", {"vmin": -1, "vmax": 1}, "cosine to ×"),
+            (cosine_gram(patches), "coolwarm", {"vmin": -1, "vmax": 1}, "cosine Gram"),
         )
-        for column, (values, cmap, title) in enumerate(panels, start=1):
-            limits = {"vmin": -1, "vmax": 1} if cmap == "coolwarm" else {}
-            shown = axes[row, column].imshow(values.numpy(), cmap=cmap, **limits)
-            figure.colorbar(shown, ax=axes[row, column], fraction=0.046)
+        for column, (values, cmap, limits, title) in enumerate(panels, start=1):
+            shown[column] = axes[row, column].imshow(values.numpy(), cmap=cmap, **limits)
             if row == 0:
                 axes[row, column].set_title(title, fontsize=9)
         axes[row, 2].plot(query % side, query // side, "kx", markersize=8)
+    for column, mappable in shown.items():
+        bar = figure.colorbar(mappable, ax=axes[:, column].tolist(), fraction=0.08, pad=0.02, location="bottom")
+        bar.set_label("patch norm" if column == 1 else "cosine similarity", fontsize=8)
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
+    figure.suptitle("One colour scale per column, shared by all views", fontsize=10)
     figure.savefig(path, dpi=90)
     plt.close(figure)
+    return figure

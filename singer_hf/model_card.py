@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from safetensors import safe_open
 from transformers.trainer import TRAINER_STATE_NAME
 
+from .fields import MethodFields, RunFields, TrainingDefaults
 from .layout import CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD
 from .locations import hub_id, public_name, without_local_paths
 from .methods import METHODS, get_method
@@ -45,6 +48,8 @@ BIBTEX = """\
     url={https://openreview.net/forum?id=exjrxVc2yT}
 }"""
 
+FAMILY_LABELS = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 (with registers)",
+                 "clip_vision_model": "CLIP vision", "siglip_vision_model": "SigLIP vision", "timm_wrapper": "timm ViT"}  # fmt: skip
 
 # Training settings shown first, in this order, when `training` holds them (e.g. `args.to_dict()`).
 TRAINING_KEYS = (
@@ -101,8 +106,8 @@ def write_student_card(
         training: optional training settings, e.g. `training_args.to_dict()` (only the usual
             optimisation settings of a `TrainingArguments` dict are shown) or a small dict of your own
             (shown in full, e.g. `{"global_batch_size": 512}`).
-        license: the card's `license` metadata; left out by default, since the student's terms follow
-            its teacher's and its data's.
+        license: the card's `license` metadata, shown in its body too; left out by default, since the
+            student's terms follow its teacher's and its data's, which are not ours to assert.
         repo_id: the Hub repo the card's usage example loads; default: the folder's name.
         template_path: another Jinja template; default `model_cards/student.md` (package data).
         trainer_state: the run's `trainer_state.json`: steps, epochs and wall time of the budget.
@@ -121,6 +126,7 @@ def write_student_card(
         Path(output_dir),
         teacher=teacher,
         dataset=dataset,
+        source_licenses=(None, None),
         distillation=distillation,
         training=_scrub(dict(training or {})),
         license=license,
@@ -132,7 +138,7 @@ def write_student_card(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student_depth=_student_depth(Path(output_dir)),
+        student_dir=Path(output_dir),
     )
 
 
@@ -142,16 +148,17 @@ def record_run(
     """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
 
     Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
-    name only), the student as the script describes it (e.g. "ViT (4 blocks, width 64) from scratch"),
-    the training arguments (scrubbed like the card) and the hardware. Returns the record.
+    name only, with the `license` their own cards declare, when a card is at hand), the student as the
+    script describes it (e.g. "ViT (4 blocks, width 64) from scratch"), the training arguments
+    (scrubbed like the card) and the hardware. Returns the record.
     """
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     device = training_args.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
     record = {
-        "teacher": dict(zip(("name", "hub_id"), _source(teacher_name))),
-        "dataset": dict(zip(("name", "hub_id"), _source(dataset_name))),
+        "teacher": {**dict(zip(("name", "hub_id"), _source(teacher_name))), "license": card_license(teacher_name)},
+        "dataset": {**dict(zip(("name", "hub_id"), _source(dataset_name))), "license": card_license(dataset_name, "dataset")},
         "student": _scrub(student),
         "training": training,
         "hardware": {"num_processes": training_args.world_size, "device": device_name, "precision": precision},
@@ -187,6 +194,7 @@ def student_card_from_run(
         Path(output_dir) if output_dir is not None else run_dir,
         teacher=(record["teacher"]["name"], record["teacher"]["hub_id"]),
         dataset=(record["dataset"]["name"], record["dataset"]["hub_id"]),
+        source_licenses=(record["teacher"].get("license"), record["dataset"].get("license")),
         distillation=distillation,
         training=record["training"],
         license=license,
@@ -198,7 +206,7 @@ def student_card_from_run(
         baseline_results=baseline_results,
         figures=figures,
         distillation_included=distillation_included,
-        student_depth=_student_depth(run_dir),
+        student_dir=run_dir,
         student=record.get("student"),
     )
 
@@ -208,6 +216,7 @@ def _render(
     *,
     teacher: tuple[str, str | None],
     dataset: tuple[str, str | None],
+    source_licenses: tuple[str | None, str | None],
     distillation: dict,
     training: dict,
     license: str | None,
@@ -219,11 +228,14 @@ def _render(
     baseline_results: list[dict] | tuple[dict, ...],
     figures: list[str] | tuple[str, ...],
     distillation_included: bool,
-    student_depth: int | None,
+    student_dir: Path,
     student: str | None = None,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = public_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
+    student_config = _student_config(student_dir)
+    student_depth = student_config.get("num_hidden_layers") if isinstance(student_config.get("num_hidden_layers"), int) else None
+    has_pooler = any(re.match(r"(.+\.)?pooler\.", name) for name in _weight_names(student_dir))
 
     distillation = _scrub(dict(distillation))
     method = distillation.get("method", "singer")
@@ -238,6 +250,11 @@ def _render(
         )
     known = {f.name for f in fields(DistillationModelConfig)}
     config = DistillationModelConfig(**{k: v for k, v in distillation.items() if k in known})
+    # The loss weights as used (the file keeps None for "the method's default"), so that the JSON
+    # shown agrees with the settings table; weights the method does not use are left out.
+    weight_fields = {field for field, _ in method_class.loss_weights.values()}
+    distillation = {k: v for k, v in distillation.items() if not (k.endswith("_weight") and k not in weight_fields)}
+    distillation.update({method_class.loss_weights[term][0]: value for term, value in config.weights().items()})
 
     last = int(student_layers[-1])
     feature_is_last = student_depth is not None and last == student_depth - 1
@@ -250,18 +267,23 @@ def _render(
     results = _scrub(results) if results else None
     baseline_results = [_scrub(other) for other in baseline_results]
     variables = dict(
+        title=f"{_describe_student(student_config)} distilled from `{teacher}` with {method_class.label}",
         model_name=model_name,
         repo_id=repo_id or model_name,
+        has_pooler=has_pooler,
+        student=student,
+        license=license,
+        teacher_license=source_licenses[0],
+        dataset_license=source_licenses[1],
         teacher=teacher,
         teacher_is_hub=teacher_hub is not None,
-        student=student,
         dataset=dataset,
         dataset_is_hub=dataset_hub is not None,
         method=method,
         method_label=method_class.label,
         method_summary=method_class.summary,
         layer_pairs=layer_pairs,
-        settings=config.method_class.settings(config),
+        settings=method_class.settings(config),
         training=_training_rows(training),
         budget=_budget_rows(trainer_state, training, hardware),
         results_columns=[model_name] + [_backbone_name(other) for other in baseline_results],
@@ -305,7 +327,7 @@ def _render(
     return card
 
 
-# Metrics of the evaluation's results.json where lower is better (SPEC §10: NYUd RMSE ↓).
+# Metrics of the evaluation's results.json where lower is better (NYUd RMSE ↓).
 LOWER_IS_BETTER = {"rmse", "abs_rel"}
 
 
@@ -335,21 +357,61 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _student_depth(output_dir: Path) -> int | None:
+def _student_config(output_dir: Path) -> dict:
+    """The student's config.json ({} when missing): its depth, width, patch size and family."""
     try:
-        config = json.loads((output_dir / "config.json").read_text())
+        return json.loads((output_dir / "config.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def _weight_names(folder: Path) -> list[str]:
+    """The names of the weights saved in a student folder (none when it holds no safetensors file)."""
+    names = []
+    for path in folder.glob("model*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            names += list(weights.keys())
+    return names
+
+
+def _describe_student(config: dict) -> str:
+    """`ViT (4 blocks, width 64, patch 4)`: what the model is, from its config."""
+    family = FAMILY_LABELS.get(config.get("model_type"), "Vision Transformer")
+    shape = [
+        f"{config['num_hidden_layers']} blocks" if isinstance(config.get("num_hidden_layers"), int) else None,
+        f"width {config['hidden_size']}" if isinstance(config.get("hidden_size"), int) else None,
+        f"patch {config['patch_size']}" if isinstance(config.get("patch_size"), int) else None,
+    ]
+    shape = [part for part in shape if part]
+    return f"{family} student ({', '.join(shape)})" if shape else f"{family} student"
+
+
+def card_license(name_or_path: str, repo_type: str = "model") -> str | None:
+    """The `license` a model's or dataset's own card declares, read from a local folder or the Hub
+    cache (never downloaded); None when no card is at hand or it names none."""
+    local = Path(os.path.expanduser(name_or_path))
+    if local.exists():
+        card = local / "README.md" if local.is_dir() else None
+    else:
+        try:
+            cached = try_to_load_from_cache(name_or_path, "README.md", repo_type=repo_type)
+        except (HFValidationError, ValueError):
+            return None
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is None or not card.is_file():
         return None
-    depth = config.get("num_hidden_layers")
-    return int(depth) if isinstance(depth, int) else None
+    value = (metadata_load(card) or {}).get("license")
+    return str(value) if value else None
 
 
 def _training_rows(training: dict | None) -> list[tuple[str, str]]:
     if not training:
         return []
+    # The TrainingArguments and our own (distillation fields, output and fault handling): what is not
+    # in TRAINING_KEYS among them is bookkeeping, not a hyperparameter.
     from transformers import TrainingArguments  # lazily: only to recognise a full TrainingArguments dict
 
-    standard = {f.name for f in fields(TrainingArguments)} | {f.name for f in fields(DistillationModelConfig)}
+    standard = {f.name for cls in (TrainingArguments, TrainingDefaults, MethodFields, RunFields) for f in fields(cls)}
     training = _scrub(dict(training))
     max_steps = training.get("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stateful_dataloader_available
-from transformers import Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .callbacks import CheckpointCallback, PreemptionCallback, ResumedEpochCallback, StudentClippingCallback
@@ -113,8 +113,9 @@ class FeatureDistillationTrainer(Trainer):
 
     - Logs: each loss term as `loss_<term>` (`loss_kd`, ...), or `loss/<student>/<term>` with several
       students or teachers, averaged over the logging interval and the processes with one host sync
-      per log; `skipped_images` counts the undecodable images dropped so far. `evaluate()` reports
-      `eval_loss` and `eval_loss_<term>` the same way.
+      per log; `skipped_images` counts the undecodable images dropped so far (all processes), in each log
+      and the final metrics, with one warning per logging interval in which some were dropped.
+      `evaluate()` reports `eval_loss` and `eval_loss_<term>` the same way.
     - Checkpoints are the Trainer's own (the model's trainable state: `DistillationModel.state_dict`
       leaves the frozen teachers out), completed by `callbacks.CheckpointCallback`; resuming checks
       the run's fingerprint and continues a streamed dataset from its saved position.
@@ -167,6 +168,7 @@ class FeatureDistillationTrainer(Trainer):
         self._steps = {"train": 0, "eval": 0}
         self._nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
         self._pixel_normalizer = None
+        self._skipped_reported = (0, 0)  # undecodable images reported so far, and the step of that report
         self._preemption = PreemptionCallback(self)
         self.add_callback(self._preemption)
         self.add_callback(CheckpointCallback(self, self._save_total_limit))
@@ -230,25 +232,45 @@ class FeatureDistillationTrainer(Trainer):
         return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        counts_images = hasattr(self.data_collator, "skipped") and hasattr(self.data_collator, "seen")
+        if "train_runtime" in logs and counts_images:  # the end of training: the final metrics get the total
+            totals = self.accelerator.reduce(self._image_counts(self.args.device), reduction="sum").tolist()
+            self._report_skipped(logs, *totals)
+            return super().log(logs, start_time)
         mode = "train" if self.model.training else "eval"
         sums, steps = self._metrics[mode], self._steps[mode]
         if sums and steps:
             names = list(sums)
             values = [sums[name] for name in names]
-            skipped = getattr(self.data_collator, "skipped", None) if mode == "train" else None
-            if skipped is not None:  # undecodable images so far, this process
-                values.append(torch.tensor(float(skipped), device=values[0].device))
+            counts = counts_images and mode == "train"
+            if counts:  # undecodable and collated images so far, this process
+                values += list(self._image_counts(values[0].device))
             totals = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()  # the one host sync
             prefix = "eval_" if mode == "eval" else ""
             for name, total in zip(names, totals):
                 logs[prefix + name] = total / (steps * self.accelerator.num_processes)
-            if skipped is not None:
-                logs["skipped_images"] = int(totals[-1])
+            if counts:
+                self._report_skipped(logs, *totals[-2:])
             self._metrics[mode], self._steps[mode] = {}, 0
             skipped_steps = self._nonfinite.report() if mode == "train" else 0
             if skipped_steps:
                 logs["nonfinite_steps"] = skipped_steps
         super().log(logs, start_time)
+
+    def _image_counts(self, device) -> torch.Tensor:
+        return torch.tensor([float(self.data_collator.skipped), float(self.data_collator.seen)], device=device)
+
+    def _report_skipped(self, logs: dict, skipped: float, seen: float) -> None:
+        """`skipped_images` into `logs`, and one warning for the images dropped since the last report."""
+        skipped, seen = int(skipped), int(seen)
+        logs["skipped_images"] = skipped
+        reported, since = self._skipped_reported
+        if skipped > reported:
+            logger.warning(
+                "skipped_images: %d undecodable image(s) dropped in steps %d–%d (%s of the %s examples read so far, %.1f %%)",
+                skipped - reported, since + 1, self.state.global_step, f"{skipped:,}", f"{seen:,}", 100 * skipped / max(seen, 1),
+            )  # fmt: skip
+        self._skipped_reported = (skipped, self.state.global_step)
 
     # -- resuming ----------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -270,7 +292,21 @@ class FeatureDistillationTrainer(Trainer):
         self.add_callback(ResumedEpochCallback(checkpoint, self._stream_state is not None))
         if self.args.should_save:
             remove_incomplete_checkpoints(self.args.output_dir)  # a kill's leftovers are never mixed into a new checkpoint
-        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        except BaseException:
+            self._close_progress_bars()
+            raise
+
+    def _close_progress_bars(self) -> None:
+        """Closes the progress bars of a run that failed, before its error is printed: left open, a bar is
+        closed (and drawn once more) when the interpreter exits, after the error message."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for name in ("training_bar", "prediction_bar"):
+                    if getattr(callback, name, None) is not None:
+                        getattr(callback, name).close()
+                        setattr(callback, name, None)
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()

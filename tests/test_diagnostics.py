@@ -16,7 +16,7 @@ import transformers
 from conftest import IMAGE, make_vit
 
 from singer_hf import SingerConfig
-from singer_hf.diagnostics import artifact_stats
+from singer_hf.diagnostics import artifact_stats, comparison_figure, norm_histograms_figure, norm_maps_figure, patch_norms
 from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,39 @@ def test_artifact_stats_rejects_bad_input():
         artifact_stats(torch.randn(4, 16), prefix_tokens=1)
     with pytest.raises(ValueError, match=r"prefix_tokens: must lie in \[0, 4\] for 5 tokens, got 5"):
         artifact_stats(torch.randn(2, 5, 8), prefix_tokens=5)
+
+
+def test_figures_share_one_colour_scale_per_image_and_keep_histograms_readable(tmp_path):
+    raw = planted(images=2, patches=49, scale=9.0)  # norms 1 and 9: high-norm artifacts
+    refined = planted(images=2, patches=49, scale=1.5)  # norms 1 and 1.5: none
+    views = {"teacher": raw, "refined": refined}
+    norms = {name: patch_norms(features, 1) for name, features in views.items()}
+
+    maps = norm_maps_figure(torch.rand(2, 7, 7, 3), norms, tmp_path / "maps.png")
+    assert "one colour scale per row" in maps._suptitle.get_text()
+    panels = maps.axes[:6]  # 2 rows × (image, teacher, refined); the colour bars come after
+    for row in range(2):
+        teacher_limits, refined_limits = (panels[3 * row + column].images[0].get_clim() for column in (1, 2))
+        assert teacher_limits == refined_limits == pytest.approx((1.0, 9.0))  # the refined map on the artifact map's scale
+    assert len(maps.axes) == 6 + 2  # one colour bar per row
+
+    views_of_one_image = {name: features[0, 1:] for name, features in views.items()}
+    comparison = comparison_figure(torch.rand(7, 7, 3), views_of_one_image, 24, tmp_path / "comparison.png")
+    norm_panels = [comparison.axes[4 * row + 1].images[0].get_clim() for row in range(2)]
+    assert norm_panels[0] == norm_panels[1] == pytest.approx((1.0, 9.0))
+    assert "One colour scale per column" in comparison._suptitle.get_text()
+
+    histograms = norm_histograms_figure(norms, tmp_path / "histograms.png", outlier_ratio=4)
+    teacher, refined_axis = histograms.axes[:2]
+    assert "log counts" in histograms._suptitle.get_text() and "clipped to the data" in histograms._suptitle.get_text()
+    assert teacher.get_yscale() == refined_axis.get_yscale() == "log"
+    assert teacher.get_xlim()[1] == pytest.approx(9.24)  # the data's range, the 4× median cut (4.0) inside it
+    assert any(line.get_xdata()[0] == pytest.approx(4.0) for line in teacher.get_lines())
+    # The refined view's norms end at 1.5: the cut at 4 is named in the legend, not drawn 2.5× further out.
+    assert refined_axis.get_xlim()[1] == pytest.approx(1.515)
+    assert any("beyond the axis" in text.get_text() for text in refined_axis.get_legend().get_texts())
+    for name in ("maps.png", "comparison.png", "histograms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture

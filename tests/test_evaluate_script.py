@@ -190,3 +190,34 @@ def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
     assert message.startswith("error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']")
+
+
+def test_two_processes_print_and_write_once_what_one_process_gets(backbone, tmp_path):
+    """`accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/evaluate.py ...`, as
+    tests/test_multiprocess.py launches distillation: two real ranks over gloo, nothing mocked. Each
+    extracts half of the batches; the main process alone trains the heads, prints and writes."""
+    import os
+    import re
+    import subprocess
+
+    from test_multiprocess import CONFIG, _free_port
+
+    data = classification_data(tmp_path / "cls")
+    flags = ["--epochs", "5", "--learning_rates", "0.1", "0.5", "--extraction_batch_size", "8"]
+    single = run(backbone, data, tmp_path / "one", *flags)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIG),
+        "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "evaluate.py"),
+        "--model_name_or_path", backbone, "--dataset_name", data, "--output_dir", str(tmp_path / "two"),
+        "--num_workers", "0", "--batch_size", "8", *flags,
+    ]  # fmt: skip
+    launch = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = launch.stdout + launch.stderr
+    assert launch.returncode == 0, output[-3000:]
+    assert launch.stdout.count("Linear probes of `") == 1 and launch.stdout.count("| image-classification |") == 1, launch.stdout
+    assert re.search(r"\[train\]: 100%\|█+\| 3/3 ", output), output[-3000:]  # 6 batches of 8, 3 per rank
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["results"][0]["metrics"] == single["results"][0]["metrics"]  # all the features, in order
+    assert two["results"][0]["settings"]["held_out_scores"] == single["results"][0]["settings"]["held_out_scores"]

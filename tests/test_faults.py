@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -135,8 +136,76 @@ def test_too_many_bad_images_stop_early_naming_examples_and_column(distill, work
     argv[argv.index(str(workspace / "data.parquet"))] = str(path)
     with pytest.raises(ValueError, match=r"image_column='image': 4 of the first 21 examples have no usable image") as error:
         distill.main(argv)
-    for index in bad:  # map-style: the indices in the dataset
-        assert f"{index} (" in str(error.value)
+    named = {int(index) for group in re.findall(r"rows? ([\d, ]+) \(", str(error.value)) for index in group.split(", ")}
+    assert named == set(bad)  # map-style: the rows of the dataset
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _corrupt_parquet(path: Path, count: int, bad: set[int]) -> Path:
+    """`count` PNG images; those at `bad` replaced by random bytes, which PIL cannot identify."""
+    rng = np.random.default_rng(2)
+    rows = [
+        {"bytes": rng.integers(0, 256, 300, dtype=np.uint8).tobytes() if index in bad else _png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)),
+         "path": None}
+        for index in range(count)
+    ]  # fmt: skip
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
+    return path
+
+
+def test_a_few_corrupt_images_are_reported_per_logging_interval_not_per_image(distill, workspace, tmp_path, caplog):
+    bad = {7, 31}  # 2 % of 100 images
+    argv = _argv(workspace, tmp_path / "out", "--num_train_epochs", "3", "--per_device_train_batch_size", "10",
+                 "--logging_steps", "10", "--save_strategy", "no")  # fmt: skip
+    argv[argv.index(str(workspace / "data.parquet"))] = str(_corrupt_parquet(tmp_path / "bad.parquet", 100, bad))
+    with caplog.at_level("WARNING"):
+        result = distill.main(argv)
+    # Each pass meets both bad images: 6 skips in 30 steps, the first named once, then one line per
+    # logging interval with the interval's count (not one line per image and pass).
+    first = [r.getMessage() for r in caplog.records if r.name == "singer_hf.data"]
+    assert len(first) == 1 and re.search(r"image_column='image': rows? (7|31|7, 31) \(UnidentifiedImageError: cannot identify image file\)", first[0])
+    reports = [r.getMessage() for r in caplog.records if r.name == "singer_hf.trainer" and "skipped_images" in r.getMessage()]
+    counts = [int(re.match(r"skipped_images: (\d+) undecodable image\(s\) dropped in steps", line).group(1)) for line in reports]
+    assert sum(counts) == 6 and len(reports) == 3, reports  # one per interval of 10 steps (= one pass over the data)
+    assert reports[-1].endswith("(6 of the 300 examples read so far, 2.0 %)")
+    assert "0x" not in caplog.text
+    logged = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["skipped_images"] for entry in logged if "loss" in entry] == [2, 4, 6]
+    assert result["metrics"]["skipped_images"] == 6  # the final metrics carry the total
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_mostly_corrupt_data_stops_with_one_accurate_last_line(distill, workspace, tmp_path, capsys, streaming):
+    import gc
+
+    from singer_hf.cli import run_cli
+
+    bad = set(range(0, 40, 2))  # 50 %
+    argv = _argv(workspace, tmp_path / "out", "--max_steps", "20", "--per_device_train_batch_size", "16",
+                 "--bad_image_window", "40", "--disable_tqdm", "false", "--save_strategy", "no",
+                 "--streaming", str(streaming).lower(), "--shuffle_buffer", "0")  # fmt: skip
+    argv[argv.index(str(workspace / "data.parquet"))] = str(_corrupt_parquet(tmp_path / "bad.parquet", 40, bad))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(distill.main, argv)
+    assert exit_info.value.code == 2
+    del exit_info  # its traceback holds the trainer: a progress bar left open would be drawn when collected
+    gc.collect()
+    err = capsys.readouterr().err
+    assert "0x" not in err and "Traceback" not in err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]  # nothing is printed after the error, progress bars included
+    match = re.fullmatch(
+        r"error: image_column='image': (\d+) of the first (\d+) examples have no usable image, more than max_bad_image_share=0\.1 "
+        r"allows \(at most 4 in the first bad_image_window=40\); e\.g\. (rows|stream positions) ([\d, ]+) "
+        r"\(UnidentifiedImageError: cannot identify image file\) \(run with --debug for the traceback\)",
+        last,
+    )
+    assert match, last
+    skipped, seen, where, named = int(match[1]), int(match[2]), match[3], [int(i) for i in match[4].split(", ")]
+    assert seen == 16 and skipped > 4 and len(named) == 5 and set(named) <= bad  # stopped at the first batch
+    if streaming:  # without a shuffle buffer the stream is the file in order: its positions are the rows
+        assert (where, skipped, named) == ("stream positions", 8, [0, 2, 4, 6, 8])
+    else:
+        assert where == "rows"
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

@@ -195,6 +195,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     make_vit(seed=0).save_pretrained(root / "teacher")
     transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "teacher")
+    ModelCard("---\nlicense: mit\n---\n# A teacher with a card\n").save(root / "teacher" / "README.md")
     rng = np.random.default_rng(0)
     images = []
     for _ in range(16):
@@ -368,6 +369,63 @@ def test_dry_run_folder_loads_without_singer_hf_and_holds_no_pickles_or_local_pa
     with torch.no_grad():
         expected = student(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].double().sum().item()
     assert float(out.stdout.split()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_card_says_what_the_student_is_its_terms_and_how_to_read_the_distilled_feature(pushed_run, tmp_path):
+    import re
+
+    from safetensors import safe_open
+
+    from singer_hf.modeling import DistillationConfig
+
+    text = (pushed_run / "README.md").read_text()  # as scripts/distill.py wrote it: no license given
+    assert "license" not in metadata_load(pushed_run / "README.md")
+    assert "No license is declared for this student" in text and "| Teacher `teacher` | `mit` |" in text
+    staged = tmp_path / "upload"
+    publish_student(pushed_run, "me/vit-tiny-singer", license="apache-2.0", dry_run=staged)
+    text = (staged / "README.md").read_text()
+    assert metadata_load(staged / "README.md")["license"] == "apache-2.0"
+    assert "Published under `apache-2.0`" in text and "its terms follow theirs" in text
+    assert text.splitlines()[text.splitlines().index("---", 1) + 2] == (
+        "# ViT student (4 blocks, width 32, patch 8) distilled from `teacher` with SiNGER"
+    )
+    for argument in ("overwrite_output_dir", "save_safetensors", "max_nonfinite_steps", "hub_model_id", "push_to_hub"):
+        assert f"| {argument} |" not in text  # not hyperparameters
+    # The configuration shown has the weights used, the same as the settings table.
+    shown = json.loads(re.search(r"distillation_config.json</code>.*?```json\n(.*?)```", text, re.S)[1])
+    weights = DistillationConfig(method="singer").weights()
+    assert {k: shown[k] for k in ("kd_weight", "outlier_weight", "info_weight")} == {
+        "kd_weight": weights["kd"], "outlier_weight": weights["outlier"], "info_weight": weights["info"]
+    }  # fmt: skip
+    assert f"| Loss weights | KD {weights['kd']:g}, outlier {weights['outlier']:g}, information {weights['info']:g} |" in text
+    assert "Blocks are numbered from 0 throughout this card" in text and "last block (block 3)" in text
+    with safe_open(staged / "model.safetensors", "pt") as saved:  # distillation trains no pooler: none is shipped
+        assert not [name for name in saved.keys() if "pooler" in name]
+
+    # The card's two snippets, run as a user would, without singer_hf: no load warnings; the first gives
+    # the distilled feature, the pipeline gives it through the final norm, as the card says.
+    usage, pipe = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
+    PIL.Image.new("RGB", (40, 40), (200, 30, 90)).save(tmp_path / "example.jpg")
+    code = usage.replace('"me/vit-tiny-singer"', repr(str(staged))) + pipe + (
+        "torch.save({'features': features, 'tokens': tokens}, 'out.pt')\n"
+        "import sys; assert not any(name.startswith('singer_hf') for name in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOAD REPORT" not in out.stderr and "MISSING" not in out.stderr, out.stderr[-2000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    student = transformers.AutoModel.from_pretrained(staged).eval()
+    pixels = transformers.AutoImageProcessor.from_pretrained(staged)(
+        images=PIL.Image.open(tmp_path / "example.jpg").convert("RGB"), return_tensors="pt"
+    ).pixel_values
+    layers = json.loads((pushed_run / "distillation" / "distillation_config.json").read_text())["student_layers"]
+    with torch.no_grad():
+        outputs = student(pixel_values=pixels, output_hidden_states=True)
+    torch.testing.assert_close(result["features"], outputs.hidden_states[layers[-1] + 1])
+    torch.testing.assert_close(result["tokens"], outputs.last_hidden_state)
+    standardised = result["tokens"].float()
+    torch.testing.assert_close(standardised.mean(-1), torch.zeros(standardised.shape[:2]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardised.var(-1, unbiased=False), torch.ones(standardised.shape[:2]), atol=1e-3, rtol=0)
 
 
 def test_script_pushes_results_figures_and_distillation_to_a_branch(pushed_run, workspace, on_hub, tmp_path):

@@ -1,5 +1,7 @@
-"""Probe metrics on torchmetrics: they accumulate over a whole split, work offline and sync across
-processes (`evaluate.load` fetches metric scripts from the Hub and fails offline).
+"""Probe metrics on torchmetrics: they accumulate over a whole split and work offline
+(`evaluate.load` fetches metric scripts from the Hub and fails offline). They never sync across
+processes: under `accelerate launch` the features are gathered to the main process, which alone
+trains and scores the heads on all of them (a sync would wait for processes that have finished).
 
 Values are in the units of the paper's Table 1: percent for accuracy, mIoU and δ; metres for RMSE.
 """
@@ -17,14 +19,14 @@ DELTA_THRESHOLDS = (1.25, 1.25**2, 1.25**3)
 
 def top1_accuracy(num_classes: int) -> MulticlassAccuracy:
     """Share of images whose arg-max logit is the label (micro average: every image counts once)."""
-    return MulticlassAccuracy(num_classes=num_classes, average="micro", top_k=1)
+    return MulticlassAccuracy(num_classes=num_classes, average="micro", top_k=1, sync_on_compute=False)
 
 
 def mean_iou(num_classes: int) -> MulticlassJaccardIndex:
     """Dataset-level mIoU: one confusion matrix over every pixel of the split, `IGNORE_INDEX`
     pixels left out, IoU averaged over the classes that occur in the labels or the predictions —
     not a mean of per-batch values (the official code's defect, SPEC §7)."""
-    return MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=IGNORE_INDEX)
+    return MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=IGNORE_INDEX, sync_on_compute=False)
 
 
 class DepthMetrics:
@@ -33,7 +35,7 @@ class DepthMetrics:
 
     def __init__(self, max_depth: float):
         self.max_depth = max_depth
-        self.means = {name: MeanMetric() for name in ("rmse", "abs_rel", "delta1", "delta2", "delta3")}
+        self.means = {name: MeanMetric(sync_on_compute=False) for name in ("rmse", "abs_rel", "delta1", "delta2", "delta3")}
 
     def to(self, device) -> DepthMetrics:
         self.means = {name: metric.to(device) for name, metric in self.means.items()}

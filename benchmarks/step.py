@@ -109,9 +109,10 @@ class OfficialCodeModel(DistillationModel):
     def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         teacher = resolve_vit(self.teacher)
         with torch.no_grad():
-            features = list(teacher.block_outputs(pixel_values))
+            outputs = teacher.block_outputs(pixel_values)
+        features = list(outputs)
         for layer in self.teacher_layers[:-1]:
-            features[layer + 1] = teacher.run_block(layer + 1, features[layer])  # with weight gradients
+            features[layer + 1] = teacher.run_block(layer + 1, features[layer], outputs.block_kwargs)  # with weight gradients
         return tuple(features)
 
     def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import ResolvedViT, backbone_of, resolve_vit
+from .alignment import TokenAlignment
+from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .losses import feature_mse, gram_loss, outlier_loss
 from .tuner import SingerConfig, check_basis_blocks
 from .validation import DistillationFields
@@ -151,7 +152,8 @@ class DistillationModel(nn.Module):
         # Images come at the student's size (the saved student and its processor must agree); the
         # teacher reads them at that size too, interpolating its position embeddings if built for another.
         self.image_size = student_vit.image_size
-        teacher_vit.run_at(self.image_size)
+        teacher_vit.run_at(self.image_size, "teacher")
+        self._alignment = TokenAlignment.between(student_vit, teacher_vit, self.image_size)
         self.weights = config.weights()
 
         if config.method == "singer":
@@ -216,7 +218,7 @@ class DistillationModel(nn.Module):
         loss = sum(self.weights[name] * value for name, value in losses.items())
         return DistillationOutput(loss=loss, losses=losses)
 
-    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def teacher_features(self, pixel_values: torch.Tensor) -> BlockOutputs:
         """The teacher's block outputs up to the deepest distilled block (the losses read no later
         block: SiNGER's F^{l+1} targets are all at or before the final layer), without gradients."""
         teacher_dtype = self._teacher_vit.blocks[0].parameters().__next__().dtype
@@ -285,7 +287,8 @@ class DistillationModel(nn.Module):
                 info.append(gram_loss(refined[:, prefix:], reference[:, prefix:]))
             else:
                 # Block l+1 on F^l is F^{l+1}, already computed by the teacher forward.
-                info.append(feature_mse(self._teacher_vit.run_block(layer + 1, refined), teacher_features[layer + 1]))
+                following = self._teacher_vit.run_block(layer + 1, refined, teacher_features.block_kwargs)
+                info.append(feature_mse(following, teacher_features[layer + 1]))
                 reference = refined
         count = len(self.teacher_layers)
         return {"kd": sum(kd) / count, "outlier": sum(outlier) / count, "info": sum(info) / count}
@@ -298,7 +301,8 @@ class DistillationModel(nn.Module):
         pairs = list(zip(self.teacher_layers, self.student_layers))
         mimic = sum(self._kd(i, student_features[s], teacher_features[t]) for i, (t, s) in enumerate(pairs[:-1]))
         teacher_layer, student_layer = pairs[-1]
-        patches = self.generation_projector(student_features[student_layer][:, self._student_vit.num_prefix_tokens :])
+        student_patches = student_features[student_layer][:, self._student_vit.num_prefix_tokens :]
+        patches = self.generation_projector(self._alignment.to_teacher_grid(student_patches))
         batch, count, width = patches.shape
         masked = torch.rand(batch, count, device=patches.device) < self.config.mask_ratio
         patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
@@ -309,22 +313,9 @@ class DistillationModel(nn.Module):
         return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}
 
     def _kd(self, index: int, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-        student_tokens, teacher_tokens = self._aligned(student_feature, teacher_feature)
+        """MSE of the projected student tokens against the teacher's, matched by `alignment.TokenAlignment`."""
+        student_tokens, teacher_tokens = self._alignment(student_feature, teacher_feature)
         return feature_mse(self.projectors[index](student_tokens), teacher_tokens)
-
-    def _aligned(self, student_feature, teacher_feature):
-        """All tokens when both models have the same prefix tokens; else the patches, after the CLS
-        token when both have one (registers and distillation tokens have no counterpart)."""
-        student, teacher = self._student_vit, self._teacher_vit
-        same_prefix = (student.num_prefix_tokens, student.has_class_token) == (teacher.num_prefix_tokens, teacher.has_class_token)
-        if same_prefix:
-            return student_feature, teacher_feature
-        cls = 1 if student.has_class_token and teacher.has_class_token else 0
-
-        def keep(feature, vit):
-            return torch.cat([feature[:, :cls], feature[:, vit.num_prefix_tokens :]], dim=1)
-
-        return keep(student_feature, student), keep(teacher_feature, teacher)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vit = self._teacher_vit
@@ -347,12 +338,13 @@ def _check_adapters_match(teacher: peft.PeftModel, layers: list[int], rank: int)
 
 
 def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:
-    if teacher.patch_size != student.patch_size:
+    """The images come at the student's size; patch grids may differ (`alignment.TokenAlignment`)."""
+    student.check_image_size(student.image_size, "student")
+    teacher.check_image_size(student.image_size, "teacher")
+    if student.input_normalization is not None:
         raise ValueError(
-            f"student: patch size {student.patch_size} differs from the teacher's {teacher.patch_size}; "
-            "the patch grids must match"
+            f"student: {student.model_type} models normalise their pixels inside their forward and can only be teachers; "
+            "use a ViT, DeiT, DINOv2/v3, CLIP, SigLIP or AIMv2 student"
         )
-    if student.image_size % student.patch_size:
-        raise ValueError(f"student: image size {student.image_size} is not a multiple of its patch size {student.patch_size}")
     if teacher.num_channels != student.num_channels:
         raise ValueError(f"student: {student.num_channels} input channels, the teacher has {teacher.num_channels}")

@@ -146,7 +146,7 @@ def _model(**overrides):
     "build, argument",
     [
         (lambda: _model(student=transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=36, patch_size=8))), "student: image size 36 is not a multiple of its patch size 8"),
-        (lambda: _model(student=transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=4))), "student: patch size"),
+        (lambda: _model(student=transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=36, patch_size=6))), "teacher: image size 36 is not a multiple of its patch size 8"),
         (lambda: _model(teacher_layers=[2, 6]), "teacher_layers: block 6 is out of range"),
         (lambda: _model(teacher_layers=[-1, 5], method="fitnet"), "teacher_layers: block indices must be >= 0"),
         (lambda: _model(teacher_layers=[2, 2, 5]), "teacher_layers: duplicate"),
@@ -156,7 +156,7 @@ def _model(**overrides):
         (lambda: _model(outlier_quantile=1.0), "outlier_quantile: must be in \\(0, 1\\)"),
         (lambda: _model(outlier_quantile=0.0), "outlier_quantile"),
         (lambda: _model(method="crd"), "method: must be one of"),
-        (lambda: _model(teacher=transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))), "teacher: unsupported model type 'bert'.*supported: clip, clip_vision_model, deit"),
+        (lambda: _model(teacher=transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))), "teacher: unsupported model type 'bert'.*supported: aimv2, aimv2_vision_model, clip, clip_vision_model, deit, dinov2"),
         (lambda: _model(student=torch.nn.Linear(3, 3)), "student: unsupported model type None"),
         (lambda: _model(teacher_layers=[0, 1, 2, 3, 4]), "teacher_layers: 5 teacher layers cannot map one-to-one onto a 4-block student"),
         (lambda: SingerConfig(layers=[3, 3]), "layers: duplicate"),

@@ -4,12 +4,16 @@ checkpoint of it loads (tiny stand-ins, tests/standins.py), and the families the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 import transformers
-from standins import hf_families, save_timm, write_images
+from safetensors.torch import load_file
+from standins import hf_families, newer_families, save_timm, write_images
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
 TIMM = {
@@ -17,7 +21,13 @@ TIMM = {
     # No CLS token: four registers, then the patches (global-average-pooled models).
     "timm_reg4_gap": dict(architecture="vit_base_patch16_reg4_gap_256", depth=6),
 }
-FAMILIES = [*hf_families(), *TIMM]
+NEWER = newer_families()
+# The paper's families with SiNGER; the newer ones with SiNGER and FitNet.
+RUNS = [(family, "singer") for family in [*hf_families(), *TIMM]] + [(f, m) for f in NEWER for m in ("singer", "fitnet")]
+# Families whose student is saved with another processor than the teacher's, checked in a process
+# without singer_hf to give the pixels and features the student was trained on: a processor that does
+# not normalise (the model does), a NaFlex one (patch sequences of any aspect ratio).
+CHECK_SAVED_PROCESSOR = {"radio", "siglip2"}
 
 
 @pytest.fixture(scope="module")
@@ -25,30 +35,36 @@ def images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data") / "train.parquet", count=16)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_distils_through_the_script(distill, images, tmp_path, family):
-    teacher = tmp_path / "teacher"
+def _write_teacher(family: str, folder):
     if family in TIMM:
-        save_timm(teacher, **TIMM[family])
+        save_timm(folder, **TIMM[family])
     else:
-        hf_families()[family](teacher)
+        {**hf_families(), **NEWER}[family](folder)
+    return folder
+
+
+@pytest.mark.parametrize("family, method", RUNS, ids=[f"{family}-{method}" for family, method in RUNS])
+def test_family_distils_through_the_script(distill, images, tmp_path, family, method):
+    teacher = _write_teacher(family, tmp_path / "teacher")
     output = tmp_path / "run"
     # One family also evaluates on a held-out split, as `--eval_split` users do.
     evaluation = ["--eval_split", "train", "--max_eval_samples", "8", "--eval_strategy", "steps", "--eval_steps", "1"]
     result = distill.main([
         "--teacher_name_or_path", str(teacher), "--student_size", "tiny", "--student_config_overrides", STUDENT,
-        "--dataset_name", str(images), "--output_dir", str(output), "--max_steps", "2",
+        "--dataset_name", str(images), "--output_dir", str(output), "--max_steps", "2", "--method", method,
         "--per_device_train_batch_size", "4", "--rank", "4", "--report_to", "none", "--save_strategy", "no",
         "--logging_steps", "1", *(evaluation if family == "vit" else []),
     ])  # fmt: skip
-    assert {"loss_kd", "loss_outlier", "loss_info"} <= set(result["losses"])
+    terms = {"loss_kd", "loss_outlier", "loss_info"} if method == "singer" else {"loss_kd"}
+    assert terms <= set(result["losses"])
     if family == "vit":
         evaluated = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry]
         assert len(evaluated) == 2 and all({"eval_loss_kd", "eval_loss_outlier", "eval_loss_info"} <= set(e) for e in evaluated)
     assert all(torch.isfinite(torch.tensor(value)) for value in result["losses"].values())
 
     # The student is built at the size the teacher's processor gives (DINOv2: its crop, not its
-    # config's 64), and the card's usage works with the processor saved beside it.
+    # config's 64; SigLIP2 NaFlex: its max_num_patches as a square), and the card's usage works with
+    # the processor saved beside it.
     processor = transformers.AutoImageProcessor.from_pretrained(output)
     student = transformers.AutoModel.from_pretrained(output)
     teacher_processor = transformers.AutoImageProcessor.from_pretrained(teacher)
@@ -60,6 +76,54 @@ def test_family_distils_through_the_script(distill, images, tmp_path, family):
     with torch.no_grad():
         feature = student(**inputs, output_hidden_states=True).hidden_states[layers[-1] + 1]
     assert feature.shape == (1, 1 + (size // 8) ** 2, 32)
+    if family in CHECK_SAVED_PROCESSOR and method == "singer":
+        _check_saved_student_reproduces_training(teacher, output, layers[-1], tmp_path)
+
+
+SAVED_STUDENT_PROBE = """
+import sys
+import numpy as np, PIL.Image, torch
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoModel
+run, image, layer, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+inputs = AutoImageProcessor.from_pretrained(run)(images=PIL.Image.open(image), return_tensors="pt")
+with torch.no_grad():
+    hidden = AutoModel.from_pretrained(run)(**inputs, output_hidden_states=True).hidden_states[layer + 1]
+assert not any(name.startswith("singer_hf") for name in sys.modules)
+save_file({"pixel_values": inputs["pixel_values"].contiguous(), "feature": hidden.contiguous()}, out)
+"""
+
+
+def _check_saved_student_reproduces_training(teacher, output, layer, tmp_path):
+    """The pixels SingerTrainer fed the run (uint8 at the processor's size, normalised with its
+    statistics) are what the teacher's own forward reads, and what the saved student's processor
+    gives in a process that knows nothing of this package; so are the student's features."""
+    from singer_hf import resolve_vit
+    from singer_hf.architectures import load_backbone
+    from singer_hf.data import PixelNormalizer, image_processor_stats
+
+    saved = transformers.AutoImageProcessor.from_pretrained(output)
+    mean, std, size = image_processor_stats(saved)
+    rgb = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    PIL.Image.fromarray(rgb).save(tmp_path / "probe.png")
+    trained_on = PixelNormalizer(mean, std)(torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous())
+
+    teacher_model = load_backbone(str(teacher)).eval()
+    teacher_inputs = transformers.AutoImageProcessor.from_pretrained(teacher)(images=PIL.Image.fromarray(rgb), return_tensors="pt")
+    with torch.no_grad():
+        own = teacher_model(**teacher_inputs, output_hidden_states=True).hidden_states[-1]
+        ours = resolve_vit(teacher_model).block_outputs(trained_on)[-1]
+    torch.testing.assert_close(ours, own, rtol=1e-4, atol=1e-4)
+
+    result = tmp_path / "probe.safetensors"
+    probe = [sys.executable, "-c", SAVED_STUDENT_PROBE, str(output), str(tmp_path / "probe.png"), str(layer), str(result)]
+    subprocess.run(probe, check=True, capture_output=True, timeout=300)
+    loaded = load_file(result)
+    torch.testing.assert_close(loaded["pixel_values"], trained_on, rtol=0, atol=1e-5)
+    student = transformers.AutoModel.from_pretrained(output).eval()
+    with torch.no_grad():
+        feature = student(pixel_values=trained_on, output_hidden_states=True).hidden_states[layer + 1]
+    torch.testing.assert_close(loaded["feature"], feature, rtol=1e-4, atol=1e-4)
 
 
 def _tiny_timm(architecture, **model_args):

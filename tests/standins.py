@@ -102,11 +102,11 @@ def hf_families(image: int = 32, patch: int = 8, layers: int = 6) -> dict[str, c
     }
 
 
-def newer_families(image: int = 32, patch: int = 8, layers: int = 6) -> dict[str, callable]:
+def newer_families(image: int = 32, patch: int = 8, layers: int = 6, width: int = 32) -> dict[str, callable]:
     """The teachers distilled from now, with the prefix tokens, MLPs and processors their Hub
     checkpoints have: name → function(folder) writing the stand-in."""
-    blocks = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=layers)
-    vision = dict(blocks, intermediate_size=64, patch_size=patch)
+    blocks = dict(hidden_size=width, num_attention_heads=2, num_hidden_layers=layers)
+    vision = dict(blocks, intermediate_size=2 * width, patch_size=patch)
     clip_processor = transformers.CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
     text = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64)
 
@@ -148,3 +148,20 @@ def newer_families(image: int = 32, patch: int = 8, layers: int = 6) -> dict[str
             clip_processor,
         ),
     }
+
+
+def hub_teacher(hub_id: str, folder: Path) -> Path | None:
+    """A stand-in for a recipe's Hub teacher of a newer family: its family, depth, prefix tokens, MLP
+    and patch size, at width 64 (the recipes' rank 64 must fit); None for other ids."""
+    stand_ins = {
+        "facebook/dinov3-vitl16-pretrain-lvd1689m": ("dinov3_vit", dict(layers=24)),
+        "nvidia/C-RADIOv4-H": ("radio", dict(layers=32)),
+        "google/siglip2-so400m-patch16-naflex": ("siglip2", dict(layers=27)),
+        # /14 like the real one, at a size a /16 student reads too.
+        "apple/aimv2-large-patch14-224": ("aimv2", dict(layers=24, image=112, patch=14)),
+    }
+    if hub_id not in stand_ins:
+        return None
+    family, shape = stand_ins[hub_id]
+    newer_families(width=64, **shape)[family](folder)
+    return folder

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import transformers
 from conftest import IMAGE, make_vit
+from standins import newer_families
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
@@ -190,3 +191,16 @@ def test_unknown_augmentation_is_one_line_on_the_command_line(backbone, tmp_path
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
     assert message.startswith("error: augmentation='randaugment' is not supported; expected one of ['none', 'paper']")
+
+
+@pytest.mark.parametrize("family", sorted(newer_families()))
+def test_newer_families_are_probed_through_the_architecture_table(family, tmp_path):
+    """Depth probes read both the summary (CLS/first summary token, or mean patch) and the patch grid,
+    so a wrong prefix count or preprocessing would fail here."""
+    teacher = newer_families()[family](tmp_path / family)
+    data = depth_data(tmp_path / "depth")
+    results = run(str(teacher), data, tmp_path / "out", "--task", "depth-estimation", "--label_column", "depth", "--epochs", "2")
+    (result,) = results["results"]
+    assert all(math.isfinite(metric["value"]) for metric in result["metrics"])
+    summary = "CLS token" if family in ("dinov3_vit", "dinov3_vit_gated", "radio", "metaclip_2") else "mean patch token"
+    assert results["backbone"]["feature"].startswith(f"patch tokens ⊕ {summary}")

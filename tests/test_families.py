@@ -78,6 +78,23 @@ def test_family_distils_through_the_script(distill, images, tmp_path, family, me
     assert feature.shape == (1, 1 + (size // 8) ** 2, 32)
     if family in CHECK_SAVED_PROCESSOR and method == "singer":
         _check_saved_student_reproduces_training(teacher, output, layers[-1], tmp_path)
+    if family in NEWER and method == "singer":  # the diagnostics read the run's teacher, adapters and student
+        report = _diagnose().main(["--model_name_or_path", str(teacher), "--run_dir", str(output), "--dataset_name", str(images),
+                                   "--output_dir", str(tmp_path / "diagnose"), "--num_images", "4", "--figure_images", "1"])  # fmt: skip
+        teacher_layers = json.loads((output / "distillation" / "distillation_config.json").read_text())["teacher_layers"]
+        assert {f"refined teacher block {layer}" for layer in teacher_layers} <= set(report["views"])
+        assert all(view["num_images"] == 4 and view["patch_tokens_per_image"] == 16 for view in report["views"].values())
+
+
+def _diagnose():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("diagnose_for_families", Path(__file__).resolve().parents[1] / "scripts" / "diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 SAVED_STUDENT_PROBE = """

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from conftest import NEWER_TEACHER_FACTORIES
 from standins import hf_families, newer_families, save_timm, write_images
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
@@ -183,3 +184,29 @@ def test_non_vit_timm_models_fail_at_construction():
     with pytest.raises(ValueError, match=r"^teacher: timm Eva \(eva02_tiny_patch14_224\) is not supported") as error:
         DistillationModel(_tiny_timm("eva02_tiny_patch14_224"), _student(), DistillationConfig(method="fitnet"))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", sorted(NEWER_TEACHER_FACTORIES))
+def test_the_table_reads_newer_families_as_their_own_forward_does(family):
+    """Block outputs through the table equal the model's own hidden states: DINOv3's RoPE reaches every
+    block, SigLIP2 gets its patchified input, C-RADIO (normalising inside) gets pixels normalised with
+    its own statistics where its forward gets [0, 1] pixels."""
+    from singer_hf import resolve_vit
+
+    torch.manual_seed(0)
+    model = NEWER_TEACHER_FACTORIES[family]().eval()
+    vit = resolve_vit(model)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs = {"pixel_values": pixels}
+    if family.startswith("siglip2"):
+        processor = transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16, do_resize=False, do_rescale=False, do_normalize=False)
+        inputs = processor(images=list(pixels), return_tensors="pt")
+    if vit.input_normalization is not None:
+        mean, std = (torch.tensor(values)[:, None, None] for values in vit.input_normalization)
+        pixels = (pixels - mean) / std
+    with torch.no_grad():
+        expected = model(**inputs, output_hidden_states=True).hidden_states[1:]
+        outputs = vit.block_outputs(pixels)
+    assert len(outputs) == vit.depth == 6
+    for ours, theirs in zip(outputs, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

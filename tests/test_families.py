@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from conftest import NEWER_TEACHER_FACTORIES
+from conftest import NEWER_TEACHER_FACTORIES, make_vit
 from standins import hf_families, newer_families, save_timm, write_images
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
@@ -210,3 +210,28 @@ def test_the_table_reads_newer_families_as_their_own_forward_does(family):
     assert len(outputs) == vit.depth == 6
     for ours, theirs in zip(outputs, expected):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: (transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1])), _student()),
+         r"^teacher: unsupported model type 'dinov3_convnext' .*; supported: .*dinov3_vit"),
+        (lambda: (transformers.RadioModel(transformers.RadioConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                                   image_size=28, patch_size=7, max_img_size=56,
+                                                                   video_temporal_patch_size=2)), _student()),
+         r"^teacher: radio models with a video patch embedder are not supported"),
+        (lambda: (NEWER_TEACHER_FACTORIES["aimv2_vision_model"](), _student(image=64, patch=8)),
+         r"^teacher: this aimv2_vision_model model has a fixed 32px position-embedding table and cannot read 64px images"),
+        (lambda: (make_vit(), NEWER_TEACHER_FACTORIES["radio"]()),
+         r"^student: radio models normalise their pixels inside their forward and can only be teachers"),
+    ],
+    ids=["dinov3_convnext", "radio_video", "aimv2_fixed_size", "radio_student"],
+)  # fmt: skip
+def test_what_the_table_cannot_run_is_refused_in_one_line(build, message):
+    from singer_hf import DistillationConfig, DistillationModel
+
+    teacher, student = build()
+    with pytest.raises(ValueError, match=message) as error:
+        DistillationModel(teacher, student, DistillationConfig(method="fitnet", teacher_layers=[1, 2]))
+    assert "\n" not in str(error.value)

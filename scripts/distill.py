@@ -260,7 +260,7 @@ def describe(
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
-    relative = teacher.architecture.nullspace.threshold == "relative"
+    relative = teacher.architecture.null_threshold == "relative"
     threshold = f"τ·σ_max (τ={model.config.null_threshold})" if relative else f"τ={model.config.null_threshold}"
     for layer, adapter in model.adapters.items():
         found = adapter.null_directions["default"]

@@ -160,7 +160,7 @@ def _hf_width(backbone: nn.Module) -> int:
 @dataclass(frozen=True)
 class MLPLayout:
     """Paths inside a block to its MLP's linear layers: `down(act(up(x)))`, or `down(act(gate(x)) ⊙ up(x))`
-    for a gated MLP; and to what scales the MLP's input and output."""
+    for a gated MLP."""
 
     up: str
     """The input projection (H×D weight): fc1, or the value projection of a gated MLP."""
@@ -168,28 +168,6 @@ class MLPLayout:
     """The output projection (D×H weight)."""
     gate: str | None = None
     """The gate projection (H×D weight) of a gated MLP; None for a plain one."""
-    norm: str | None = None
-    """The norm before the MLP: its affine weight scales the MLP's input channels."""
-    layer_scale: str | None = None
-    """Per-channel LayerScale applied to the MLP's output (a parameter), None when the block has none."""
-
-
-@dataclass(frozen=True)
-class NullspaceRule:
-    """How SiNGER's nullspace basis is computed from a block's MLP (see docs/gated_mlp.md).
-
-    The paper's rule for the families it was defined on: M = (W_fc2 W_fc1)ᵀ, nothing folded in, and an
-    absolute threshold σ < τ. A family whose weights live at another scale takes the relative threshold
-    σ < τ·σ_max, which is scale-free.
-    """
-
-    threshold: Literal["absolute", "relative"] = "absolute"
-    fold_scales: bool = False
-    """Fold the pre-MLP norm's affine weight (rows of M) and the LayerScale (columns) into M."""
-
-
-PAPER_RULE = NullspaceRule()
-SCALE_FREE_RULE = NullspaceRule(threshold="relative")
 
 
 @dataclass(frozen=True)
@@ -199,8 +177,6 @@ class MLPWeights:
     up: torch.Tensor
     down: torch.Tensor
     gate: torch.Tensor | None
-    norm_weight: torch.Tensor | None
-    layer_scale: torch.Tensor | None
 
     @property
     def gated(self) -> bool:
@@ -223,7 +199,10 @@ class Architecture:
     order, with the other model's where both have them."""
     mlps: tuple[MLPLayout, ...] = (PLAIN_MLP,)
     """The MLP layouts the family's blocks may have; a block uses the first whose layers it holds."""
-    nullspace: NullspaceRule = PAPER_RULE
+    null_threshold: Literal["absolute", "relative"] = "absolute"
+    """SiNGER's nullspace keeps the directions with σ < τ ("absolute": the paper's rule, for the families
+    it was defined on) or σ < τ·σ_max ("relative": scale-free, for families whose weights live at
+    another scale; docs/gated_mlp.md)."""
     embed: Callable[[nn.Module, torch.Tensor], Embedded] = field(default=_hf_embed())
     """The tokens (B×N×D) entering block 0 for a batch of images of any supported size, and the
     keyword arguments every block of that forward receives."""
@@ -243,22 +222,6 @@ class Architecture:
     statistics and its own normalisation is skipped (`embed`); it can only be a teacher."""
     check: Callable[[nn.Module], None] | None = None
     """Raises a one-line ValueError for a model of this family that the code cannot run."""
-
-
-def _dinov3_mlps() -> tuple[MLPLayout, ...]:
-    around = dict(norm="norm2", layer_scale="layer_scale2.lambda1")
-    return (
-        MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj", **around),
-        MLPLayout(up="mlp.up_proj", down="mlp.down_proj", **around),
-    )
-
-
-def _radio_mlps() -> tuple[MLPLayout, ...]:
-    around = dict(norm="norm2", layer_scale="layer_scale2.lambda1")
-    return (
-        MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj", **around),
-        MLPLayout(up="mlp.fc1", down="mlp.fc2", **around),
-    )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -291,8 +254,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dinov3_vit": Architecture(
         blocks="model.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
-        mlps=_dinov3_mlps(),
-        nullspace=SCALE_FREE_RULE,
+        mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), MLPLayout(up="mlp.up_proj", down="mlp.down_proj")),
+        null_threshold="relative",
         embed=_dinov3_embed,
     ),
     # Several CLS ("summary") tokens, then registers; CPE position embeddings; normalises its input itself.
@@ -300,8 +263,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="encoder.layer",
         num_prefix_tokens=lambda m: m.config.num_cls_tokens + m.config.num_registers,
         num_class_tokens=lambda m: m.config.num_cls_tokens,
-        mlps=_radio_mlps(),
-        nullspace=SCALE_FREE_RULE,
+        mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), PLAIN_MLP),
+        null_threshold="relative",
         embed=_radio_embed,
         input_normalization=lambda m: (list(m.config.norm_mean), list(m.config.norm_std)),
         check=_check_radio_model,
@@ -311,8 +274,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="encoder.layers",
         num_prefix_tokens=lambda m: 0,
         num_class_tokens=lambda m: 0,
-        mlps=(MLPLayout(up="mlp.fc1", down="mlp.fc2", norm="layer_norm2"),),
-        nullspace=SCALE_FREE_RULE,
+        null_threshold="relative",
         embed=_siglip2_embed,
         geometry=_siglip2_geometry,
     ),
@@ -321,16 +283,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="encoder.layers",
         num_prefix_tokens=lambda m: 0,
         num_class_tokens=lambda m: 0,
-        mlps=(MLPLayout(up="ffn.up_proj", down="ffn.down_proj", gate="ffn.gate_proj", norm="rms_norm2"),),
-        nullspace=SCALE_FREE_RULE,
+        mlps=(MLPLayout(up="ffn.up_proj", down="ffn.down_proj", gate="ffn.gate_proj"),),
+        null_threshold="relative",
         embed=_plain_embed,
         fixed_image_size=lambda m: not m.config.is_native,
     ),
     "metaclip_2_vision_model": Architecture(
         blocks="encoder.layers",
         num_prefix_tokens=lambda m: 1,
-        mlps=(MLPLayout(up="mlp.fc1", down="mlp.fc2", norm="layer_norm2"),),
-        nullspace=SCALE_FREE_RULE,
+        null_threshold="relative",
         embed=_hf_embed(pre_norm="pre_layrnorm"),
     ),
 }
@@ -420,15 +381,8 @@ class ResolvedViT:
             paths = {"up": layout.up, "down": layout.down, **({"gate": layout.gate} if layout.gate else {})}
             layers = {name: _submodule_or_none(block, path) for name, path in paths.items()}
             if all(isinstance(layer, nn.Linear) for layer in layers.values()) and _shapes_fit(layers, self.width):
-                norm = _submodule_or_none(block, layout.norm) if layout.norm else None
-                scale = _parameter_or_none(block, layout.layer_scale) if layout.layer_scale else None
-                return MLPWeights(
-                    up=layers["up"].weight,
-                    down=layers["down"].weight,
-                    gate=layers["gate"].weight if "gate" in layers else None,
-                    norm_weight=getattr(norm, "weight", None),
-                    layer_scale=scale,
-                )
+                gate = layers["gate"].weight if "gate" in layers else None
+                return MLPWeights(up=layers["up"].weight, down=layers["down"].weight, gate=gate)
         mlp = getattr(block, "mlp", None)
         expected = " or ".join(_describe(layout) for layout in self.architecture.mlps)
         raise ValueError(
@@ -472,13 +426,6 @@ def _describe(layout: MLPLayout) -> str:
 def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _parameter_or_none(module: nn.Module, path: str) -> torch.Tensor | None:
-    try:
-        return module.get_parameter(path)
     except AttributeError:
         return None
 

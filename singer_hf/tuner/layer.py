@@ -57,21 +57,15 @@ def basis_with_count(
     return torch.cat([directions, padding]).to(torch.float32), len(directions)
 
 
-def nullspace_matrix(mlp: MLPWeights, fold_scales: bool = False) -> torch.Tensor:
-    """M (float64) whose approximate left nullspace starts the adapter, from a block's MLP weights.
+def nullspace_matrix(mlp: MLPWeights) -> torch.Tensor:
+    """M (D×D, float64) whose approximate left nullspace starts the adapter, from a block's MLP weights.
 
-    Plain MLP `fc2(act(fc1(x)))`: M = (W_fc2 W_fc1)ᵀ (D×D), the bias-, activation- and norm-free
+    Plain MLP `fc2(act(fc1(x)))`: M = (W_fc2 W_fc1)ᵀ, the bias-, activation- and norm-free
     linearisation x ↦ x·M. Gated MLP `down(act(gate(x)) ⊙ up(x))`: the value path M = (W_down W_up)ᵀ,
-    the gate's activation taken as a constant (see docs/gated_mlp.md for the measurement that chose it).
-    `fold_scales`: the pre-MLP norm's affine weight scales M's rows and the LayerScale its columns.
+    the gate's activation taken as a constant; the pre-MLP norm's weight and LayerScale are not folded
+    in (docs/gated_mlp.md has the measurements that chose both).
     """
-    matrix = (mlp.down.detach().double() @ mlp.up.detach().double()).T
-    if fold_scales:
-        if mlp.norm_weight is not None:
-            matrix = mlp.norm_weight.detach().double()[:, None] * matrix
-        if mlp.layer_scale is not None:
-            matrix = matrix * mlp.layer_scale.detach().double()[None, :]
-    return matrix
+    return (mlp.down.detach().double() @ mlp.up.detach().double()).T
 
 
 class SingerLayer(nn.Module, BaseTunerLayer):

@@ -63,12 +63,10 @@ class SingerModel(BaseTuner):
     def _create_and_replace(self, config: SingerConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = int(target_name)
         mlp = self._teacher.mlp(basis_block(layer, config.layers))
-        rule = self._teacher.architecture.nullspace
         generator = torch.Generator().manual_seed(config.seed + layer)
         if config.init == "nullspace":
-            matrix = nullspace_matrix(mlp, rule.fold_scales)
-            relative = rule.threshold == "relative"
-            basis, found = basis_with_count(matrix, config.rank, config.null_threshold, generator, relative)
+            relative = self._teacher.architecture.null_threshold == "relative"
+            basis, found = basis_with_count(nullspace_matrix(mlp), config.rank, config.null_threshold, generator, relative)
         else:
             basis, found = _random_unit_rows(config.rank, self._teacher.width, generator).float(), 0
         if isinstance(target, SingerLayer):

@@ -260,15 +260,15 @@ def describe(
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
-    relative = teacher.architecture.null_threshold == "relative"
-    threshold = f"τ·σ_max (τ={model.config.null_threshold})" if relative else f"τ={model.config.null_threshold}"
     for layer, adapter in model.adapters.items():
         found = adapter.null_directions["default"]
         rank = adapter.singer_down["default"].shape[1]
         source = basis_block(layer, model.teacher_layers)
+        gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
+        threshold = f"τ·σ_max (τ={model.config.null_threshold})" if gated else f"τ={model.config.null_threshold}"
         lines.append(
             f"  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
-            f"(block {source}'s MLP), {rank - found} random"
+            f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
         )
     lines.append(
         f"Trainable parameters: student {count(model.student):,}, projectors/heads "

@@ -12,7 +12,7 @@ through `resolve_vit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -199,10 +199,6 @@ class Architecture:
     order, with the other model's where both have them."""
     mlps: tuple[MLPLayout, ...] = (PLAIN_MLP,)
     """The MLP layouts the family's blocks may have; a block uses the first whose layers it holds."""
-    null_threshold: Literal["absolute", "relative"] = "absolute"
-    """SiNGER's nullspace keeps the directions with σ < τ ("absolute": the paper's rule, for the families
-    it was defined on) or σ < τ·σ_max ("relative": scale-free, for families whose weights live at
-    another scale; docs/gated_mlp.md)."""
     embed: Callable[[nn.Module, torch.Tensor], Embedded] = field(default=_hf_embed())
     """The tokens (B×N×D) entering block 0 for a batch of images of any supported size, and the
     keyword arguments every block of that forward receives."""
@@ -255,7 +251,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="model.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
         mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), MLPLayout(up="mlp.up_proj", down="mlp.down_proj")),
-        null_threshold="relative",
         embed=_dinov3_embed,
     ),
     # Several CLS ("summary") tokens, then registers; CPE position embeddings; normalises its input itself.
@@ -264,7 +259,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         num_prefix_tokens=lambda m: m.config.num_cls_tokens + m.config.num_registers,
         num_class_tokens=lambda m: m.config.num_cls_tokens,
         mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), PLAIN_MLP),
-        null_threshold="relative",
         embed=_radio_embed,
         input_normalization=lambda m: (list(m.config.norm_mean), list(m.config.norm_std)),
         check=_check_radio_model,
@@ -274,7 +268,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="encoder.layers",
         num_prefix_tokens=lambda m: 0,
         num_class_tokens=lambda m: 0,
-        null_threshold="relative",
         embed=_siglip2_embed,
         geometry=_siglip2_geometry,
     ),
@@ -284,14 +277,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         num_prefix_tokens=lambda m: 0,
         num_class_tokens=lambda m: 0,
         mlps=(MLPLayout(up="ffn.up_proj", down="ffn.down_proj", gate="ffn.gate_proj"),),
-        null_threshold="relative",
         embed=_plain_embed,
         fixed_image_size=lambda m: not m.config.is_native,
     ),
     "metaclip_2_vision_model": Architecture(
         blocks="encoder.layers",
         num_prefix_tokens=lambda m: 1,
-        null_threshold="relative",
         embed=_hf_embed(pre_norm="pre_layrnorm"),
     ),
 }

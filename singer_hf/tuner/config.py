@@ -30,11 +30,10 @@ class SingerConfig(PeftConfig):
         rank (`int`):
             r, the number of basis rows per adapter (W_d is D×r, W_u is r×D).
         null_threshold (`float`):
-            τ, threshold on the singular values of M = (W_fc2 W_fc1)ᵀ (a gated MLP's value path
-            (W_down W_up)ᵀ): directions with σ < τ form the nullspace candidates for the paper's
-            families, σ < τ·σ_max for the families whose weights live at another scale (DINOv3, C-RADIO,
-            SigLIP2, AIMv2, MetaCLIP 2; the teacher's architecture table entry, see docs/gated_mlp.md).
-            Missing rows are filled with seeded random unit vectors.
+            τ, threshold on the singular values of M = (W_fc2 W_fc1)ᵀ: directions with σ < τ form the
+            nullspace candidates. For a gated MLP, M is the value path (W_down W_up)ᵀ, whose scale is
+            arbitrary, and the rule is relative: σ < τ·σ_max (docs/gated_mlp.md). Missing rows are
+            filled with seeded random unit vectors.
         init (`str`):
             "nullspace" (the method) or "random" (the paper's ablation: r random unit-norm rows).
         seed (`int`):

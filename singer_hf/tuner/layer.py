@@ -62,8 +62,9 @@ def nullspace_matrix(mlp: MLPWeights) -> torch.Tensor:
 
     Plain MLP `fc2(act(fc1(x)))`: M = (W_fc2 W_fc1)ᵀ, the bias-, activation- and norm-free
     linearisation x ↦ x·M. Gated MLP `down(act(gate(x)) ⊙ up(x))`: the value path M = (W_down W_up)ᵀ,
-    the gate's activation taken as a constant; the pre-MLP norm's weight and LayerScale are not folded
-    in (docs/gated_mlp.md has the measurements that chose both).
+    the gate's activation taken as a constant, so its overall scale is arbitrary and its directions are
+    kept by the relative rule σ < τ·σ_max. The pre-MLP norm's weight and LayerScale are not folded in
+    (docs/gated_mlp.md has the measurements that chose all three).
     """
     return (mlp.down.detach().double() @ mlp.up.detach().double()).T
 

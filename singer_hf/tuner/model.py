@@ -65,8 +65,8 @@ class SingerModel(BaseTuner):
         mlp = self._teacher.mlp(basis_block(layer, config.layers))
         generator = torch.Generator().manual_seed(config.seed + layer)
         if config.init == "nullspace":
-            relative = self._teacher.architecture.null_threshold == "relative"
-            basis, found = basis_with_count(nullspace_matrix(mlp), config.rank, config.null_threshold, generator, relative)
+            # A gated MLP's value path has an arbitrary scale (its gate taken as 1): only σ < τ·σ_max means anything.
+            basis, found = basis_with_count(nullspace_matrix(mlp), config.rank, config.null_threshold, generator, relative=mlp.gated)
         else:
             basis, found = _random_unit_rows(config.rank, self._teacher.width, generator).float(), 0
         if isinstance(target, SingerLayer):

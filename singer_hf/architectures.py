@@ -184,6 +184,7 @@ class MLPWeights:
 
 
 PLAIN_MLP = MLPLayout(up="mlp.fc1", down="mlp.fc2")
+GATED_MLP = MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj")
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,17 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "vit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 1),
     "deit": Architecture(blocks="layers", num_prefix_tokens=lambda m: 2),  # CLS + distillation token
+    # Giant models (use_swiglu_ffn): gated MLPs.
     "dinov2": Architecture(
-        blocks="encoder.layer", num_prefix_tokens=lambda m: 1, embed=_hf_embed(interpolation_flag=False)
+        blocks="encoder.layer",
+        num_prefix_tokens=lambda m: 1,
+        mlps=(PLAIN_MLP, GATED_MLP),
+        embed=_hf_embed(interpolation_flag=False),
     ),
     "dinov2_with_registers": Architecture(
         blocks="encoder.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
+        mlps=(PLAIN_MLP, GATED_MLP),
         embed=_hf_embed(interpolation_flag=False),
     ),
     "clip_vision_model": Architecture(blocks="encoder.layers", num_prefix_tokens=lambda m: 1, embed=_hf_embed(pre_norm="pre_layrnorm")),
@@ -250,7 +256,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dinov3_vit": Architecture(
         blocks="model.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
-        mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), MLPLayout(up="mlp.up_proj", down="mlp.down_proj")),
+        mlps=(GATED_MLP, MLPLayout(up="mlp.up_proj", down="mlp.down_proj")),
         embed=_dinov3_embed,
     ),
     # Several CLS ("summary") tokens, then registers; CPE position embeddings; normalises its input itself.
@@ -258,7 +264,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="encoder.layer",
         num_prefix_tokens=lambda m: m.config.num_cls_tokens + m.config.num_registers,
         num_class_tokens=lambda m: m.config.num_cls_tokens,
-        mlps=(MLPLayout(up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj"), PLAIN_MLP),
+        mlps=(PLAIN_MLP, GATED_MLP),
         embed=_radio_embed,
         input_normalization=lambda m: (list(m.config.norm_mean), list(m.config.norm_std)),
         check=_check_radio_model,

@@ -157,18 +157,29 @@ def _student(image=28, patch=7):
     return transformers.ViTModel(config)
 
 
+def test_dinov2_giant_swiglu_blocks_take_the_gated_rule():
+    """DINOv2-giant's SwiGLU (separate gate/up/down projections): the value path, σ < τ·σ_max."""
+    from singer_hf import DistillationConfig, DistillationModel, resolve_vit
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=7,
+                                       use_swiglu_ffn=True)  # fmt: skip
+    teacher = transformers.Dinov2Model(config)
+    assert resolve_vit(teacher).mlp(2).gated
+    model = DistillationModel(teacher, _student(), DistillationConfig(teacher_layers=[1, 2], rank=4))
+    assert all(0 < layer.null_directions["default"] for layer in model.adapters.values())
+    model(pixel_values=torch.randn(2, 3, 28, 28)).loss.backward()
+
+
 @pytest.mark.parametrize(
     "teacher, message",
     [
-        (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=7, use_swiglu_ffn=True)),
-         "teacher: block 2 of this dinov2 model has a Dinov2SwiGLUFFN MLP"),
         (lambda: _tiny_timm("vit_giant_patch14_dinov2"), "teacher: block 2 of this timm_wrapper model has a GluMlp MLP"),
         (lambda: _tiny_timm("vit_small_patch16_18x2_224"), "teacher: block 2 of this timm_wrapper model has a ParallelThingsBlock MLP"),
     ],
-    ids=["dinov2_swiglu", "timm_dinov2_giant_swiglu", "timm_parallel_blocks"],
+    ids=["timm_dinov2_giant_packed_swiglu", "timm_parallel_blocks"],
 )
-def test_blocks_without_a_plain_mlp_fail_at_construction_for_singer_only(teacher, message):
+def test_blocks_without_a_readable_mlp_fail_at_construction_for_singer_only(teacher, message):
     from singer_hf import DistillationConfig, DistillationModel
 
     with pytest.raises(ValueError, match=message) as error:

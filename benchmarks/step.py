@@ -39,6 +39,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from singer_hf import DistillationConfig, DistillationModel, map_layers, resolve_vit
+from singer_hf.architectures import BlockOutputs
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,14 @@ class OfficialCodeModel(DistillationModel):
         super().__init__(teacher, student, config)
         self.teacher.requires_grad_(True)
 
-    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def teacher_features(self, pixel_values: torch.Tensor) -> BlockOutputs:
         teacher = resolve_vit(self.teacher)
         with torch.no_grad():
             outputs = teacher.block_outputs(pixel_values)
         features = list(outputs)
         for layer in self.teacher_layers[:-1]:
             features[layer + 1] = teacher.run_block(layer + 1, features[layer], outputs.block_kwargs)  # with weight gradients
-        return tuple(features)
+        return BlockOutputs(features, outputs.block_kwargs)
 
     def student_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return resolve_vit(self.student).block_outputs(pixel_values)

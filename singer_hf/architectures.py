@@ -73,12 +73,6 @@ def _dinov3_embed(backbone: nn.Module, pixel_values: torch.Tensor) -> Embedded:
     )
 
 
-def _radio_embed(backbone: nn.Module, pixel_values: torch.Tensor) -> Embedded:
-    # The model's input conditioner is skipped: the pixels arrive normalised with its own statistics
-    # (`input_normalization`), as RADIO's `make_preprocessor_external` arranges.
-    return Embedded(backbone.embeddings(pixel_values))
-
-
 def _siglip2_embed(backbone: nn.Module, pixel_values: torch.Tensor) -> Embedded:
     """NaFlex on a batch of same-size images: patchified as Siglip2ImageProcessor lays patches out
     (rows of patches, each patch row-major with the channels last), every patch valid."""
@@ -252,7 +246,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         set_input_size=_timm_set_input_size,
         check=_check_timm_model,
     ),
-    # CLS + registers; RoPE computed once per forward; plain (ViT-S/B/L) or gated (S+/L+/H+/7B) MLPs.
+    # CLS + registers; RoPE computed once per forward; plain (ViT-S/B/L) or gated (S+, H+, 7B) MLPs.
     "dinov3_vit": Architecture(
         blocks="model.layer",
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
@@ -265,7 +259,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         num_prefix_tokens=lambda m: m.config.num_cls_tokens + m.config.num_registers,
         num_class_tokens=lambda m: m.config.num_cls_tokens,
         mlps=(PLAIN_MLP, GATED_MLP),
-        embed=_radio_embed,
+        # The input conditioner is skipped: the pixels arrive normalised with the model's own statistics
+        # (`input_normalization`), as RADIO's `make_preprocessor_external` arranges.
+        embed=_plain_embed,
         input_normalization=lambda m: (list(m.config.norm_mean), list(m.config.norm_std)),
         check=_check_radio_model,
     ),

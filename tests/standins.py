@@ -116,7 +116,7 @@ def newer_families(image: int = 32, patch: int = 8, layers: int = 6, width: int 
         return lambda folder: save_hf(folder, transformers.DINOv3ViTModel, config, processor)
 
     return {
-        # ViT-S/B/L (plain MLP) and ViT-S+/L+/H+/7B (gated MLP): CLS + 4 registers, RoPE, LayerScale.
+        # ViT-S/B/L (plain MLP) and ViT-S+/H+/7B (gated MLP): CLS + 4 registers, RoPE, LayerScale.
         "dinov3_vit": dinov3(gated=False),
         "dinov3_vit_gated": dinov3(gated=True),
         # C-RADIO: 3 summary tokens + 7 registers, CPE position embeddings cropped from a larger table,

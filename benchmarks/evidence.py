@@ -320,7 +320,10 @@ def refinement_report(teacher_dir: Path, run_dir: Path, layers: list[int], image
         refined = torch.cat([adapted.base_model.singer_layers[layer].refine(chunk) for chunk in raw[layer].split(500)])
         entry = {"raw": artifact_stats(raw[layer], 1, OUTLIER_RATIO), "refined": artifact_stats(refined, 1, OUTLIER_RATIO)}
         if layer + 1 < vit.depth:
-            following = torch.cat([vit.run_block(layer + 1, chunk) for chunk in refined.split(500)])
+            following = torch.cat([
+                vit.run_block(layer + 1, chunk, vit.embed(pixels).block_kwargs)
+                for chunk, pixels in zip(refined.split(500), images.split(500))
+            ])  # fmt: skip
             entry["info_error"] = ((following - raw[layer + 1]).pow(2).sum() / raw[layer + 1].pow(2).sum()).item()
         report[str(layer)] = entry
     return report

@@ -52,8 +52,8 @@ def blank_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def _fc_layers(vit, block: int) -> tuple[nn.Linear, nn.Linear]:
-    module = vit.blocks[block]
-    return module.get_submodule(vit.architecture.fc1), module.get_submodule(vit.architecture.fc2)
+    module, (layout, *_) = vit.blocks[block], vit.architecture.mlps
+    return module.get_submodule(layout.up), module.get_submodule(layout.down)
 
 
 @torch.no_grad()

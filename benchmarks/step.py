@@ -58,6 +58,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from singer_hf import DistillationModel, DistillationModelConfig, map_layers, resolve_vit
 from singer_hf.data import PixelNormalizer
+from singer_hf.architectures import BlockOutputs
 
 
 @dataclass(frozen=True)
@@ -154,13 +155,14 @@ class OfficialCodeModel(DistillationModel):
         super().__init__(teacher, student, config)
         self.teacher.requires_grad_(True)
 
-    def teacher_features(self, pixel_values: torch.Tensor, teacher_name: str | None = None) -> tuple[torch.Tensor, ...]:
+    def teacher_features(self, pixel_values: torch.Tensor, teacher_name: str | None = None) -> BlockOutputs:
         teacher = resolve_vit(self.teacher)
         with torch.no_grad():
-            features = list(teacher.block_outputs(pixel_values))
+            outputs = teacher.block_outputs(pixel_values)
+        features = list(outputs)
         for layer in self.teacher_layers[:-1]:
-            features[layer + 1] = teacher.run_block(layer + 1, features[layer])  # with weight gradients
-        return tuple(features)
+            features[layer + 1] = teacher.run_block(layer + 1, features[layer], outputs.block_kwargs)  # with weight gradients
+        return BlockOutputs(features, outputs.block_kwargs)
 
     def student_features(self, pixel_values: torch.Tensor, student_name: str | None = None) -> tuple[torch.Tensor, ...]:
         return resolve_vit(self.student).block_outputs(pixel_values)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = load_backbone(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     teacher_vit = resolve_vit(teacher, "model_name_or_path")
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    mean, std, _ = image_processor_stats(processor)
+    mean, std, _ = image_processor_stats(processor, teacher_vit.input_normalization)
     transform = ImageTransform(build_transforms(mean, std, teacher_vit.image_size, train=False), args.image_column)
     pixel_values = torch.stack(transform({args.image_column: dataset[args.image_column]})["pixel_values"])
     shown = (pixel_values[: args.figure_images] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])

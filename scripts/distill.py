@@ -200,12 +200,12 @@ def load_image_processor(model_args: ModelArguments, teacher):
     name = model_args.image_processor_name_or_path or model_args.teacher_name_or_path
     if name != "default":
         return AutoImageProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-    config = resolve_vit(teacher).backbone.config
-    classes = IMAGE_PROCESSOR_MAPPING.get(type(config), None)
+    vit = resolve_vit(teacher)
+    classes = IMAGE_PROCESSOR_MAPPING.get(type(vit.backbone.config), None)
     if classes is None:
-        raise UsageError(f"image_processor_name_or_path: {config.model_type} has no default image processor; name one")
+        raise UsageError(f"image_processor_name_or_path: {vit.model_type} has no default image processor; name one")
     processor_class = classes["torchvision"] if isinstance(classes, dict) else classes
-    size = {"height": config.image_size, "width": config.image_size}
+    size = {"height": vit.image_size, "width": vit.image_size}
     processor = processor_class(size=size)
     if getattr(processor, "do_center_crop", False):
         processor.crop_size = size
@@ -317,7 +317,8 @@ def describe(
     lines = [
         f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
         f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
-        f"Student: {student_description(model_args, student)}, {model.image_size}px",
+        f"Student: {student_description(model_args, student)}, {model.image_size}px, patch {student.patch_size}"
+        + ("" if student.patch_size == teacher.patch_size else "; KD resamples its patch tokens onto the teacher's grid"),
         f"Method: {model.config.method}; teacher → student blocks: "
         + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
@@ -325,9 +326,11 @@ def describe(
         found = adapter.nullspace_row_count[model.adapter_name(model.pair.student)]
         rank = adapter.singer_down[model.adapter_name(model.pair.student)].shape[1]
         source = basis_block(layer, model.teacher_layers)
+        gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
+        threshold = f"τ·σ_max (τ={model.config.null_threshold})" if gated else f"τ={model.config.null_threshold}"
         lines.append(
-            f"  adapter on block {layer}: {found}/{rank} nullspace directions below τ={model.config.null_threshold} "
-            f"(block {source}'s MLP), {rank - found} random"
+            f"  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
+            f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
         )
     lines.append(
         f"Trainable parameters: student {count(model.student):,}, projectors/heads "
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[EpochCallback(augmentation)],
-        processing_class=student_image_processor(image_processor),
+        processing_class=student_image_processor(image_processor, resolve_vit(teacher).input_normalization),
     )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last
     if checkpoint is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"layer={backbone_args.layer} is out of range for a {vit.depth}-block backbone")
     block = backbone_args.layer % vit.depth
     processor = AutoImageProcessor.from_pretrained(backbone_args.model_name_or_path, trust_remote_code=backbone_args.trust_remote_code)
-    mean, std, _ = image_processor_stats(processor)
+    mean, std, _ = image_processor_stats(processor, vit.input_normalization)
     transform = ProbeTransform(data_args.task, mean, std, vit.image_size, data_args.image_column, data_args.label_column,
                                data_args.reduce_labels, data_args.depth_scale)  # fmt: skip
     dtype = DTYPES[backbone_args.dtype]

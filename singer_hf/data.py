@@ -15,6 +15,7 @@ line per image and pass.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import logging
 import multiprocessing
@@ -136,16 +137,38 @@ class PixelNormalizer:
         return self.normalization(pixel_values) if pixel_values.dtype == torch.uint8 else pixel_values
 
 
-def image_processor_stats(image_processor) -> tuple[list[float], list[float], int]:
+def image_processor_stats(image_processor, normalization=None) -> tuple[list[float], list[float], int]:
     """(mean, std, size) a model expects, read from its HF image processor.
 
     When the processor center-crops (DINOv2, CLIP, DeiT), the model sees ``crop_size``, not ``size``.
-    timm checkpoints (``TimmWrapperImageProcessor``, e.g. the paper's teachers) keep all three in
-    their ``data_config``.
+    A NaFlex processor (SigLIP2: ``max_num_patches`` patches of ``patch_size``, any aspect ratio) gives
+    square images of ``floor(sqrt(max_num_patches))`` patches a side. A processor that does not
+    normalise gives pixels in [0, 1] (mean 0, std 1). timm checkpoints (``TimmWrapperImageProcessor``,
+    e.g. the paper's teachers) keep all three in their ``data_config``. ``normalization``: the (mean,
+    std) a model normalises with inside its forward (``ResolvedViT.input_normalization``), which
+    replaces the processor's.
     """
     data_config = getattr(image_processor, "data_config", None)
     if data_config is not None:
-        return list(data_config["mean"]), list(data_config["std"]), int(data_config["input_size"][-1])
+        mean, std, size = list(data_config["mean"]), list(data_config["std"]), int(data_config["input_size"][-1])
+    else:
+        (mean, std), size = _processor_normalization(image_processor), _processor_size(image_processor)
+    if normalization is not None:
+        mean, std = list(normalization[0]), list(normalization[1])
+    return mean, std, size
+
+
+def _processor_normalization(image_processor) -> tuple[list[float], list[float]]:
+    mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+    if not getattr(image_processor, "do_normalize", True):  # pixels stay in [0, 1]
+        return [0.0] * len(mean), [1.0] * len(std)
+    return mean, std
+
+
+def _processor_size(image_processor) -> int:
+    max_patches = getattr(image_processor, "max_num_patches", None)
+    if getattr(image_processor, "size", None) is None and max_patches:
+        return int(max_patches**0.5) * int(image_processor.patch_size)
     size = image_processor.size
     if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
         size = image_processor.crop_size
@@ -155,19 +178,27 @@ def image_processor_stats(image_processor) -> tuple[list[float], list[float], in
         raise ValueError(
             f"image_processor.size={image_processor.size!r} has neither 'height' nor 'shortest_edge'; cannot pick an image size"
         )
-    return list(image_processor.image_mean), list(image_processor.image_std), int(size)
+    return int(size)
 
 
-def student_image_processor(teacher_processor):
-    """The processor saved with the student: the teacher's, since the student learnt on its inputs.
+def student_image_processor(teacher_processor, normalization=None):
+    """The processor saved with the student: it gives exactly the pixels the student learnt on.
 
-    A timm teacher's processor lives in its model's config.json and cannot be saved on its own, so
-    an HF `ViTImageProcessor` with the same statistics and size stands in for it.
+    That is the teacher's processor when it gives fixed-size normalised images. A timm teacher's
+    processor lives in its model's config.json and cannot be saved on its own, and a NaFlex one gives
+    images of any aspect ratio as patch sequences: an HF `ViTImageProcessor` with the same statistics
+    and size stands in for them. ``normalization``: the statistics a teacher normalises with inside
+    its forward (C-RADIO); the pixels were normalised with them, so the student's processor does so.
     """
-    if getattr(teacher_processor, "data_config", None) is None:
+    mean, std, size = image_processor_stats(teacher_processor, normalization)
+    naflex = getattr(teacher_processor, "size", None) is None and getattr(teacher_processor, "max_num_patches", None)
+    if getattr(teacher_processor, "data_config", None) is not None or naflex:
+        return transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    if normalization is None:
         return teacher_processor
-    mean, std, size = image_processor_stats(teacher_processor)
-    return transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    processor = copy.deepcopy(teacher_processor)
+    processor.do_normalize, processor.image_mean, processor.image_std = True, mean, std
+    return processor
 
 
 def load_image_dataset(

@@ -26,7 +26,10 @@ class AdapterFields:
     rank: int = checked_field(64, help="SiNGER adapter rank r (basis rows per adapter).", check=integer_at_least(1))
     null_threshold: float = checked_field(
         0.05,
-        help="τ: absolute threshold on the singular values of M = (W_fc2 W_fc1)ᵀ; directions with σ < τ form the nullspace.",
+        help=(
+            "τ: threshold on the singular values of M = (W_fc2 W_fc1)ᵀ; directions with σ < τ form the nullspace. "
+            "A gated MLP's value path (W_down W_up)ᵀ has an arbitrary scale: there the rule is σ < τ·σ_max."
+        ),
         check=number_at_least(0),
     )
     adapter_init: Literal["nullspace", "random"] = checked_field(

@@ -96,11 +96,11 @@ def write_student_card(
     """Write `output_dir/README.md`, a model card for the student saved there, and return it.
 
     Args:
-        output_dir: the student folder (`SingerTrainer.save_model`'s output); created if missing.
+        output_dir: the student folder (`FeatureDistillationTrainer.save_model`'s output); created if missing.
             Its `config.json`, when present, gives the student's depth.
         teacher_name: the teacher's Hub id or local path (a local path is shown by its folder name).
         dataset_name: the training data's Hub id or local path (same rule).
-        distillation: the contents of `distillation/distillation_config.json` as `SingerTrainer`
+        distillation: the contents of `distillation/distillation_config.json` as `FeatureDistillationTrainer`
             writes them: the `DistillationModelConfig` fields plus the resolved `teacher_layers` and
             `student_layers`.
         training: optional training settings, e.g. `training_args.to_dict()` (only the usual

@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import ResolvedViT, backbone_of, resolve_vit
+from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .checks import block_indices, check_fields, checked_field, number_at_least
 from .methods import DistillationMethod, MethodFields, get_method
 from .tuner import SingerConfig
@@ -217,7 +217,7 @@ class DistillationModel(nn.Module):
                 layers = settings[teacher_name].layers or configs[student_name].teacher_layers
                 plans[student_name, teacher_name] = plan_layers(teacher_view, student_view, configs[student_name], layers)
         for teacher_name, teacher_view in teacher_views.items():
-            teacher_view.run_at(self.image_size)
+            teacher_view.run_at(self.image_size, _argument("teacher", teacher_name, teachers))
             model = teachers[teacher_name]
             adapters = {}
             for student_name in students:
@@ -357,7 +357,7 @@ class DistillationModel(nn.Module):
             total = total + student_total
         return DistillationOutput(loss=total, losses=losses)
 
-    def teacher_features(self, pixel_values: torch.Tensor, teacher: str | None = None) -> tuple[torch.Tensor, ...]:
+    def teacher_features(self, pixel_values: torch.Tensor, teacher: str | None = None) -> BlockOutputs:
         """A teacher's block outputs up to the deepest block any student reads (SiNGER's F^{l+1}
         targets are all at or before its final layer), without gradients."""
         name = teacher or self._only("teacher", self.teachers)
@@ -366,7 +366,7 @@ class DistillationModel(nn.Module):
         with torch.no_grad():
             return view.block_outputs(pixel_values.to(next(view.blocks[0].parameters()).dtype), last_block=last)
 
-    def student_features(self, pixel_values: torch.Tensor, student: str | None = None) -> tuple[torch.Tensor, ...]:
+    def student_features(self, pixel_values: torch.Tensor, student: str | None = None) -> BlockOutputs:
         """A student's block outputs up to its deepest distilled block (the later ones are frozen, unread)."""
         name = student or self._only("student", self.students)
         last = max(max(pair.student_layers) for pair in self.pairs if pair.student == name)
@@ -528,12 +528,13 @@ def _check_not_meta(model: nn.Module, argument: str) -> None:
 
 
 def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:
-    if teacher.patch_size != student.patch_size:
+    """The images come at the student's size; patch grids may differ (`alignment.TokenAlignment`)."""
+    student.check_image_size(student.image_size, "student")
+    teacher.check_image_size(student.image_size, "teacher")
+    if student.input_normalization is not None:
         raise ValueError(
-            f"student: patch size {student.patch_size} differs from the teacher's {teacher.patch_size}; "
-            "the patch grids must match"
+            f"student: {student.model_type} models normalise their pixels inside their forward and can only be teachers; "
+            "use a ViT, DeiT, DINOv2/v3, CLIP, SigLIP or AIMv2 student"
         )
-    if student.image_size % student.patch_size:
-        raise ValueError(f"student: image size {student.image_size} is not a multiple of its patch size {student.patch_size}")
     if teacher.num_channels != student.num_channels:
         raise ValueError(f"student: {student.num_channels} input channels, the teacher has {teacher.num_channels}")

@@ -45,6 +45,29 @@ TEACHER_FACTORIES = {
 }
 
 
+_NEWER = dict(hidden_size=48, num_hidden_layers=6, num_attention_heads=2, patch_size=PATCH)
+NEWER_TEACHER_FACTORIES = {
+    "dinov3_vit": lambda: transformers.DINOv3ViTModel(
+        transformers.DINOv3ViTConfig(**_NEWER, intermediate_size=96, image_size=IMAGE, layerscale_value=0.5)
+    ),
+    "dinov3_vit_gated": lambda: transformers.DINOv3ViTModel(
+        transformers.DINOv3ViTConfig(**_NEWER, intermediate_size=96, image_size=IMAGE, layerscale_value=0.5, use_gated_mlp=True)
+    ),
+    "radio": lambda: transformers.RadioModel(transformers.RadioConfig(**_NEWER, mlp_ratio=2.0, image_size=IMAGE, max_img_size=2 * IMAGE)),
+    "radio_swiglu": lambda: transformers.RadioModel(
+        transformers.RadioConfig(**_NEWER, mlp_ratio=2.0, image_size=IMAGE, max_img_size=2 * IMAGE, use_swiglu_ffn=True)
+    ),
+    "siglip2_vision_model": lambda: transformers.Siglip2VisionModel(
+        transformers.Siglip2VisionConfig(**_NEWER, intermediate_size=96, num_patches=(IMAGE // PATCH) ** 2)
+    ),
+    "aimv2_vision_model": lambda: transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**_NEWER, intermediate_size=96, image_size=IMAGE)),
+    "metaclip_2_vision_model": lambda: transformers.MetaClip2VisionModel(
+        transformers.MetaClip2VisionConfig(**_NEWER, intermediate_size=96, image_size=IMAGE)
+    ),
+}
+"""The newer families' vision models, in memory (tests/standins.py writes them as Hub folders)."""
+
+
 @pytest.fixture
 def images():
     return torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))

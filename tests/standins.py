@@ -100,3 +100,68 @@ def hf_families(image: int = 32, patch: int = 8, layers: int = 6) -> dict[str, c
             transformers.SiglipImageProcessor(size={"height": image, "width": image}),
         ),
     }
+
+
+def newer_families(image: int = 32, patch: int = 8, layers: int = 6, width: int = 32) -> dict[str, callable]:
+    """The teachers distilled from now, with the prefix tokens, MLPs and processors their Hub
+    checkpoints have: name → function(folder) writing the stand-in."""
+    blocks = dict(hidden_size=width, num_attention_heads=2, num_hidden_layers=layers)
+    vision = dict(blocks, intermediate_size=2 * width, patch_size=patch)
+    clip_processor = transformers.CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
+    text = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64)
+
+    def dinov3(gated: bool):
+        config = transformers.DINOv3ViTConfig(**vision, image_size=image, num_register_tokens=4, use_gated_mlp=gated)
+        processor = transformers.DINOv3ViTImageProcessor(size={"height": image, "width": image})
+        return lambda folder: save_hf(folder, transformers.DINOv3ViTModel, config, processor)
+
+    return {
+        # ViT-S/B/L (plain MLP) and ViT-S+/H+/7B (gated MLP): CLS + 4 registers, RoPE, LayerScale.
+        "dinov3_vit": dinov3(gated=False),
+        "dinov3_vit_gated": dinov3(gated=True),
+        # C-RADIO: 3 summary tokens + 7 registers, CPE position embeddings cropped from a larger table,
+        # normalises [0, 1] pixels inside the model, so its processor does not normalise.
+        "radio": lambda folder: save_hf(
+            folder,
+            transformers.RadioModel,
+            transformers.RadioConfig(**blocks, mlp_ratio=2.0, image_size=image, patch_size=patch, max_img_size=4 * image),
+            transformers.CLIPImageProcessor(
+                size={"shortest_edge": image}, crop_size={"height": image, "width": image}, do_normalize=False
+            ),
+        ),
+        # SigLIP2 NaFlex: AutoModel gives Siglip2Model (text tower included); the processor patchifies
+        # up to max_num_patches patches; no CLS token.
+        "siglip2": lambda folder: save_hf(
+            folder,
+            transformers.Siglip2Model,
+            transformers.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=(image // patch) ** 2)),
+            transformers.Siglip2ImageProcessor(patch_size=patch, max_num_patches=(image // patch) ** 2),
+        ),
+        # AIMv2 (apple/aimv2-*-patch14-224 are vision models): RMSNorm, SwiGLU, no CLS, fixed position table.
+        "aimv2": lambda folder: save_hf(
+            folder, transformers.Aimv2VisionModel, transformers.Aimv2VisionConfig(**vision, image_size=image), clip_processor
+        ),
+        "metaclip_2": lambda folder: save_hf(
+            folder,
+            transformers.MetaClip2Model,
+            transformers.MetaClip2Config(text_config=dict(text, bos_token_id=1, eos_token_id=2), vision_config=dict(vision, image_size=image)),
+            clip_processor,
+        ),
+    }
+
+
+def hub_teacher(hub_id: str, folder: Path) -> Path | None:
+    """A stand-in for a recipe's Hub teacher of a newer family: its family, depth, prefix tokens, MLP
+    and patch size, at width 64 (the recipes' rank 64 must fit); None for other ids."""
+    stand_ins = {
+        "facebook/dinov3-vitl16-pretrain-lvd1689m": ("dinov3_vit", dict(layers=24)),
+        "nvidia/C-RADIOv4-H": ("radio", dict(layers=32)),
+        "google/siglip2-so400m-patch16-naflex": ("siglip2", dict(layers=27)),
+        # /14 like the real one, at a size a /16 student reads too.
+        "apple/aimv2-large-patch14-224": ("aimv2", dict(layers=24, image=112, patch=14)),
+    }
+    if hub_id not in stand_ins:
+        return None
+    family, shape = stand_ins[hub_id]
+    newer_families(width=64, **shape)[family](folder)
+    return folder

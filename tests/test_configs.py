@@ -35,6 +35,15 @@ RECIPES = {
     "deit3_s_to_t_singer": (DEIT3_S, "tiny", "63.50"),
     "deit3_s_to_t_fitnet": (DEIT3_S, "tiny", "51.41"),
 }
+# Recipes for the newer families -> (teacher, student_size, the teacher checkpoint's depth). Their
+# settings are the paper's; each runs end to end on a stand-in of its family in tests/test_recipes.py.
+NEWER_RECIPES = {
+    "dinov3_l_to_vit_s_singer": ("facebook/dinov3-vitl16-pretrain-lvd1689m", "small", 24),
+    "dinov3_l_to_vit_s_fitnet": ("facebook/dinov3-vitl16-pretrain-lvd1689m", "small", 24),
+    "c_radio_h_to_vit_b_singer": ("nvidia/C-RADIOv4-H", "base", 32),
+    "siglip2_so400m_to_vit_s_singer": ("google/siglip2-so400m-patch16-naflex", "small", 27),
+    "aimv2_l14_to_vit_s16_singer": ("apple/aimv2-large-patch14-224", "small", 24),
+}
 # Paper layers (SPEC §3, §6, §8) by teacher depth.
 LAYERS = {("singer", 24): [17, 23], ("singer", 12): [8, 11], ("fitnet", 24): [11, 17, 23], ("fitnet", 12): [5, 8, 11]}
 
@@ -59,7 +68,29 @@ def timm_depth(architecture: str) -> int:
 
 def test_every_paper_recipe_is_there():
     found = {path.stem for path in CONFIGS.glob("*.yaml") if path.name != "demo.yaml"}
-    assert found == set(RECIPES)
+    assert found == set(RECIPES) | set(NEWER_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(NEWER_RECIPES))
+def test_newer_family_recipe_parses_and_its_header_holds(name, distill_script, tmp_path):
+    path = CONFIGS / f"{name}.yaml"
+    teacher, student_size, depth = NEWER_RECIPES[name]
+    argv = [str(path), "--output_dir", str(tmp_path)] + ([] if is_torch_bf16_gpu_available() else ["--use_cpu", "true"])
+    model_args, data_args, args = distill_script.parse_arguments(argv)
+    assert (model_args.teacher_name_or_path, model_args.student_size) == (teacher, student_size)
+    method = name.rsplit("_", 1)[1]
+    assert args.method == method and max(args.teacher_layers) == depth - 1
+    assert args.teacher_layers == args.distillation_config().layers_for(depth) or (method, depth) in LAYERS
+    assert args.max_steps == math.ceil(EPOCHS * IMAGENET_TRAIN / GLOBAL_BATCH)
+    assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == GLOBAL_BATCH
+    text = path.read_text()
+    assert yaml.safe_load(text)["output_dir"] == f"outputs/{name}"
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert teacher in header and f"{depth} blocks" in header and ("Why this pair" in header or method == "fitnet")
+    assert f"scripts/distill.py configs/{name}.yaml" in header and "hf auth login" in header
+    mapping = re.search(r"Teacher blocks → student blocks: (.*)\.", header).group(1)
+    student_layers = map_layers(args.teacher_layers, depth, 12)
+    assert mapping == ", ".join(f"{t}→{s}" for t, s in zip(args.teacher_layers, student_layers))
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

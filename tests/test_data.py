@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from torch.utils.data import DataLoader
+import transformers
 from transformers import BitImageProcessor, ViTImageProcessor
 
 from singer_hf.data import (
@@ -20,6 +21,7 @@ from singer_hf.data import (
     image_processor_stats,
     load_fashion_mnist,
     load_image_dataset,
+    student_image_processor,
     with_image_transform,
 )
 
@@ -166,6 +168,23 @@ def test_image_processor_stats_uses_the_size_the_model_sees():
     assert image_processor_stats(cropping)[2] == 224
     cropping.do_center_crop = False
     assert image_processor_stats(cropping)[2] == 256
+
+
+def test_image_processor_stats_of_naflex_unnormalised_and_self_normalising_models():
+    naflex = transformers.Siglip2ImageProcessor(patch_size=16, max_num_patches=256)
+    assert image_processor_stats(naflex) == ([0.5] * 3, [0.5] * 3, 256)  # 16×16 patches of 16 px
+    assert image_processor_stats(transformers.Siglip2ImageProcessor(patch_size=16, max_num_patches=200))[2] == 224
+    raw = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_normalize=False)
+    assert image_processor_stats(raw) == ([0.0] * 3, [1.0] * 3, 224)  # pixels in [0, 1]
+    own = ([0.4, 0.5, 0.6], [0.2, 0.3, 0.4])  # what a model normalises with inside its forward
+    assert image_processor_stats(raw, own) == (*own, 224)
+    # The student's processor gives the pixels the run fed it: normalised with the model's statistics,
+    # a square ViT processor for a NaFlex teacher; an ordinary teacher's processor is kept as it is.
+    student = student_image_processor(raw, own)
+    assert student.do_normalize and image_processor_stats(student) == (*own, 224) and not raw.do_normalize
+    assert isinstance(student_image_processor(naflex), ViTImageProcessor) and image_processor_stats(student_image_processor(naflex))[2] == 256
+    vit = ViTImageProcessor(size={"height": 28, "width": 28})
+    assert student_image_processor(vit) is vit
 
 
 def test_fashion_mnist_rejects_unknown_split():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import transformers
 from conftest import IMAGE, make_vit
+from standins import newer_families
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
@@ -221,3 +222,16 @@ def test_two_processes_print_and_write_once_what_one_process_gets(backbone, tmp_
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["results"][0]["metrics"] == single["results"][0]["metrics"]  # all the features, in order
     assert two["results"][0]["settings"]["held_out_scores"] == single["results"][0]["settings"]["held_out_scores"]
+
+
+@pytest.mark.parametrize("family", sorted(newer_families()))
+def test_newer_families_are_probed_through_the_architecture_table(family, tmp_path):
+    """Depth probes read both the summary (CLS/first summary token, or mean patch) and the patch grid,
+    so a wrong prefix count or preprocessing would fail here."""
+    teacher = newer_families()[family](tmp_path / family)
+    data = depth_data(tmp_path / "depth")
+    results = run(str(teacher), data, tmp_path / "out", "--task", "depth-estimation", "--label_column", "depth", "--epochs", "2")
+    (result,) = results["results"]
+    assert all(math.isfinite(metric["value"]) for metric in result["metrics"])
+    summary = "CLS token" if family in ("dinov3_vit", "dinov3_vit_gated", "radio", "metaclip_2") else "mean patch token"
+    assert results["backbone"]["feature"].startswith(f"patch tokens ⊕ {summary}")

@@ -5,6 +5,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import make_vit
 
 from singer_hf import DistillationModelConfig, DistillationModel, SingerConfig
@@ -147,3 +148,83 @@ def test_peft_teacher_can_be_passed_in(tmp_path, images):
         DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[3, 5], rank=4))
     with pytest.raises(ValueError, match="rank: 8 differs from the teacher's SiNGER adapters of rank 4"):
         DistillationModel(teacher, make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[4, 5], rank=8))
+
+
+def _dinov3(gated=False):
+    torch.manual_seed(0)
+    config = transformers.DINOv3ViTConfig(hidden_size=48, num_hidden_layers=6, num_attention_heads=2, intermediate_size=96,
+                                          image_size=32, patch_size=8, num_register_tokens=4, use_gated_mlp=gated,
+                                          layerscale_value=0.5)  # fmt: skip
+    return transformers.DINOv3ViTModel(config)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_singer_losses_on_a_rope_teacher_match_the_spec(gated, images):
+    """DINOv3: block l+1 of the information loss gets the forward's RoPE cos/sin, like the model's own
+    blocks; the adapter leaves CLS and the 4 registers alone."""
+    model = DistillationModel(_dinov3(gated), make_vit(32, 4, seed=1), DistillationModelConfig(teacher_layers=[2, 5], rank=8))
+    _perturb_adapters(model)
+    output = model(pixel_values=images)
+    teacher = model.teacher.get_base_model()
+    hidden = teacher(pixel_values=images, output_hidden_states=True).hidden_states
+    rope = teacher.rope_embeddings(images)
+    student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states
+    layer = model.adapters[2]
+    x = hidden[3][:, 5:]
+    refined = torch.cat([hidden[3][:, :5], x + x @ layer.singer_down["default"] @ layer.singer_up["default"]], 1)
+    following = teacher.model.layer[3](refined, position_embeddings=rope)
+    expected_info = ((following - hidden[4]) ** 2).mean()
+    final = model.adapters[5].refine(hidden[6])
+    expected_info = (expected_info + _spec_gram(final[:, 5:], refined[:, 5:])) / 2
+    torch.testing.assert_close(output.losses["info"], expected_info, rtol=1e-4, atol=1e-7)
+    # The student (CLS, no registers) is compared with the teacher's CLS and patches.
+    kd = [((model.method.projectors[i](student_hidden[s + 1]) - torch.cat([t[:, :1], t[:, 5:]], 1)) ** 2).mean()
+          for i, (s, t) in enumerate(zip(model.student_layers, (refined, final)))]  # fmt: skip
+    torch.testing.assert_close(output.losses["kd"], sum(kd) / 2, rtol=1e-4, atol=1e-7)
+    output.loss.backward()
+    assert all(layer.singer_up["default"].grad.abs().sum() > 0 for layer in model.adapters.values())
+
+
+def test_several_summary_tokens_match_the_students_cls(images):
+    """C-RADIO's 3 summary tokens and 7 registers: the student's CLS is compared with the first summary
+    token, the patches with the patches; the refinement leaves all 10 prefix tokens alone."""
+    torch.manual_seed(0)
+    config = transformers.RadioConfig(hidden_size=48, num_hidden_layers=6, num_attention_heads=2, mlp_ratio=2.0,
+                                      image_size=32, patch_size=8, max_img_size=64)  # fmt: skip
+    model = DistillationModel(transformers.RadioModel(config), make_vit(32, 4, seed=1), DistillationModelConfig(method="fitnet", teacher_layers=[5]))
+    output = model(pixel_values=images)
+    teacher_hidden = model.method._teacher.block_outputs(images)[5]
+    student = model.student(pixel_values=images, output_hidden_states=True).hidden_states[model.student_layers[0] + 1]
+    target = torch.cat([teacher_hidden[:, :1], teacher_hidden[:, 10:]], 1)
+    torch.testing.assert_close(output.losses["kd"], ((model.method.projectors[0](student) - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("student_patch", [4, 16], ids=["finer-student", "coarser-student"])
+def test_kd_compares_the_students_patches_resampled_onto_the_teachers_grid(student_patch, images):
+    """A /8 teacher (4×4 patches) and a /4 or /16 student (8×8 or 2×2): the student's patch map is
+    resampled bilinearly onto the teacher's grid (antialiased when it shrinks); CLS to CLS. SiNGER's
+    outlier loss stays on the teacher's 16 patches."""
+    student = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                                           intermediate_size=64, image_size=32, patch_size=student_patch),
+                                    add_pooling_layer=False)  # fmt: skip
+    model = DistillationModel(make_vit(), student, DistillationModelConfig(method="fitnet", teacher_layers=[5]))
+    output = model(pixel_values=images)
+    teacher_hidden = model.teacher(pixel_values=images, output_hidden_states=True).hidden_states[6]
+    student_hidden = model.student(pixel_values=images, output_hidden_states=True).hidden_states[model.student_layers[0] + 1]
+    side = 32 // student_patch
+    grid = student_hidden[:, 1:].transpose(1, 2).reshape(2, 32, side, side)
+    resampled = F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False, antialias=side > 4)
+    tokens = torch.cat([student_hidden[:, :1], resampled.flatten(2).transpose(1, 2)], 1)
+    expected = ((model.method.projectors[0](tokens) - teacher_hidden) ** 2).mean()
+    torch.testing.assert_close(output.losses["kd"], expected, rtol=1e-4, atol=1e-7)
+
+    singer = DistillationModel(make_vit(), student, DistillationModelConfig(teacher_layers=[2, 5], rank=4))
+    _perturb_adapters(singer)
+    losses = singer(pixel_values=images).losses
+    teacher_hidden = singer.method._teacher.block_outputs(images)
+    refined = [singer.adapters[layer].refine(teacher_hidden[layer])[:, 1:] for layer in (2, 5)]
+    assert all(patches.shape[1] == 16 for patches in refined)
+    torch.testing.assert_close(losses["outlier"], sum(outlier_loss(patches, 0.97) for patches in refined) / 2)
+    vitkd = DistillationModel(make_vit(), student, DistillationModelConfig(method="vitkd"))
+    vitkd(pixel_values=images).loss.backward()
+    assert vitkd.method.generator[0].weight.grad.abs().sum() > 0

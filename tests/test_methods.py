@@ -33,7 +33,7 @@ class CosineKD(DistillationMethod):
         return [depth - 1]
 
     def losses(self, teacher_features, student_features):
-        student, teacher = self.aligned(student_features[self.student_layers[0]], teacher_features[self.teacher_layers[0]])
+        student, teacher = self.alignment(student_features[self.student_layers[0]], teacher_features[self.teacher_layers[0]])
         return {"cosine": 1 - F.cosine_similarity(self.projectors[0](student), teacher, dim=-1).mean()}
 
 

@@ -6,7 +6,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TEACHER_FACTORIES, make_vit
+from conftest import NEWER_TEACHER_FACTORIES, TEACHER_FACTORIES, make_vit
 from packaging.version import Version
 from peft.utils import PeftType
 
@@ -30,9 +30,10 @@ def test_get_peft_model_wraps_the_distilled_blocks_only():
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 48 * 8  # W_d and W_u, two layers
 
 
-@pytest.mark.parametrize("family", sorted(TEACHER_FACTORIES))
+@pytest.mark.parametrize("family", sorted({**TEACHER_FACTORIES, **NEWER_TEACHER_FACTORIES}))
 def test_adapter_leaves_teacher_outputs_unchanged(family, images):
-    teacher = TEACHER_FACTORIES[family]().eval()
+    torch.manual_seed(0)
+    teacher = {**TEACHER_FACTORIES, **NEWER_TEACHER_FACTORIES}[family]().eval()
     resolved = singer_hf.resolve_vit(teacher)
     before = [f.clone() for f in resolved.block_outputs(images)]
     model = peft.get_peft_model(teacher, SingerConfig(layers=[3, 5], rank=4, null_threshold=1.0))
@@ -208,3 +209,33 @@ def test_clip_model_gets_adapters_on_its_vision_tower_only():
     model = peft.get_peft_model(clip, SingerConfig(layers=[1, 3], rank=4))
     wrapped = sorted(name for name, module in model.named_modules() if isinstance(module, SingerLayer))
     assert wrapped == ["base_model.model.vision_model.encoder.layers.1", "base_model.model.vision_model.encoder.layers.3"]
+
+
+@pytest.mark.parametrize("family", sorted(NEWER_TEACHER_FACTORIES))
+def test_gated_mlps_take_the_value_path_and_the_relative_threshold(family):
+    """The basis: the first r directions, in descending σ, of M = (W_down W_up)ᵀ below τ·σ_max for a
+    gated MLP, of M = (W_fc2 W_fc1)ᵀ below τ for a plain one (the paper's rule)."""
+    torch.manual_seed(0)
+    teacher = NEWER_TEACHER_FACTORIES[family]()
+    mlp = singer_hf.resolve_vit(teacher).mlp(4)
+    assert mlp.gated == (family in ("dinov3_vit_gated", "radio_swiglu", "aimv2_vision_model"))
+    u, sigma, _ = torch.linalg.svd((mlp.down.detach().double() @ mlp.up.detach().double()).T)
+    kept = (sigma < 0.05 * (sigma[0] if mlp.gated else 1)).nonzero().flatten()
+    model = peft.get_peft_model(teacher, SingerConfig(layers=[3, 5], rank=4))
+    layer = model.base_model.singer_layers[3]
+    found = min(4, len(kept))
+    assert found > 0 and layer.nullspace_row_count["default"] == found
+    basis = layer.singer_up["default"].detach().double()
+    assert torch.allclose(basis[:found].abs(), u[:, kept[:found]].T.abs(), atol=1e-5)
+
+
+def test_relative_threshold_is_scale_free():
+    torch.manual_seed(0)
+    matrix = torch.randn(16, 40, dtype=torch.float64)  # D×K, K > D: e.g. stacked input projections
+    absolute = singer_hf.nullspace_directions(matrix, 0.5)
+    assert [len(singer_hf.nullspace_directions(matrix * scale, 0.1, relative=True)) for scale in (1e-3, 1, 1e3)] == [
+        len(singer_hf.nullspace_directions(matrix, 0.1, relative=True))
+    ] * 3
+    assert len(singer_hf.nullspace_directions(matrix * 1e-3, 0.5)) == 16 != len(absolute)
+    wide = torch.randn(16, 4, dtype=torch.float64)  # K < D: 12 directions beyond its rank have σ = 0
+    assert len(singer_hf.nullspace_directions(wide, 1e-9)) == 12

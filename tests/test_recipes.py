@@ -2,7 +2,7 @@
 own settings, as a user runs it.
 
 Swapped, because it cannot exist offline or on 2 CPU cores: the teacher (a tiny checkpoint of the same
-family, depth and prefix tokens, so the recipe's `teacher_layers` hold; see tests/standins.py), the
+family, depth, prefix tokens, MLP and patch size, so the recipe's `teacher_layers` hold; see tests/standins.py), the
 dataset (local Parquet with the recipe's image column, streamed as the recipe says), `output_dir`, and
 the step count and batch size. Everything else is the recipe's: method, layers, loss weights,
 schedule, `max_grad_norm`, bf16 (fp32 on a CPU without native bf16), `report_to`, logging and saving, workers
@@ -20,7 +20,7 @@ import torch
 import transformers
 import yaml
 from singer_hf.methods import get_method
-from standins import save_hf, save_timm, vit_processor, write_images
+from standins import hub_teacher, save_hf, save_timm, vit_processor, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -38,6 +38,8 @@ def _stand_in_teacher(recipe: dict, folder: Path) -> Path:
         return save_hf(folder, transformers.ViTForImageClassification, config, vit_processor(config.image_size))
     if hub_id.startswith("timm/"):
         return save_timm(folder, hub_id.removeprefix("timm/").split(".")[0])
+    if hub_teacher(hub_id, folder) is not None:
+        return folder
     pytest.fail(f"no offline stand-in for the teacher {hub_id!r}: add its family to tests/test_recipes.py")
 
 

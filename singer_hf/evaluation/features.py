@@ -32,7 +32,7 @@ class FeatureSet:
     """Features of N images and their targets (labels N, masks N×H×W or depth maps N×H×W)."""
 
     summary: torch.Tensor
-    """N×D: the CLS token, or the mean patch token for a backbone without prefix tokens."""
+    """N×D: the CLS token, or the mean patch token for a backbone without one."""
     patches: torch.Tensor | None
     """N×P×D patch tokens in raster order (None when only the summary is kept)."""
     targets: torch.Tensor
@@ -77,13 +77,14 @@ class AugmentedFeatures:
 
 
 def summary_name(vit: ResolvedViT) -> str:
-    return "CLS token" if vit.num_prefix_tokens > 0 else "mean patch token (the backbone has no prefix token)"
+    return "CLS token" if vit.has_class_token else "mean patch token (the backbone has no CLS token)"
 
 
 def _split_tokens(vit: ResolvedViT, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summary B×D, patches B×P×D) of a block output B×N×D."""
+    """(summary B×D, patches B×P×D) of a block output B×N×D: the first CLS (summary) token, or the
+    mean patch token of a backbone without one (registers are no summary)."""
     patches = tokens[:, vit.num_prefix_tokens :]
-    summary = tokens[:, 0] if vit.num_prefix_tokens > 0 else patches.mean(1)
+    summary = tokens[:, 0] if vit.has_class_token else patches.mean(1)
     return summary, patches
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..alignment import TokenAlignment
 from ..architectures import ResolvedViT
 from ..fields import MethodFields
 from ..losses import feature_mse
@@ -72,6 +73,7 @@ class DistillationMethod(nn.Module):
         self.config = config
         self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
         self._teacher, self._student = teacher, student  # bound views of models the DistillationModel owns
+        self.alignment = TokenAlignment.between(student, teacher, student.image_size)
 
     @staticmethod
     def default_layers(depth: int) -> list[int]:
@@ -110,19 +112,7 @@ class DistillationMethod(nn.Module):
         return nn.ModuleList(nn.Linear(self._student.width, self._teacher.width) for _ in range(count))
 
     def kd(self, projector: nn.Module, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-        """MSE between the projected student tokens and the teacher's, on the tokens both models have."""
-        student_tokens, teacher_tokens = self.aligned(student_feature, teacher_feature)
+        """MSE between the projected student tokens and the teacher's, matched by `alignment.TokenAlignment`."""
+        student_tokens, teacher_tokens = self.alignment(student_feature, teacher_feature)
         return feature_mse(projector(student_tokens), teacher_tokens)
 
-    def aligned(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All tokens when both models have the same prefix tokens; else the patches, after the CLS
-        token when both have one (registers and distillation tokens have no counterpart)."""
-        student, teacher = self._student, self._teacher
-        if (student.num_prefix_tokens, student.has_class_token) == (teacher.num_prefix_tokens, teacher.has_class_token):
-            return student_feature, teacher_feature
-        cls = 1 if student.has_class_token and teacher.has_class_token else 0
-
-        def keep(feature, vit):
-            return torch.cat([feature[:, :cls], feature[:, vit.num_prefix_tokens :]], dim=1)
-
-        return keep(student_feature, student), keep(teacher_feature, teacher)

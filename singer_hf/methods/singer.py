@@ -83,7 +83,8 @@ class Singer(DistillationMethod):
                 info.append(gram_loss(refined[:, prefix:], reference[:, prefix:]))
             else:
                 # Block l+1 on F^l is F^{l+1}, already computed by the teacher forward.
-                info.append(feature_mse(self._teacher.run_block(layer + 1, refined), teacher_features[layer + 1]))
+                following = self._teacher.run_block(layer + 1, refined, teacher_features.block_kwargs)
+                info.append(feature_mse(following, teacher_features[layer + 1]))
                 reference = refined
         count = len(self.teacher_layers)
         return {"kd": sum(kd) / count, "outlier": sum(outlier) / count, "info": sum(info) / count}

@@ -62,12 +62,12 @@ class ViTKD(DistillationMethod):
         pairs = list(zip(self.teacher_layers, self.student_layers))
         mimic = sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, (t, s) in zip(self.projectors, pairs))
         teacher_layer, student_layer = pairs[-1]
-        patches = self.generation_projector(student_features[student_layer][:, self._student.num_prefix_tokens :])
+        student_patches = student_features[student_layer][:, self._student.num_prefix_tokens :]
+        patches = self.generation_projector(self.alignment.to_teacher_grid(student_patches))  # on the teacher's grid
         batch, count, width = patches.shape
         masked = self.draw_mask(batch, count, patches.device)
         patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
-        side = self._student.image_size // self._student.patch_size
-        generated = self.generator(patches.transpose(1, 2).reshape(batch, width, side, side)).flatten(2).transpose(1, 2)
+        generated = self.generator(patches.transpose(1, 2).reshape(batch, width, *self.alignment.teacher_grid)).flatten(2).transpose(1, 2)
         target = teacher_features[teacher_layer][:, self._teacher.num_prefix_tokens :]
         generation = feature_mse(generated, target, token_mask=masked)
         return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}

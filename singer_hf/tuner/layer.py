@@ -8,31 +8,37 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..architectures import MLPWeights
+
 
 def _random_unit_rows(count: int, dim: int, generator: torch.Generator | None) -> torch.Tensor:
     rows = torch.randn(count, dim, generator=generator, dtype=torch.float64)
     return rows / rows.norm(dim=1, keepdim=True)
 
 
-def nullspace_directions(matrix: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Left singular vectors uᵢᵀ of `matrix` with σᵢ < `threshold`, in descending-σ order (float64).
+def nullspace_directions(matrix: torch.Tensor, threshold: float, relative: bool = False) -> torch.Tensor:
+    """Left singular vectors uᵢᵀ of a D×K `matrix` with σᵢ < `threshold` (σᵢ < `threshold`·σ_max when
+    `relative`), in descending-σ order (float64). For K < D the D − K directions beyond the matrix's
+    rank have σ = 0.
 
     For M = (W_fc2 W_fc1)ᵀ these are the token directions x with x·M ≈ 0: what the next block's
     MLP (linearised) does not see.
     """
     u, sigma, _ = torch.linalg.svd(matrix.detach().to(torch.float64).cpu())
-    return u[:, sigma < threshold].T
+    sigma = torch.nn.functional.pad(sigma, (0, u.shape[1] - len(sigma)))
+    limit = threshold * sigma[0] if relative else threshold
+    return u[:, sigma < limit].T
 
 
 def nullspace_basis(
-    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None
+    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None, relative: bool = False
 ) -> torch.Tensor:
-    """The r×D basis N of SiNGER's adapter for a D×D matrix M (float64 SVD, returned as float32).
+    """The r×D basis N of SiNGER's adapter for a D×K matrix M (float64 SVD, returned as float32).
 
     The first min(r, |K|) rows are nullspace directions (`nullspace_directions`); the rest are
     random unit-norm rows drawn from `generator`, with a warning when none were found.
     """
-    return basis_with_count(matrix, rank, threshold, generator)[0]
+    return basis_with_count(matrix, rank, threshold, generator, relative)[0]
 
 
 def check_rank(rank: int, width: int) -> None:
@@ -42,20 +48,30 @@ def check_rank(rank: int, width: int) -> None:
 
 
 def basis_with_count(
-    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None
+    matrix: torch.Tensor, rank: int, threshold: float, generator: torch.Generator | None = None, relative: bool = False
 ) -> tuple[torch.Tensor, int]:
     """`nullspace_basis` and how many of its rows are nullspace directions (one SVD)."""
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"matrix: must be square D×D, got shape {tuple(matrix.shape)}")
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix: must be D×K, got shape {tuple(matrix.shape)}")
     check_rank(rank, matrix.shape[0])
-    directions = nullspace_directions(matrix, threshold)[:rank]
+    directions = nullspace_directions(matrix, threshold, relative)[:rank]
     if len(directions) == 0:
-        warnings.warn(
-            f"no singular value below null_threshold={threshold}; the adapter starts from {rank} random directions",
-            stacklevel=3,
-        )
+        rule = f"{threshold}·σ_max" if relative else f"null_threshold={threshold}"
+        warnings.warn(f"no singular value below {rule}; the adapter starts from {rank} random directions", stacklevel=3)
     padding = _random_unit_rows(rank - len(directions), matrix.shape[0], generator)
     return torch.cat([directions, padding]).to(torch.float32), len(directions)
+
+
+def nullspace_matrix(mlp: MLPWeights) -> torch.Tensor:
+    """M (D×D, float64) whose approximate left nullspace starts the adapter, from a block's MLP weights.
+
+    Plain MLP `fc2(act(fc1(x)))`: M = (W_fc2 W_fc1)ᵀ, the bias-, activation- and norm-free
+    linearisation x ↦ x·M. Gated MLP `down(act(gate(x)) ⊙ up(x))`: the value path M = (W_down W_up)ᵀ,
+    the gate's activation taken as a constant, so its overall scale is arbitrary and its directions are
+    kept by the relative rule σ < τ·σ_max. The pre-MLP norm's weight and LayerScale are not folded in
+    (docs/gated_mlp.md has the measurements that chose all three).
+    """
+    return (mlp.down.detach().double() @ mlp.up.detach().double()).T
 
 
 class SingerLayer(nn.Module, BaseTunerLayer):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..architectures import ResolvedViT, resolve_vit
 from .config import SingerConfig
-from .layer import SingerLayer, _random_unit_rows, basis_with_count, check_rank
+from .layer import SingerLayer, _random_unit_rows, basis_with_count, check_rank, nullspace_matrix
 
 
 class SingerModel(BaseTuner):
@@ -64,13 +64,13 @@ class SingerModel(BaseTuner):
 
     def _create_and_replace(self, config: SingerConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = int(target_name)
-        fc1, fc2 = self._teacher.mlp_weights(basis_block(layer, config.layers))
+        mlp = self._teacher.mlp(basis_block(layer, config.layers))
         generator = torch.Generator().manual_seed(config.adapter_seed + layer)
         if config.adapter_init == "nullspace":
-            matrix = (fc2.detach().double() @ fc1.detach().double()).T  # M = (W_fc2 W_fc1)ᵀ, D×D
-            basis, found = basis_with_count(matrix, config.rank, config.null_threshold, generator)
+            # A gated MLP's value path has an arbitrary scale (its gate taken as 1): only σ < τ·σ_max means anything.
+            basis, found = basis_with_count(nullspace_matrix(mlp), config.rank, config.null_threshold, generator, relative=mlp.gated)
         else:
-            basis, found = _random_unit_rows(config.rank, fc1.shape[1], generator).float(), 0
+            basis, found = _random_unit_rows(config.rank, self._teacher.width, generator).float(), 0
         if isinstance(target, SingerLayer):
             target.update_layer(adapter_name, basis, found)
             return
@@ -98,9 +98,9 @@ def basis_block(layer: int, layers: list[int]) -> int:
 
 
 def check_basis_blocks(teacher: ResolvedViT, layers: list[int]) -> None:
-    """One-line error unless every basis block has a plain fc1 → activation → fc2 MLP (weights not needed)."""
+    """One-line error unless every basis block has an MLP the nullspace can be read from (weights not needed)."""
     for layer in layers:
-        teacher.mlp_weights(basis_block(layer, layers))
+        teacher.mlp(basis_block(layer, layers))
 
 
 def _block_index(name: str) -> tuple[str, int]:

@@ -9,7 +9,7 @@ worker (~1.1 GB for 10,000 ImageNet JPEGs).
 :class:`ReplayShuffledExamplesIterable` runs the same algorithm, with one change: an example is
 permuted at most `max_cycles` times, then it leaves the buffer. Its state is the stream positions the
 buffer holds, the RNG's state, and the source's state at the start of each of the last `max_cycles`
-fills. Resuming re-reads the source from the fill where the oldest buffered example began, keeping
+fills. Resuming re-reads the source from the start of the fill that read the oldest buffered example, keeping
 only the buffered positions (nothing is decoded): about (`max_cycles` + 1) / 2 buffers' worth of
 encoded examples, never more than `max_cycles`.
 """
@@ -28,10 +28,8 @@ from datasets.iterable_dataset import BufferShuffledExamplesIterable, _BaseExamp
 logger = logging.getLogger(__name__)
 
 MAX_BUFFER_CYCLES = 6
-"""Permutations an example may stay in the buffer for. Each keeps it with probability 1/2, so uncapped the
-oldest buffered example was read ~7 buffers' worth of examples ago, up to 11.5 (what a resume would
-re-read); capped at 6, 1.5 % of the examples leave earlier than they would have, and a resume re-reads
-~3 buffers' worth, 3.5 at most (a 100-buffer simulation; the README has the figures)."""
+"""Permutations an example may stay in the buffer for (each keeps it with probability 1/2): what bounds a
+resume's re-read, against how many examples leave earlier than uncapped (README.md, "Resuming", has the figures)."""
 
 
 def shuffle_stream(

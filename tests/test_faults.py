@@ -36,16 +36,17 @@ def workspace(tmp_path_factory):
     rng = np.random.default_rng(0)
     images = [{"bytes": _png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)), "path": None} for _ in range(64)]
     data = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
-    (root / "data").mkdir()
-    for shard in range(2):  # two files: a stream has a shard for each of two DataLoader workers
-        data.shard(2, shard, contiguous=True).to_parquet(str(root / "data" / f"part-{shard}.parquet"))
+    data.select(range(32)).to_parquet(str(root / "data.parquet"))
+    (root / "shards").mkdir()  # the resume tests' data: two files, a stream shard for each of two DataLoader workers
+    for shard in range(2):
+        data.shard(2, shard, contiguous=True).to_parquet(str(root / "shards" / f"part-{shard}.parquet"))
     return root
 
 
 def _argv(root: Path, output: Path, *extra: str) -> list[str]:
     return [
         "--teacher_name_or_path", str(root / "teacher"), "--student_size", "tiny",
-        "--student_config_overrides", STUDENT, "--dataset_name", str(root / "data"),
+        "--student_config_overrides", STUDENT, "--dataset_name", str(root / "data.parquet"),
         "--output_dir", str(output), "--per_device_train_batch_size", "4", "--rank", "4",
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
     ]  # fmt: skip
@@ -136,7 +137,7 @@ def test_too_many_bad_images_stop_early_naming_examples_and_column(distill, work
     datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(image=datasets.Image())).to_parquet(str(path))
     argv = _argv(workspace, tmp_path / "out", "--num_train_epochs", "1", "--max_bad_image_share", "0.1",
                  "--bad_image_window", "8", "--per_device_train_batch_size", "21", "--save_strategy", "no")  # fmt: skip
-    argv[argv.index(str(workspace / "data"))] = str(path)
+    argv[argv.index(str(workspace / "data.parquet"))] = str(path)
     with pytest.raises(ValueError, match=r"image_column='image': 4 of the first 21 examples have no usable image") as error:
         distill.main(argv)
     named = {int(index) for group in re.findall(r"rows? ([\d, ]+) \(", str(error.value)) for index in group.split(", ")}
@@ -323,8 +324,8 @@ RESUME_MODES = {
 def _resume_argv(workspace, output, mode, *extra):
     # Random crops and flips of random-pixel images: a resume that replays other augmentations shows.
     # 8 steps of 8 examples: one pass over the 64 images.
-    return _argv(workspace, output, "--max_steps", "8", "--save_steps", "4", "--per_device_train_batch_size", "8",
-                 "--logging_steps", "2", *RESUME_MODES[mode], *extra)  # fmt: skip
+    return _argv(workspace, output, "--dataset_name", str(workspace / "shards"), "--max_steps", "8", "--save_steps", "4",
+                 "--per_device_train_batch_size", "8", "--logging_steps", "2", *RESUME_MODES[mode], *extra)  # fmt: skip
 
 
 def _run_with_fault(tmp_path, fault, step, argv):

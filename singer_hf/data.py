@@ -30,6 +30,8 @@ import torch
 import transformers
 from torchvision.transforms import v2
 
+from .shuffle import shuffle_stream
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -216,8 +218,9 @@ def load_image_dataset(
     """``datasets.load_dataset`` for a Hub name, a local directory, or a single local data file.
 
     A path-looking name that does not exist is an error here rather than a confusing Hub lookup.
-    Streaming datasets are shuffled through a ``shuffle_buffer``-example buffer (0 disables it, e.g.
-    for evaluation); map-style ones are left to the Trainer's sampler.
+    Streaming datasets are shuffled through a ``shuffle_buffer``-example buffer that resumes exactly
+    (:func:`shuffle.shuffle_stream`; 0 disables it, e.g. for evaluation); map-style ones are left to the
+    Trainer's sampler.
     """
     if trust_remote_code:
         raise ValueError(
@@ -262,7 +265,7 @@ def load_image_dataset(
         )
     dataset = stream if streaming else datasets.load_dataset(source, **kwargs)
     if streaming and shuffle_buffer:
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        dataset = shuffle_stream(dataset, seed, shuffle_buffer)
     return dataset
 
 

@@ -24,6 +24,7 @@ from singer_hf.data import (
     student_image_processor,
     with_image_transform,
 )
+from singer_hf.shuffle import shuffle_stream
 
 SIZE = 16
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -117,6 +118,66 @@ def test_collator_counts_skips_made_in_dataloader_workers(parquet_path):
     assert sum(len(batch["pixel_values"]) for batch in batches) == len(_good_ids(parquet_path))
     assert "labels" not in batches[0]
     assert collator.skipped == 1  # decoding happened in the workers; the one counter is shared with them
+
+
+STREAM_EXAMPLES, BUFFER = 64, 4
+
+
+@pytest.fixture(scope="module")
+def stream_folder(tmp_path_factory) -> Path:
+    """64 random images over two Parquet files (a stream shard for each of two DataLoader workers); `idx`: the row."""
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(STREAM_EXAMPLES)]
+    features = datasets.Features(image=datasets.Image(), idx=datasets.Value("int64"))
+    data = datasets.Dataset.from_dict({"image": images, "idx": list(range(STREAM_EXAMPLES))}, features=features)
+    folder = tmp_path_factory.mktemp("stream")
+    for shard in range(2):
+        data.shard(2, shard, contiguous=True).to_parquet(str(folder / f"part-{shard}.parquet"))
+    return folder
+
+
+def _stream_loader(folder: Path, num_workers: int):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = load_image_dataset(str(folder), None, "train", "image", streaming=True, shuffle_buffer=BUFFER, seed=0)
+    transform = ImageTransform(build_transforms(MEAN, STD, SIZE, train=True), "image", label_column="idx", seed=0)
+    return StatefulDataLoader(
+        with_image_transform(dataset, transform), batch_size=4, num_workers=num_workers, collate_fn=PixelValuesCollator()
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shuffled_stream_resumes_exactly_after_its_buffer_cycled(stream_folder, num_workers):
+    """Stopped after 40 examples (10 buffers; 20 examples per worker with two), a stream resumed from the
+    DataLoader's state (through torch.save and a weights-only load) gives the same examples and augmentations."""
+    import io
+
+    full = list(_stream_loader(stream_folder, num_workers))
+    assert sorted(torch.cat([batch["labels"] for batch in full]).tolist()) == list(range(STREAM_EXAMPLES))
+    loader = _stream_loader(stream_folder, num_workers)
+    batches = iter(loader)
+    head = [next(batches) for _ in range(10)]
+    saved = io.BytesIO()
+    torch.save(loader.state_dict(), saved)
+    del batches
+    resumed = _stream_loader(stream_folder, num_workers)
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for expected, actual in zip(full, head + list(resumed), strict=True):
+        assert torch.equal(expected["labels"], actual["labels"]) and torch.equal(expected["pixel_values"], actual["pixel_values"])
+    assert b"PNG" not in saved.getvalue()  # the buffers' positions, not their images
+
+
+def test_the_stream_shuffle_is_datasets_buffer_with_a_bounded_stay():
+    """Uncapped, the shuffle is `IterableDataset.shuffle`'s, example for example. Capped, an example read at
+    position i is yielded before position i + max_cycles · buffer is read."""
+    stream = datasets.Dataset.from_dict({"idx": list(range(STREAM_EXAMPLES))}).to_iterable_dataset(num_shards=2)
+    rows = lambda dataset: [example["idx"] for example in dataset]  # noqa: E731
+    assert rows(shuffle_stream(stream, 0, BUFFER, max_cycles=10**9)) == rows(stream.shuffle(seed=0, buffer_size=BUFFER))
+    read_order = rows(shuffle_stream(stream, 0, 1))  # a 1-example buffer keeps the order in which the shards are read
+    for max_cycles in (1, 2):
+        order = rows(shuffle_stream(stream, 0, BUFFER, max_cycles))
+        assert sorted(order) == list(range(STREAM_EXAMPLES))
+        assert max(position - read_order.index(row) for position, row in enumerate(order)) < max_cycles * BUFFER
 
 
 def test_collator_refuses_a_batch_with_no_decodable_image():

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,9 +34,12 @@ def workspace(tmp_path_factory):
     make_vit(seed=0).save_pretrained(root / "teacher")
     transformers.ViTImageProcessor(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "teacher")
     rng = np.random.default_rng(0)
-    images = [{"bytes": _png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)), "path": None} for _ in range(32)]
+    images = [{"bytes": _png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)), "path": None} for _ in range(64)]
     data = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
-    data.to_parquet(str(root / "data.parquet"))
+    data.select(range(32)).to_parquet(str(root / "data.parquet"))
+    (root / "shards").mkdir()  # the resume tests' data: two files, a stream shard for each of two DataLoader workers
+    for shard in range(2):
+        data.shard(2, shard, contiguous=True).to_parquet(str(root / "shards" / f"part-{shard}.parquet"))
     return root
 
 
@@ -308,16 +312,20 @@ distill.FeatureDistillationTrainer = FaultyTrainer
 from singer_hf.cli import run_cli
 run_cli(distill.main, argv)
 """
+# Streamed, the 4-example shuffle buffers are far smaller than what is read before a checkpoint: 32
+# examples by step 4 (16 per worker with two), each buffer yielding half its content per refill.
 RESUME_MODES = {
     "map-style, 2 workers": ["--dataloader_num_workers", "2"],
-    "streaming": ["--streaming", "true", "--shuffle_buffer", "8"],
+    "streaming": ["--streaming", "true", "--shuffle_buffer", "4"],
+    "streaming, 2 workers": ["--streaming", "true", "--shuffle_buffer", "4", "--dataloader_num_workers", "2"],
 }
 
 
 def _resume_argv(workspace, output, mode, *extra):
     # Random crops and flips of random-pixel images: a resume that replays other augmentations shows.
-    return _argv(workspace, output, "--max_steps", "8", "--save_steps", "4", "--logging_steps", "2",
-                 *RESUME_MODES[mode], *extra)  # fmt: skip
+    # 8 steps of 8 examples: one pass over the 64 images.
+    return _argv(workspace, output, "--dataset_name", str(workspace / "shards"), "--max_steps", "8", "--save_steps", "4",
+                 "--per_device_train_batch_size", "8", "--logging_steps", "2", *RESUME_MODES[mode], *extra)  # fmt: skip
 
 
 def _run_with_fault(tmp_path, fault, step, argv):
@@ -333,13 +341,18 @@ def _run_with_fault(tmp_path, fault, step, argv):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(distill, workspace, tmp_path_factory):
-    results = {}
+def uninterrupted_runs(distill, workspace, tmp_path_factory):
+    """Each mode's uninterrupted run folder, its checkpoints kept."""
+    runs = {}
     for mode in RESUME_MODES:
-        output = tmp_path_factory.mktemp("uninterrupted")
-        distill.main(_resume_argv(workspace, output / "run", mode))
-        results[mode] = _final_weights(output / "run")
-    return results
+        runs[mode] = tmp_path_factory.mktemp("uninterrupted") / "run"
+        distill.main(_resume_argv(workspace, runs[mode], mode))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_runs):
+    return {mode: _final_weights(run) for mode, run in uninterrupted_runs.items()}
 
 
 def _final_weights(output: Path) -> dict:
@@ -370,12 +383,26 @@ def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path,
     decode = ImageTransform._decode
     monkeypatch.setattr(ImageTransform, "_decode", lambda self, value: decoded.append(1) or decode(self, value))
     distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
-    # The stream continues from its saved position (24 of 32 examples read): at most one map batch
-    # before it is decoded again, not the 24 examples a re-read would decode.
-    assert len(decoded) <= (32 - 24) + STREAM_MAP_BATCH < 32
+    # The stream continues from its saved position (48 examples read, 16 to go): at most one map batch
+    # before it is decoded again, not the 48 examples a re-read would decode; rebuilding the shuffle
+    # buffer (12 buffers' worth read) re-reads encoded examples and decodes none.
+    assert len(decoded) <= 16 + STREAM_MAP_BATCH < 48
     difference = _max_difference(uninterrupted[mode], _final_weights(output))
     print(f"{mode}: max |Δ| of the final weights, resumed after SIGKILL vs uninterrupted: {difference}")
     assert difference == 0
+
+
+@pytest.mark.parametrize("mode", ["streaming", "streaming, 2 workers"])
+def test_a_stream_resumes_exactly_from_a_checkpoint_copied_to_a_fresh_folder(
+    distill, workspace, tmp_path, uninterrupted_runs, uninterrupted, mode
+):
+    """The shuffle buffers have cycled several times by step 4; their content is not in the checkpoint."""
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted_runs[mode] / "checkpoint-4", output / "checkpoint-4")
+    state = torch.load(output / "checkpoint-4" / "stream_state_rank0.pt", weights_only=True)
+    assert "bytes" not in repr(state) and "PNG" not in repr(state)  # stream positions, no image
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
+    assert _max_difference(uninterrupted[mode], _final_weights(output)) == 0
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(distill, workspace, tmp_path, uninterrupted):
@@ -419,7 +446,7 @@ def test_ctrl_c_writes_a_checkpoint_and_prints_the_command_that_resumes(distill,
     with caplog.at_level(logging.INFO, logger="singer_hf"):
         distill.main(command[2:])
     assert "resuming from checkpoint-5 (step 5 of 8)" in caplog.text
-    # Logged epochs continue where the interrupted run left them: 8 steps of 4 of the 32 images are one epoch.
+    # Logged epochs continue where the interrupted run left them: 8 steps of 8 of the 64 images are one epoch.
     logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logged] == [2, 4, 6, 8]
     assert [entry["epoch"] for entry in logged] == pytest.approx([entry["step"] / 8 for entry in logged])

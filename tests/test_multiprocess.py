@@ -99,9 +99,12 @@ class ProbeTrainer(distill.FeatureDistillationTrainer):
         self.probe_ids, self.probe_spread, self.probe_losses = [], [], []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        pixels = inputs["pixel_values"]
-        mean, std = self.processing_class.image_mean[0], self.processing_class.image_std[0]
-        red = ((pixels[:, 0] * std + mean) * 255).round().flatten(1)
+        if inputs["pixel_values"].dtype == torch.uint8:  # what the workers ship: the red value read directly
+            red = inputs["pixel_values"][:, 0].float().flatten(1)
+        else:
+            mean, std = self.processing_class.image_mean[0], self.processing_class.image_std[0]
+            red = ((inputs["pixel_values"][:, 0] * std + mean) * 255).round().flatten(1)
+        pixels = self._normalised(inputs)["pixel_values"]  # as compute_loss normalises them on the device
         self.probe_ids.append(red.amin(1) / 4)
         self.probe_spread.append((red.amax(1) - red.amin(1)).amax())
         # This rank's loss and, at step 1, gradients on its own batch: the unwrapped module, outside

@@ -376,7 +376,7 @@ def test_card_says_what_the_student_is_its_terms_and_how_to_read_the_distilled_f
 
     from safetensors import safe_open
 
-    from singer_hf.modeling import DistillationConfig
+    from singer_hf.modeling import DistillationModelConfig
 
     text = (pushed_run / "README.md").read_text()  # as scripts/distill.py wrote it: no license given
     assert "license" not in metadata_load(pushed_run / "README.md")
@@ -393,14 +393,16 @@ def test_card_says_what_the_student_is_its_terms_and_how_to_read_the_distilled_f
         assert f"| {argument} |" not in text  # not hyperparameters
     # The configuration shown has the weights used, the same as the settings table.
     shown = json.loads(re.search(r"distillation_config.json</code>.*?```json\n(.*?)```", text, re.S)[1])
-    weights = DistillationConfig(method="singer").weights()
+    weights = DistillationModelConfig(method="singer").weights()
     assert {k: shown[k] for k in ("kd_weight", "outlier_weight", "info_weight")} == {
         "kd_weight": weights["kd"], "outlier_weight": weights["outlier"], "info_weight": weights["info"]
     }  # fmt: skip
     assert f"| Loss weights | KD {weights['kd']:g}, outlier {weights['outlier']:g}, information {weights['info']:g} |" in text
     assert "Blocks are numbered from 0 throughout this card" in text and "last block (block 3)" in text
-    with safe_open(staged / "model.safetensors", "pt") as saved:  # distillation trains no pooler: none is shipped
-        assert not [name for name in saved.keys() if "pooler" in name]
+    with safe_open(staged / "model.safetensors", "pt") as saved:  # distillation trains no pooler: it ships zeroed
+        poolers = [name for name in saved.keys() if "pooler" in name]
+        assert poolers and all(not saved.get_tensor(name).any() for name in poolers)
+    assert "saved with its pooler zeroed" in text
 
     # The card's two snippets, run as a user would, without singer_hf: no load warnings; the first gives
     # the distilled feature, the pipeline gives it through the final norm, as the card says.

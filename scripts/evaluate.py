@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Linear probes on a frozen ViT (SPEC §9): classification, semantic segmentation, depth.
+"""Linear probes on a frozen ViT (docs/method.md §8): classification, semantic segmentation, depth.
 
     # ImageNet-1k, the paper's head (lr 0.5, 150 epochs), re-used on ImageNet-v2 and ImageNet-R
     python scripts/evaluate.py --model_name_or_path outputs/my-student --dataset_name ILSVRC/imagenet-1k \

@@ -21,7 +21,7 @@ import torch
 DEFAULT_OUTLIER_RATIO = 4.0
 DEFAULT_QUANTILES = (0.5, 0.9, 0.97, 0.99, 1.0)
 MARKED_QUANTILE = 0.97
-"""The quantile SiNGER's outlier loss penalises norms above (SPEC §5), marked on histograms."""
+"""The quantile SiNGER's outlier loss penalises norms above (docs/method.md §5), marked on histograms."""
 
 
 def patch_norms(features: torch.Tensor, prefix_tokens: int) -> torch.Tensor:

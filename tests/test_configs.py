@@ -44,7 +44,7 @@ NEWER_RECIPES = {
     "siglip2_so400m_to_vit_s_singer": ("google/siglip2-so400m-patch16-naflex", "small", 27),
     "aimv2_l14_to_vit_s16_singer": ("apple/aimv2-large-patch14-224", "small", 24),
 }
-# Paper layers (SPEC §3, §6, §8) by teacher depth.
+# Paper layers (docs/method.md §3, §6) by teacher depth.
 LAYERS = {("singer", 24): [17, 23], ("singer", 12): [8, 11], ("fitnet", 24): [11, 17, 23], ("fitnet", 12): [5, 8, 11]}
 
 
@@ -125,7 +125,7 @@ def test_recipe_parses_with_the_script_and_matches_the_paper(name, distill_scrip
     else:
         assert config.weights() == {"kd": 10.0}
 
-    # Optimisation (SPEC §6): 100 epochs of ImageNet-1k at a global batch of 512.
+    # Optimisation (docs/method.md §5): 100 epochs of ImageNet-1k at a global batch of 512.
     assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == GLOBAL_BATCH
     assert args.max_steps == math.ceil(EPOCHS * IMAGENET_TRAIN / GLOBAL_BATCH)
     assert args.max_steps * GLOBAL_BATCH >= EPOCHS * IMAGENET_TRAIN

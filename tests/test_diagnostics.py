@@ -20,10 +20,10 @@ from singer_hf.diagnostics import artifact_stats, comparison_figure, norm_histog
 from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("diagnose_script", ROOT / "scripts" / "diagnose.py")
-diagnose_script = importlib.util.module_from_spec(SPEC)
+spec = importlib.util.spec_from_file_location("diagnose_script", ROOT / "scripts" / "diagnose.py")
+diagnose_script = importlib.util.module_from_spec(spec)
 sys.modules["diagnose_script"] = diagnose_script
-SPEC.loader.exec_module(diagnose_script)
+spec.loader.exec_module(diagnose_script)
 
 
 def planted(images=5, patches=64, dim=16, outliers=3, scale=10.0, prefix=1):

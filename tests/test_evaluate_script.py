@@ -18,10 +18,10 @@ from conftest import IMAGE, make_vit
 from standins import newer_families
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(SPEC)
+spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(spec)
 sys.modules["evaluate_script"] = evaluate_script  # dataclass annotations resolve through sys.modules
-SPEC.loader.exec_module(evaluate_script)
+spec.loader.exec_module(evaluate_script)
 
 
 @pytest.fixture(scope="module")

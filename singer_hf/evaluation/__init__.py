@@ -1,4 +1,4 @@
-"""Linear-probe evaluation on the frozen last block output, before the final norm (SPEC §9).
+"""Linear-probe evaluation on the frozen last block output, before the final norm (docs/method.md §8).
 
 `features` extracts and caches, `probes` trains and scores the heads, `metrics` holds the
 torchmetrics-based metrics, `probe_data` turns datasets into images and targets; scripts/evaluate.py

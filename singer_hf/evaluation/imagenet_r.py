@@ -1,5 +1,5 @@
 """ImageNet-R (Hendrycks et al., 2021) is labelled with 200 of the 1000 ImageNet-1k classes; the
-paper scores it with the ImageNet-1k head, keeping only those 200 logits (SPEC §9)."""
+paper scores it with the ImageNet-1k head, keeping only those 200 logits (docs/method.md §8)."""
 
 from __future__ import annotations
 

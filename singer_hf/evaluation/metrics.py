@@ -25,13 +25,13 @@ def top1_accuracy(num_classes: int) -> MulticlassAccuracy:
 def mean_iou(num_classes: int) -> MulticlassJaccardIndex:
     """Dataset-level mIoU: one confusion matrix over every pixel of the split, `IGNORE_INDEX`
     pixels left out, IoU averaged over the classes that occur in the labels or the predictions —
-    not a mean of per-batch values (the official code's defect, SPEC §7)."""
+    not a mean of per-batch values (the official code's defect, docs/method.md §7)."""
     return MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=IGNORE_INDEX, sync_on_compute=False)
 
 
 class DepthMetrics:
     """RMSE, abs-rel and δ<1.25ᵏ per image over its valid pixels (0 < depth < max_depth),
-    each averaged over the images that have valid pixels (SPEC §9)."""
+    each averaged over the images that have valid pixels (docs/method.md §8)."""
 
     def __init__(self, max_depth: float):
         self.max_depth = max_depth

@@ -1,7 +1,7 @@
-"""The paper's linear probes (SPEC §9) on cached features, several learning rates at once.
+"""The paper's linear probes (docs/method.md §8) on cached features, several learning rates at once.
 
 Every probe is linear heads trained with SGD (momentum 0.9 — the official code never passes it,
-SPEC §7), weight decay 1e-6 and a per-step cosine schedule, on a `FeatureSet`:
+docs/method.md §7), weight decay 1e-6 and a per-step cosine schedule, on a `FeatureSet`:
 
 - `ClassificationProbe`: a linear layer on the CLS token.
 - `SegmentationProbe`: a 1×1 conv on the patch grid, bilinear up-sampling to the label size,

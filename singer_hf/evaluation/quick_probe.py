@@ -1,7 +1,7 @@
 """The demo's quick linear probe: full-batch L-BFGS on standardised CLS features.
 
 Deterministic and seconds on CPU for the demo's sizes; the paper's protocol (SGD, cosine, 150
-epochs, SPEC §9) is `train_heads` with `ClassificationProbe`, run by scripts/evaluate.py.
+epochs, docs/method.md §8) is `train_heads` with `ClassificationProbe`, run by scripts/evaluate.py.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class SingerModel(BaseTuner):
 
 
 def basis_block(layer: int, layers: list[int]) -> int:
-    """The block whose MLP gives layer `layer`'s nullspace: the next block, or its own for the final layer (SPEC §4)."""
+    """The block whose MLP gives layer `layer`'s nullspace: the next block, or its own for the final layer (docs/method.md §4)."""
     return layer if layer == layers[-1] else layer + 1
 
 

@@ -7,7 +7,7 @@ high-norm artifact tokens, measured by linear probes and artifact statistics.
         --finetune_steps 10 --probe_images 1000 --output_dir outputs/evidence-smoke   # a smoke run
 
 1. Teachers. A base ViT (the demo's: 6 blocks, 128 wide, 28 px, 4 px patches) is trained on the
-   labels (scripts/train_demo_teacher.py); two teachers are derived from it with the same budget:
+   labels (singer_hf/demo/teacher.py); two teachers are derived from it with the same budget:
    *natural*: its blocks after `plant_block` fine-tuned on the labels; *artifact*: register neurons
    planted in block `plant_block` (benchmarks/register_neurons.py), then the same fine-tuning.
 2. Students (4 blocks, 64 wide, from scratch), each teacher × seed, all with scripts/distill.py and
@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 import distill  # noqa: E402
 from register_neurons import blank_patches, finetune_after, plant_register_neurons  # noqa: E402
-from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
 
 from singer_hf import resolve_vit  # noqa: E402
 from singer_hf.architectures import load_backbone  # noqa: E402
@@ -54,12 +53,12 @@ from singer_hf.data import (  # noqa: E402
     PixelValuesCollator,
     build_transforms,
     image_processor_stats,
-    load_fashion_mnist,
     load_image_dataset,
     with_image_transform,
 )
 from singer_hf.diagnostics import artifact_stats, norm_histograms_figure, norm_maps_figure, patch_norms  # noqa: E402
-from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
+from singer_hf.demo import DemoTeacherArguments, fashion_mnist_images, linear_probe_accuracy, load_fashion_mnist, train_demo_teacher  # noqa: E402
+from singer_hf.evaluation import cls_features  # noqa: E402
 from singer_hf.modeling import DistillationModelConfig  # noqa: E402
 from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
 
@@ -109,15 +108,6 @@ def check_arguments(args: EvidenceArguments) -> None:
 
 
 # -- images ----------------------------------------------------------------------------------------
-def eval_images(split: str, count: int, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values, labels) of the first `count` images of a split after a fixed shuffle, as the teacher evaluates them."""
-    dataset = load_fashion_mnist(split).shuffle(seed=0)
-    dataset = dataset.select(range(min(count, len(dataset))))
-    mean, std, size = image_processor_stats(processor)
-    transform = ImageTransform(build_transforms(mean, std, size, train=False))
-    return torch.stack(transform({"image": dataset["image"]})["pixel_values"]), torch.tensor(dataset["label"])
-
-
 def intensities(pixel_values: torch.Tensor, processor) -> torch.Tensor:
     """B×3×H×W normalised images → B×H×W intensities in [0, 1] (Fashion-MNIST is grey)."""
     mean, std, _ = image_processor_stats(processor)
@@ -147,7 +137,7 @@ def build_teachers(args: EvidenceArguments, output: Path) -> dict:
     print(f"[teachers] training the base teacher ({args.base_teacher_steps} steps) ...", flush=True)
     _, base_accuracy = train_demo_teacher(DemoTeacherArguments(output_dir=str(base), max_steps=args.base_teacher_steps))
     processor = AutoImageProcessor.from_pretrained(str(base))
-    train_images, train_labels = eval_images("train", 60_000, processor)
+    train_images, train_labels = fashion_mnist_images("train", 60_000, processor)
     record = {"base": {"steps": args.base_teacher_steps, "test_accuracy": base_accuracy, "seconds": time.perf_counter() - start}}
     for name in TEACHERS:
         start = time.perf_counter()
@@ -173,7 +163,7 @@ def teacher_report(path: Path, layers: list[int], plant_block: int, stats_images
     """Classifier accuracy, probe accuracy and, per block, the artifact statistics of one teacher."""
     processor = AutoImageProcessor.from_pretrained(str(path))
     classifier = ViTForImageClassification.from_pretrained(str(path)).eval()
-    images, labels = eval_images("test", stats_images, processor)
+    images, labels = fashion_mnist_images("test", stats_images, processor)
     logits = torch.cat([classifier(pixel_values=chunk).logits for chunk in images.split(500)])
     outputs = block_outputs(classifier, images)
     blank = blank_patches(intensities(images, processor), classifier.config.patch_size)
@@ -225,7 +215,7 @@ _PROBE_SETS: dict = {}
 def probe_accuracy(model, processor, count: int) -> float:
     """Linear-probe test accuracy on CLS features of the last block (the demo's probe)."""
     if count not in _PROBE_SETS:
-        _PROBE_SETS[count] = (eval_images("train", count, processor), eval_images("test", count, processor))
+        _PROBE_SETS[count] = (fashion_mnist_images("train", count, processor), fashion_mnist_images("test", count, processor))
     (train_images, train_labels), (test_images, test_labels) = _PROBE_SETS[count]
     return linear_probe_accuracy(cls_features(model, train_images), train_labels, cls_features(model, test_images), test_labels)
 
@@ -263,7 +253,7 @@ def run_job(job: dict) -> dict:
         losses, config = train_baseline(job, flags, run_dir), None
         student = load_backbone(str(run_dir))
     processor = AutoImageProcessor.from_pretrained(str(teacher_dir))
-    images, _ = eval_images("test", job["stats_images"], processor)
+    images, _ = fashion_mnist_images("test", job["stats_images"], processor)
     student_vit = resolve_vit(student)
     last = block_outputs(student, images)[-1]
     result = {
@@ -420,7 +410,7 @@ def markdown(args: EvidenceArguments, teachers: dict, summary: dict, seconds: fl
 def figures(output: Path, last_layer: int) -> None:
     """Norm maps (raw vs refined artifact teacher, FitNet vs SiNGER student, seed 0) on the same images, and histograms."""
     processor = AutoImageProcessor.from_pretrained(str(output / "teachers" / "artifact"))
-    images, _ = eval_images("test", 400, processor)
+    images, _ = fashion_mnist_images("test", 400, processor)
     teacher = load_backbone(str(output / "teachers" / "artifact"))
     raw = block_outputs(teacher, images)[last_layer]
     norms = patch_norms(raw, 1)

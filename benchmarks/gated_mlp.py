@@ -46,12 +46,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from singer_hf import resolve_vit  # noqa: E402
 from singer_hf.architectures import load_backbone  # noqa: E402
 from singer_hf.cli import StrictArgumentParser, run_cli  # noqa: E402
-from singer_hf.data import load_fashion_mnist  # noqa: E402
+from singer_hf.demo.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist  # noqa: E402
 from singer_hf.tuner import nullspace_directions  # noqa: E402
 from singer_hf.tuner.layer import basis_with_count, nullspace_matrix  # noqa: E402
-
-MEAN, STD = 0.286, 0.353  # Fashion-MNIST pixel statistics
-
 
 @dataclass
 class StudyArguments:
@@ -76,7 +73,7 @@ def fashion_mnist(split: str, count: int | None = None) -> tuple[torch.Tensor, t
     if count is not None:
         data = data.select(range(count))
     images = np.stack([np.asarray(image) for image in data["image"]])
-    pixels = (torch.from_numpy(images).float().div(255) - MEAN) / STD
+    pixels = (torch.from_numpy(images).float().div(255) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     return pixels[:, None], torch.tensor(data["label"])
 
 

@@ -2,7 +2,7 @@
 """The offline demo: a complete SiNGER distillation on Fashion-MNIST, on a CPU, in minutes.
 
 No pretrained ViT can be downloaded here, so the demo first trains its own small teacher
-(scripts/train_demo_teacher.py), then distils it with SiNGER into a smaller student trained from
+(singer_hf/demo/teacher.py), then distils it with SiNGER into a smaller student trained from
 scratch (scripts/distill.py with configs/demo.yaml, the data streamed from a local Parquet file),
 and finally compares linear probes on the test set: teacher, distilled student, and the same
 student architecture left at its random initialisation.
@@ -17,29 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoImageProcessor, set_seed
 
+import distill  # scripts/distill.py, beside this script
 from singer_hf.architectures import load_backbone
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill  # noqa: E402
-from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
-
-from singer_hf.data import ImageTransform, build_transforms, image_processor_stats, load_fashion_mnist  # noqa: E402
-from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
+from singer_hf.demo import DemoTeacherArguments, fashion_mnist_images, linear_probe_accuracy, load_fashion_mnist, train_demo_teacher
+from singer_hf.evaluation import cls_features
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path("outputs/demo")
 PROBE_TRAIN, PROBE_TEST = 10_000, 10_000
-
-
-def probe_images(split: str, count: int, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = load_fashion_mnist(split).shuffle(seed=0).select(range(count))
-    mean, std, size = image_processor_stats(processor)
-    transform = ImageTransform(build_transforms(mean, std, size, train=False))
-    images = torch.stack(transform({"image": dataset["image"]})["pixel_values"])
-    return images, torch.tensor(dataset["label"])
 
 
 def main(extra_flags: list[str]) -> None:
@@ -65,8 +52,8 @@ def main(extra_flags: list[str]) -> None:
 
     print("3/3 Linear probes on the frozen features of the teacher, the student and an untrained student ...")
     processor = AutoImageProcessor.from_pretrained(str(student_dir))
-    train_images, train_labels = probe_images("train", PROBE_TRAIN, processor)
-    test_images, test_labels = probe_images("test", PROBE_TEST, processor)
+    train_images, train_labels = fashion_mnist_images("train", PROBE_TRAIN, processor)
+    test_images, test_labels = fashion_mnist_images("test", PROBE_TEST, processor)
     student = load_backbone(str(student_dir))
     set_seed(0)
     untrained = type(student)(student.config)  # same architecture, random weights: the floor

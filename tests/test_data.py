@@ -13,17 +13,16 @@ import transformers
 from transformers import BitImageProcessor, ViTImageProcessor
 
 from singer_hf.data import (
-    FASHION_MNIST_DIR,
     ImageTransform,
     PixelNormalizer,
     PixelValuesCollator,
     build_transforms,
     image_processor_stats,
-    load_fashion_mnist,
     load_image_dataset,
     student_image_processor,
     with_image_transform,
 )
+from singer_hf.demo import FASHION_MNIST_DIR, load_fashion_mnist
 from singer_hf.shuffle import shuffle_stream
 
 SIZE = 16

@@ -1,15 +1,11 @@
-"""scripts/train_demo_teacher.py, which the demo and the evidence study build their teachers with."""
+"""singer_hf.demo.teacher, which the demo and the evidence study build their teachers with."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
+from singer_hf.demo import DemoTeacherArguments, train_demo_teacher
 
 
 def test_the_same_seed_gives_the_same_teacher_whatever_ran_before(tmp_path):

@@ -1,9 +1,10 @@
-"""Linear-probe evaluation used by the demo."""
+"""The demo's quick probe: CLS features of in-memory images and the L-BFGS linear probe."""
 
 import torch
 from conftest import make_vit
 
-from singer_hf.evaluation import cls_features, linear_probe_accuracy
+from singer_hf.demo import linear_probe_accuracy
+from singer_hf.evaluation import cls_features
 
 
 def test_cls_features_are_the_last_block_output_before_the_final_norm(images):

@@ -2,7 +2,7 @@
 
 `features` extracts and caches, `probes` trains and scores the heads, `metrics` holds the
 torchmetrics-based metrics, `probe_data` turns datasets into images and targets; scripts/evaluate.py
-puts them together. `linear_probe_accuracy` is the demo's quick L-BFGS probe.
+puts them together.
 """
 
 from .features import AugmentedFeatures, FeatureSet, cached_features, cls_features, extract_features, load_features, save_features
@@ -17,7 +17,6 @@ from .probes import (
     fit_probe,
     train_heads,
 )
-from .quick_probe import linear_probe_accuracy
 
 __all__ = [
     "AugmentedFeatures",
@@ -34,7 +33,6 @@ __all__ = [
     "extract_features",
     "fit_probe",
     "imagenet_r_logit_indices",
-    "linear_probe_accuracy",
     "load_features",
     "save_features",
     "train_heads",

@@ -1,11 +1,11 @@
-"""Trains the small Fashion-MNIST ViT that the offline demo distils from.
+"""The small Fashion-MNIST ViT that the offline demo (and the evidence study) distils from.
 
 No pretrained ViT can be downloaded offline, so the demo trains its own teacher: a 6-layer,
 128-wide ViT on 28x28 images with 4x4 patches (49 tokens), about 1.2M parameters. It trains in a
 few CPU minutes and is saved with its ``ViTImageProcessor`` so that ``AutoModel`` and
 ``AutoImageProcessor.from_pretrained(output_dir)`` load it like any Hub checkpoint.
 
-    python scripts/train_demo_teacher.py --output_dir outputs/demo-teacher
+    python -m singer_hf.demo.teacher --output_dir outputs/demo-teacher
 """
 
 from __future__ import annotations
@@ -25,18 +25,9 @@ from transformers import (
     set_seed,
 )
 
-from singer_hf.data import (
-    FASHION_MNIST_DIR,
-    ImageTransform,
-    PixelValuesCollator,
-    build_transforms,
-    image_processor_stats,
-    load_fashion_mnist,
-    with_image_transform,
-)
-
-# Fashion-MNIST training-set pixel statistics (grayscale, repeated over the RGB channels).
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+from ..data import ImageTransform, PixelValuesCollator, build_transforms, image_processor_stats, with_image_transform
+from ..hardware import native_cpu_bf16
+from .fashion_mnist import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
 
 @dataclass
@@ -62,7 +53,7 @@ def native_bf16() -> bool:
     """Whether this machine computes bf16 matmuls in hardware (without it, CPU bf16 is emulated and slow)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return bool(native_cpu_bf16())
 
 
 def teacher_config(num_labels: int, id2label: dict[int, str]) -> ViTConfig:
@@ -137,6 +128,10 @@ def train_demo_teacher(args: DemoTeacherArguments) -> tuple[str, float]:
     return args.output_dir, accuracy
 
 
-if __name__ == "__main__":
+def main() -> None:
     (cli_args,) = HfArgumentParser(DemoTeacherArguments).parse_args_into_dataclasses()
     train_demo_teacher(cli_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """The demo's quick linear probe: full-batch L-BFGS on standardised CLS features.
 
 Deterministic and seconds on CPU for the demo's sizes; the paper's protocol (SGD, cosine, 150
-epochs, docs/method.md §8) is `train_heads` with `ClassificationProbe`, run by scripts/evaluate.py.
+epochs, docs/method.md §8) is `singer_hf.evaluation.train_heads` with `ClassificationProbe`, run by
+scripts/evaluate.py.
 """
 
 from __future__ import annotations

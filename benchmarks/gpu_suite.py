@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU figures of the README's Performance section, measured by one command within a time budget.
+"""The GPU figures of docs/performance.md, measured by one command within a time budget.
 
     python benchmarks/gpu_suite.py --output_dir outputs/gpu          # ViT-L/16 → ViT-Ti/16 at 224, on a GPU
     python benchmarks/gpu_suite.py --pair tiny --device cpu --batch_size 4 --teacher_batch 8   # seconds, on a CPU

@@ -21,7 +21,7 @@ Features (the chosen block's output before the final norm, read through singer_h
 table) are extracted once per split and kept in memory, or with --feature_cache_dir in
 safetensors shards that later runs reuse. With --augmentation paper the training split is run
 through the backbone again every epoch on freshly augmented images (not cached). The output
-directory gets results.json (schema "singer-hf/probe-results", documented in the README) and
+directory gets results.json (schema "singer-hf/probe-results", documented in docs/evaluation.md) and
 results.md.
 """
 

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BUFFER_CYCLES = 6
 """Permutations an example may stay in the buffer for (each keeps it with probability 1/2): what bounds a
-resume's re-read, against how many examples leave earlier than uncapped (README.md, "Resuming", has the figures)."""
+resume's re-read, against how many examples leave earlier than uncapped (docs/training.md, "Resuming", has the figures)."""
 
 
 def shuffle_stream(

@@ -68,7 +68,7 @@ def _images(run: Path, count: int) -> torch.Tensor:
 
 
 def _pytorch(run: Path, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each output as the README defines it: features = hidden_states[student_layers[-1] + 1] (a timm model's
+    """Each output as docs/publishing.md defines it: features = hidden_states[student_layers[-1] + 1] (a timm model's
     hidden states are prefix-free maps, so its token features come from the architecture table)."""
     block = json.loads((run / "distillation" / "distillation_config.json").read_text())["student_layers"][-1]
     model = transformers.AutoModel.from_pretrained(run).eval()

@@ -113,7 +113,7 @@ def test_every_part_runs_writes_the_table_and_backs_off_after_out_of_memory(suit
     assert "on CPU:" in table and "| peak unknown |" in table
     fastest = max([row["images_per_s"] for row in modes.values()] + [t["images_per_s"] for t in search["trials"] if t["fits"]])
     assert f"map-style uint8 {math.ceil(fastest / per_worker['map-style uint8']['images_per_s'])}," in table
-    assert str(tmp_path) not in table  # no local path in what gets copied into the README
+    assert str(tmp_path) not in table  # no local path in what gets copied into docs/performance.md
 
 
 def test_a_spent_budget_cuts_the_steps_after_one_round_and_skips_the_rest(suite, tmp_path):
@@ -223,7 +223,7 @@ def test_the_gpu_run_wrapper_leaves_the_results_and_its_log_in_OUT(tmp_path):
 
 
 def test_the_step_benchmark_still_prints_its_table(capsys):
-    """benchmarks/step.py's command line, whose machinery the suite reuses, as the README shows it."""
+    """benchmarks/step.py's command line, whose machinery the suite reuses, as docs/performance.md shows it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import step

@@ -1,5 +1,5 @@
 """Two real processes: `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` runs
-scripts/distill.py on CPU, as the README says (Accelerate starts the two ranks with torchrun; no MPI,
+scripts/distill.py on CPU, as docs/training.md says (Accelerate starts the two ranks with torchrun; no MPI,
 no hostfile; they talk over gloo).
 
 One launch serves every test here (it is the slow part): inside the two processes a small probe

@@ -1,5 +1,5 @@
 """The results.json contract of scripts/evaluate.py (read by the model-card code): schema
-"singer-hf/probe-results", version 1, documented in the README. Metric values are in the units of
+"singer-hf/probe-results", version 1, documented in docs/evaluation.md. Metric values are in the units of
 the paper's Table 1 (percent for accuracy, mIoU and δ; metres for RMSE)."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Command-line plumbing shared by the scripts: a strict argument parser and one-line errors.
 
 - `StrictArgumentParser`: an `HfArgumentParser` that refuses abbreviated flags, reports argparse
-  errors as one line, and takes a YAML/JSON recipe anywhere on the command line (flags always win
-  over the recipe, wherever they are); an unknown flag or recipe key is refused by name, with the
-  closest known one.
+  errors as one line, and takes a YAML/JSON recipe anywhere on the command line as its defaults (flags
+  always win over the recipe, wherever they are); an unknown flag or recipe key is refused by name,
+  with the closest known one.
 - `source_fields` / `StrictArgumentParser.add_source_fields`: the flags of a dataclass read from its
   module's source without importing it, so that a script answers `--help` and a mistyped flag
   before importing `transformers.TrainingArguments` (which imports torch, Accelerate and PEFT).
@@ -50,14 +50,17 @@ class StrictArgumentParser(HfArgumentParser):
         raise UsageError(message)
 
     def parse(self, argv: list[str]) -> tuple:
-        """The dataclasses from `argv`, where one positional YAML/JSON recipe supplies defaults."""
+        """The dataclasses from `argv`. One positional YAML/JSON recipe, anywhere in it, sets the parser's
+        defaults (as TRL's `--config` does), so flags win wherever they are and the recipe's values arrive
+        as written: `null` and mappings included, the others typed and checked as their flags would be."""
         self._check_flags(argv)
         recipes = [index for index, token in enumerate(argv) if _is_recipe(argv, index)]
         if len(recipes) > 1:
             raise UsageError(f"config file: give at most one YAML/JSON recipe, got {[argv[i] for i in recipes]}")
         if recipes:
             index = recipes[0]
-            argv = self._recipe_flags(argv[index]) + argv[:index] + argv[index + 1 :]  # later flags win
+            self._set_recipe_defaults(argv[index])
+            argv = argv[:index] + argv[index + 1 :]
         return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
     def add_source_fields(self, title: str, fields: list[SourceField]) -> None:
@@ -89,31 +92,46 @@ class StrictArgumentParser(HfArgumentParser):
                 hint = f"; did you mean {close[0]}?" if close else " (see --help)"
                 raise UsageError(f"{flag}: unknown argument{hint}")
 
-    def _recipe_flags(self, path: str) -> list[str]:
-        if not Path(path).is_file():
-            raise UsageError(f"config file: {path} does not exist")
-        text = Path(path).read_text()
-        try:
-            values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise UsageError(f"config file: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
-        known = {action.dest for action in self._actions}
+    def _set_recipe_defaults(self, path: str) -> None:
+        values = _read_recipe(path)
+        actions = {}  # dest -> its flags' actions (`--name` first, then HfArgumentParser's `--no_name`)
+        for action in self._actions:
+            if action.option_strings and action.dest != "help":
+                actions.setdefault(action.dest, []).append(action)
         for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
+            if key not in actions:
+                close = difflib.get_close_matches(str(key), actions, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise UsageError(f"{key}: unknown key in config file {path}{hint}")
-        flags = []
-        for name, value in values.items():
-            if isinstance(value, dict):
-                flags += [f"--{name}", json.dumps(value)]
-            elif isinstance(value, list):
-                flags += [f"--{name}", *map(str, value)]
-            elif value is not None:
-                flags += [f"--{name}", str(value)]
-        return flags
+        self.set_defaults(**{key: self._recipe_value(actions[key][0], key, value, path) for key, value in values.items()})
+        for key in values:
+            for action in actions[key]:
+                action.required = False  # the recipe gives it
+
+    def _recipe_value(self, action: argparse.Action, key: str, value, path: str):
+        """`value` as its flag would parse it (type, choices, one value or a list); `null` and mappings as written."""
+        if value is None or isinstance(value, dict):
+            return value
+        strings = [str(item) for item in value] if isinstance(value, list) else [str(value)]
+        if action.nargs in (None, "?") and len(strings) != 1:
+            raise UsageError(f"{key}: expected one value in config file {path}, got {value!r}")
+        try:
+            return self._get_values(action, strings)
+        except argparse.ArgumentError as error:
+            raise UsageError(f"{key}: {error.message} (config file {path})") from None
+
+
+def _read_recipe(path: str) -> dict:
+    if not Path(path).is_file():
+        raise UsageError(f"config file: {path} does not exist")
+    text = Path(path).read_text()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise UsageError(f"config file: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
+    return values
 
 
 @dataclass(frozen=True)

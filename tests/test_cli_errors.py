@@ -6,10 +6,12 @@ Each case runs the script's real entry point (`run_cli(main)`) in-process; a spy
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -19,7 +21,7 @@ import pytest
 import transformers
 from conftest import IMAGE, PATCH, make_vit
 
-from singer_hf.cli import run_cli
+from singer_hf.cli import StrictArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distill.py"
@@ -145,6 +147,32 @@ def test_recipe_anywhere_and_flags_win(distill, workspace, tmp_path):
         assert training_args.rank == 8  # the flag beats the recipe's 4, before or after it
         _, _, training_args = distill.parse_arguments(_drop(with_recipe, "--rank"))
         assert training_args.rank == 4
+
+
+@dataclass
+class RecipeArguments:
+    name: str = field(metadata={"help": "Required: a recipe may give it."})
+    limit: int | None = 5
+    options: dict | str | None = None
+    layers: list[int] = field(default_factory=lambda: [1])
+    flag: bool = False
+    rate: float = 0.1
+
+
+def test_a_recipe_sets_the_parser_defaults_as_written(tmp_path):
+    """`null` overrides a default and a mapping stays a mapping (nothing lost on the way through flags); the
+    other values are typed as their flags would be; flags still win; a bad value is one line naming the key."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\nlimit: null\noptions: {a: 1.0e-4, b: [1, 2]}\nlayers: [3, '4']\nflag: true\nrate: 1e-3\n")
+    (args,) = StrictArgumentParser(RecipeArguments).parse([str(recipe)])
+    assert args == RecipeArguments(name="x", limit=None, options={"a": 1e-4, "b": [1, 2]}, layers=[3, 4], flag=True, rate=1e-3)
+    (args,) = StrictArgumentParser(RecipeArguments).parse(["--limit", "7", str(recipe), "--layers", "9", "--flag", "false"])
+    assert (args.limit, args.layers, args.flag, args.options) == (7, [9], False, {"a": 1e-4, "b": [1, 2]})
+    for text, message in (("rate: fast", "rate: invalid float value: 'fast'"), ("layers: [1, b]", "layers: invalid int value: 'b'"),
+                          ("name: [x, y]", "name: expected one value")):  # fmt: skip
+        recipe.write_text(f"name: x\n{text}\n" if not text.startswith("name") else f"{text}\n")
+        with pytest.raises(UsageError, match=re.escape(message)):
+            StrictArgumentParser(RecipeArguments).parse([str(recipe)])
 
 
 def test_default_image_processor_for_a_bare_teacher(distill, workspace, tmp_path):

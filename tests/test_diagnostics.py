@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -16,14 +13,9 @@ import transformers
 from conftest import IMAGE, make_vit
 
 from singer_hf import SingerConfig
+from singer_hf.commands import diagnose as diagnose_script
 from singer_hf.diagnostics import artifact_stats, comparison_figure, norm_histograms_figure, norm_maps_figure, patch_norms
 from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("diagnose_script", ROOT / "scripts" / "diagnose.py")
-diagnose_script = importlib.util.module_from_spec(spec)
-sys.modules["diagnose_script"] = diagnose_script
-spec.loader.exec_module(diagnose_script)
 
 
 def planted(images=5, patches=64, dim=16, outliers=3, scale=10.0, prefix=1):

@@ -1,9 +1,8 @@
-"""scripts/evaluate.py end to end on a tiny ViT folder and tiny datasets written to disk as Parquet:
+"""singer_hf.commands.evaluate (scripts/evaluate.py, singer-evaluate) end to end on a tiny ViT folder and tiny datasets written to disk as Parquet:
 classification, segmentation (synthetic masks) and depth (synthetic depth maps)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import runpy
@@ -17,11 +16,9 @@ import transformers
 from conftest import IMAGE, make_vit
 from standins import newer_families
 
+from singer_hf.commands import evaluate as evaluate_script
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(spec)
-sys.modules["evaluate_script"] = evaluate_script  # dataclass annotations resolve through sys.modules
-spec.loader.exec_module(evaluate_script)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ started from a folder), run with onnxruntime on CPU and compared with PyTorch on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import datasets
@@ -27,12 +25,9 @@ FP16_TOLERANCE = 1e-2  # a float16 graph against PyTorch float32 (measured: ~6e-
 
 @pytest.fixture(scope="module")
 def export_onnx():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "export_onnx.py"
-    spec = importlib.util.spec_from_file_location("export_onnx_script_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+    from singer_hf.commands import export_onnx
+
+    return export_onnx
 
 
 @pytest.fixture(scope="module")

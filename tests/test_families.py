@@ -88,14 +88,9 @@ def test_family_distils_through_the_script(distill, images, tmp_path, family, me
 
 
 def _diagnose():
-    import importlib.util
-    from pathlib import Path
+    from singer_hf.commands import diagnose
 
-    spec = importlib.util.spec_from_file_location("diagnose_for_families", Path(__file__).resolve().parents[1] / "scripts" / "diagnose.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return diagnose
 
 
 SAVED_STUDENT_PROBE = """

@@ -44,6 +44,8 @@ STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate
 
 
 def load_script(name):
+    if name != "distill":  # scripts/distill.py is a script; the other commands are modules
+        return importlib.import_module(f"singer_hf.commands.{name}")
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being created

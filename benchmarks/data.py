@@ -49,7 +49,7 @@ class DataBenchmarkArguments:
     repeats: int = field(default=3, metadata={"help": "Passes per pipeline; the median is reported."})
     step_rates: list[float] = field(
         default_factory=lambda: [2700.0, 6700.0],
-        metadata={"help": "Training rates (images/s) to size the workers for; default: 40 % and 100 % of the paper pair's bf16 limit on an H100."},
+        metadata={"help": "Training rates (images/s) to size the workers for; default: 40 %% and 100 %% of the paper pair's bf16 limit on an H100."},
     )
     threads: int = field(default=1, metadata={"help": "torch.set_num_threads (a DataLoader worker uses 1)."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the per-worker rates here as JSON."})

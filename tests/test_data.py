@@ -22,7 +22,7 @@ from singer_hf.data import (
     student_image_processor,
     with_image_transform,
 )
-from singer_hf.demo import FASHION_MNIST_DIR, load_fashion_mnist
+from singer_hf.demo.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 from singer_hf.shuffle import shuffle_stream
 
 SIZE = 16

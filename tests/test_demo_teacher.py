@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from singer_hf.demo import DemoTeacherArguments, train_demo_teacher
+from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher
 
 
 def test_the_same_seed_gives_the_same_teacher_whatever_ran_before(tmp_path):

@@ -3,7 +3,7 @@
 import torch
 from conftest import make_vit
 
-from singer_hf.demo import linear_probe_accuracy
+from singer_hf.demo.probe import linear_probe_accuracy
 from singer_hf.evaluation import cls_features
 
 

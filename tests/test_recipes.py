@@ -29,7 +29,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 def _stand_in_teacher(recipe: dict, folder: Path) -> Path:
     hub_id = recipe.get("teacher_name_or_path")
     if hub_id is None:  # configs/demo.yaml: scripts/demo.py trains its teacher, with this configuration
-        from singer_hf.demo import teacher_config
+        from singer_hf.demo.teacher import teacher_config
 
         config = teacher_config(3, {0: "a", 1: "b", 2: "c"})
         return save_hf(folder, transformers.ViTForImageClassification, config, vit_processor(config.image_size))

@@ -58,9 +58,8 @@ from singer_hf.data import (  # noqa: E402
 )
 from singer_hf.diagnostics import artifact_stats, norm_histograms_figure, norm_maps_figure, patch_norms  # noqa: E402
 from singer_hf.demo.fashion_mnist import fashion_mnist_images, load_fashion_mnist  # noqa: E402
-from singer_hf.demo.probe import linear_probe_accuracy  # noqa: E402
+from singer_hf.demo.probe import cls_features, linear_probe_accuracy  # noqa: E402
 from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher  # noqa: E402
-from singer_hf.evaluation import cls_features  # noqa: E402
 from singer_hf.modeling import DistillationModelConfig  # noqa: E402
 from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR  # noqa: E402
 

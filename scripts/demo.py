@@ -22,9 +22,8 @@ from transformers import AutoImageProcessor, set_seed
 import distill  # scripts/distill.py, beside this script
 from singer_hf.architectures import load_backbone
 from singer_hf.demo.fashion_mnist import fashion_mnist_images, load_fashion_mnist
-from singer_hf.demo.probe import linear_probe_accuracy
+from singer_hf.demo.probe import cls_features, linear_probe_accuracy
 from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher
-from singer_hf.evaluation import cls_features
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path("outputs/demo")

@@ -1,4 +1,4 @@
-"""The demo's quick linear probe: full-batch L-BFGS on standardised CLS features.
+"""The demo's quick linear probe: full-batch L-BFGS on standardised CLS features of in-memory images.
 
 Deterministic and seconds on CPU for the demo's sizes; the paper's protocol (SGD, cosine, 150
 epochs, docs/method.md §8) is `singer_hf.evaluation.train_heads` with `ClassificationProbe`, run by
@@ -10,6 +10,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..architectures import resolve_vit
+from ..evaluation.features import split_tokens
+
+
+@torch.no_grad()
+def cls_features(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Summary token (CLS) of the last block's output for each image (N×D), the model in eval mode."""
+    vit = resolve_vit(model)
+    was_training = vit.backbone.training
+    vit.backbone.eval()
+    features = [split_tokens(vit, vit.block_outputs(chunk)[-1])[0].float() for chunk in pixel_values.split(batch_size)]
+    vit.backbone.train(was_training)
+    return torch.cat(features)
 
 
 def linear_probe_accuracy(

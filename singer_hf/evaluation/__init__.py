@@ -5,7 +5,7 @@ torchmetrics-based metrics, `probe_data` turns datasets into images and targets;
 puts them together.
 """
 
-from .features import AugmentedFeatures, FeatureSet, cached_features, cls_features, extract_features, load_features, save_features
+from .features import AugmentedFeatures, FeatureSet, cached_features, extract_features, load_features, save_features
 from .imagenet_r import IMAGENET_R_CLASSES, imagenet_r_logit_indices
 from .probes import (
     ClassificationProbe,
@@ -28,7 +28,6 @@ __all__ = [
     "ParallelLinear",
     "SegmentationProbe",
     "cached_features",
-    "cls_features",
     "evaluate_heads",
     "extract_features",
     "fit_probe",

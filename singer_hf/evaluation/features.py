@@ -80,23 +80,12 @@ def summary_name(vit: ResolvedViT) -> str:
     return "CLS token" if vit.has_class_token else "mean patch token (the backbone has no CLS token)"
 
 
-def _split_tokens(vit: ResolvedViT, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tokens(vit: ResolvedViT, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summary B×D, patches B×P×D) of a block output B×N×D: the first CLS (summary) token, or the
     mean patch token of a backbone without one (registers are no summary)."""
     patches = tokens[:, vit.num_prefix_tokens :]
     summary = tokens[:, 0] if vit.has_class_token else patches.mean(1)
     return summary, patches
-
-
-@torch.no_grad()
-def cls_features(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Summary token (CLS) of the last block's output for each image (N×D), the model in eval mode."""
-    vit = resolve_vit(model)
-    was_training = vit.backbone.training
-    vit.backbone.eval()
-    features = [_split_tokens(vit, vit.block_outputs(chunk)[-1])[0].float() for chunk in pixel_values.split(batch_size)]
-    vit.backbone.train(was_training)
-    return torch.cat(features)
 
 
 @torch.no_grad()
@@ -124,7 +113,7 @@ def extract_features(
     autocast = torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for batch in tqdm(loader, desc=description, disable=not accelerator.is_local_main_process):
         with autocast:
-            summary, patches = _split_tokens(vit, vit.block_outputs(batch["pixel_values"])[layer])
+            summary, patches = split_tokens(vit, vit.block_outputs(batch["pixel_values"])[layer])
         local = {"summary": summary, "targets": batch["targets"]}
         if keep_patches:
             local["patches"] = patches

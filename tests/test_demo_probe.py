@@ -3,8 +3,7 @@
 import torch
 from conftest import make_vit
 
-from singer_hf.demo.probe import linear_probe_accuracy
-from singer_hf.evaluation import cls_features
+from singer_hf.demo.probe import cls_features, linear_probe_accuracy
 
 
 def test_cls_features_are_the_last_block_output_before_the_final_norm(images):

@@ -13,6 +13,7 @@ student architecture left at its random initialisation.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from train_demo_teacher import DemoTeacherArguments, train_demo_teacher  # noqa:
 
 from singer_hf.data import ImageTransform, build_transforms, image_processor_stats, load_fashion_mnist  # noqa: E402
 from singer_hf.evaluation import cls_features, linear_probe_accuracy  # noqa: E402
+from singer_hf.layout import ARTIFACT_STATS_FILE, ARTIFACTS_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path("outputs/demo")
@@ -40,6 +42,23 @@ def probe_images(split: str, count: int, processor) -> tuple[torch.Tensor, torch
     transform = ImageTransform(build_transforms(mean, std, size, train=False))
     images = torch.stack(transform({"image": dataset["image"]})["pixel_values"])
     return images, torch.tensor(dataset["label"])
+
+
+def artifact_lines(student_dir: Path) -> list[str]:
+    """The run's final artifact statistics (`artifacts/artifact_stats.json`), one line per view and block."""
+    path = student_dir / ARTIFACTS_DIR / ARTIFACT_STATS_FILE
+    if not path.is_file():
+        return ["artifact statistics: not recorded (--artifact_stats false)"]
+    stats = json.loads(path.read_text())
+    lines = [f"artifact statistics ({stats['source']}; outlier: patch norm > {stats['outlier_ratio']:g}× its image's median):"]
+    for layer in stats["layers"]:
+        for view, values in layer["views"].items():
+            block = layer["student_block"] if view == "student" else layer["teacher_block"]
+            lines.append(
+                f"  {view.replace('_', ' '):<16} block {block} (teacher block {layer['teacher_block']}): outlier share "
+                f"{100 * values['outlier_share']:.2f} %, max/median {values['max_median']:.2f}, p99/median {values['p99_median']:.2f}"
+            )
+    return lines
 
 
 def main(extra_flags: list[str]) -> None:
@@ -82,6 +101,7 @@ def main(extra_flags: list[str]) -> None:
         f"student  ({student_dir}): linear probe {accuracies['student']:.2%} after {result['metrics'].get('train_runtime', 0):.0f} s of distillation\n"
         f"untrained student (same architecture, random init): linear probe {accuracies['untrained']:.2%}\n"
         f"final losses: {result['losses']}\n"
+        + "\n".join(artifact_lines(student_dir)) + "\n"
         f"time: teacher {teacher_seconds:.0f} s, distillation {distill_seconds:.0f} s, total {total:.0f} s\n"
         f"Load the student without singer_hf:\n"
         f'    AutoModel.from_pretrained("{student_dir}"), AutoImageProcessor.from_pretrained("{student_dir}")'

@@ -25,13 +25,14 @@ def write_artifact_files(
     model: DistillationModel,
     student: str,
     norms: dict[str, torch.Tensor],
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     final_log: dict | None,
     images_source: str,
 ) -> dict:
     """Write `artifact_stats.json` and the figures of `student` into `folder`; returns the statistics.
 
-    `norms`: `artifact_norms`' B×P patch norms by key; `images`: those images (B×H×W×3 in [0, 1]);
+    `norms`: `artifact_norms`' B×P patch norms by key, `images` those images (B×H×W×3 in [0, 1]);
+    no figures without them;
     `final_log`: the last log entry holding `artifacts/...` statistics (None: the table is computed
     from the figures' images instead, and says so)."""
     several_students, several_teachers = len(model.students) > 1, len(model.teachers) > 1
@@ -43,14 +44,14 @@ def write_artifact_files(
             views = {}
             for view in VIEWS:
                 key = "/".join([*names[view], view, str(teacher_layer)])
-                if key not in norms:
-                    continue
-                label = f"{pair.teacher} " if several_teachers else ""
-                label += f"student block {student_layer}" if view == "student" else f"{VIEW_LABELS[view]} block {teacher_layer}"
-                shown[label] = norms[key]
-                if final_log is not None:
+                logged = final_log is not None and f"{ARTIFACTS_DIR}/{key}/{STATISTICS[0]}" in final_log
+                if key in norms:
+                    label = f"{pair.teacher} " if several_teachers else ""
+                    label += f"student block {student_layer}" if view == "student" else f"{VIEW_LABELS[view]} block {teacher_layer}"
+                    shown[label] = norms[key]
+                if logged:
                     views[view] = {stat: final_log.get(f"{ARTIFACTS_DIR}/{key}/{stat}") for stat in STATISTICS}
-                else:
+                elif final_log is None and key in norms:
                     views[view] = {stat: value.mean().item() for stat, value in norm_statistics(norms[key]).items()}
             layers.append({"teacher": pair.teacher if several_teachers else None, "teacher_block": teacher_layer,
                            "student_block": student_layer, "views": views})  # fmt: skip
@@ -61,12 +62,13 @@ def write_artifact_files(
             if final_log is not None
             else f"{images_source} (no training statistics were logged)"
         ),
-        "figure_images": images_source,
+        "figure_images": images_source if shown else None,
         "layers": layers,
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ARTIFACT_STATS_FILE).write_text(json.dumps(statistics, indent=2) + "\n")
-    maps, histograms = ARTIFACT_FIGURES
-    norm_maps_figure(images, shown, folder / maps)
-    norm_histograms_figure(shown, folder / histograms, DEFAULT_OUTLIER_RATIO)
+    if shown:
+        maps, histograms = ARTIFACT_FIGURES
+        norm_maps_figure(images, shown, folder / maps)
+        norm_histograms_figure(shown, folder / histograms, DEFAULT_OUTLIER_RATIO)
     return statistics

@@ -363,24 +363,32 @@ class FeatureDistillationTrainer(Trainer):
         training interval's, per distilled teacher block and view) as `artifact_stats.json`, and the
         patch-norm maps and norm histograms (`diagnostics`) of `num_images` fixed images, the first
         of the evaluation split if there is one, else of the training data (as its transform gives
-        them). The card shows both. Returns the student folders written into."""
+        them). The card shows both. Returns the student folders written into.
+
+        The figures need one process to run the whole model: under FSDP only the statistics are written."""
         model = self.accelerator.unwrap_model(self.model)
         evaluation = self.eval_dataset is not None
-        dataset = self.eval_dataset if evaluation else self.train_dataset
-        if isinstance(dataset, dict):
-            dataset = next(iter(dataset.values()))
-        examples = [example for example in itertools.islice(iter(dataset), num_images) if example["pixel_values"] is not None]
-        pixels = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
-        device = next(model.parameters()).device
-        with self.autocast_smart_context_manager():
-            norms = model.artifact_norms(self._normalised({"pixel_values": pixels.to(device)})["pixel_values"])
-        norms = {key: value.cpu() for key, value in norms.items()}
-        if pixels.dtype == torch.uint8:
-            shown = pixels.float() / 255
-        else:  # normalised by the caller's own transform: shown rescaled to [0, 1]
-            shown = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin()).clamp(min=1e-6)
-        shown = shown.permute(0, 2, 3, 1)
-        source = f"the first {len(examples)} images of the {'evaluation split' if evaluation else 'training data (after its augmentation)'}"
+        source = f"the first {num_images} images of the {'evaluation split' if evaluation else 'training data (after its augmentation)'}"
+        norms, shown = {}, None
+        if self.is_fsdp_enabled:
+            logger.warning("artifact_stats: no patch-norm figures under FSDP (one process cannot run the sharded model); statistics only")
+        else:
+            dataset = self.eval_dataset if evaluation else self.train_dataset
+            if isinstance(dataset, dict):
+                dataset = next(iter(dataset.values()))
+            examples = [example for example in itertools.islice(iter(dataset), num_images) if example["pixel_values"] is not None]
+            if examples:
+                pixels = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
+                device = next(model.parameters()).device
+                with self.autocast_smart_context_manager():
+                    norms = model.artifact_norms(self._normalised({"pixel_values": pixels.to(device)})["pixel_values"])
+                norms = {key: value.cpu() for key, value in norms.items()}
+                if pixels.dtype == torch.uint8:
+                    shown = pixels.float() / 255
+                else:  # normalised by the caller's own transform: shown rescaled to [0, 1]
+                    shown = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin()).clamp(min=1e-6)
+                shown = shown.permute(0, 2, 3, 1)
+                source = source.replace(f"first {num_images} ", f"first {len(examples)} ")
         final = next((entry for entry in reversed(self.state.log_history) if any(key.startswith(f"{ARTIFACTS_DIR}/") for key in entry)), None)
         folders = self.student_folders()
         for student, folder in zip(model.students, folders):

@@ -4,7 +4,10 @@ card table and published files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import datasets
 import peft
@@ -21,6 +24,7 @@ from singer_hf.data import ImageTransform, PixelNormalizer, build_transforms, im
 from singer_hf.diagnostics import artifact_stats
 from singer_hf.publishing import publish_student
 
+ROOT = Path(__file__).resolve().parents[1]
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
 LAYERS = (4, 5)  # SiNGER's default for a 6-block teacher
 ARTIFACT_PATCH = 5
@@ -172,3 +176,16 @@ def test_views_share_the_diagnostics_outlier_definition():
     assert stats["teacher/2/outlier_share"].item() == pytest.approx(expected["outlier_share"])
     assert stats["student/2/max_median"].item() == pytest.approx(expected["max_median_ratio"]["mean"])
     assert stats["teacher/2/p99_median"].item() == pytest.approx(norm_statistics(patch_norms(features, 1))["p99_median"].mean().item())
+
+
+def test_history_figure_script(run, tmp_path):
+    """The README's command: the logged statistics over training, one panel per distilled block."""
+    _, output = run
+    spec = importlib.util.spec_from_file_location("plot_artifact_history", ROOT / "scripts" / "plot_artifact_history.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while being created
+    spec.loader.exec_module(script)
+    figure = script.main(["--run_dir", str(output), "--output", str(tmp_path / "history.png")])
+    assert figure.stat().st_size > 1000
+    with pytest.raises(ValueError, match="statistic: must be one of"):
+        script.main(["--run_dir", str(output), "--output", str(tmp_path / "x.png"), "--statistic", "median"])

@@ -357,6 +357,8 @@ def _artifact_variables(student_dir: Path) -> dict:
                 "p99_median": "" if values.get("p99_median") is None else f"{values['p99_median']:.2f}",
             })  # fmt: skip
     figures = [f"{ARTIFACTS_DIR}/{name}" for name in ARTIFACT_FIGURES if (student_dir / ARTIFACTS_DIR / name).is_file()]
+    if not rows:  # a method that records no features
+        return {"artifacts": None}
     return {
         "artifacts": {
             "rows": rows,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -380,7 +382,7 @@ class DistillationModel(nn.Module):
             student_total = 0
             for teacher_name, method in self.methods[student_name].items():
                 prefix = "/".join([student_name] * several_students + [teacher_name] * several_teachers)
-                if views is None:
+                if views is None or not _takes_views(type(method)):
                     terms = method.losses(teacher_features[teacher_name], student_features)
                 else:
                     recorded = views[prefix] = ArtifactViews()
@@ -489,6 +491,12 @@ class DistillationGroupConfig:
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+@functools.cache
+def _takes_views(method: type[DistillationMethod]) -> bool:
+    """Whether `method.losses` takes `views`: one written without it trains, its features unrecorded."""
+    return "views" in inspect.signature(method.losses).parameters
 
 
 def _is_frozen_teacher_weight(key: str, prefix: str) -> bool:

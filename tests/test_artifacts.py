@@ -189,3 +189,22 @@ def test_history_figure_script(run, tmp_path):
     assert figure.stat().st_size > 1000
     with pytest.raises(ValueError, match="statistic: must be one of"):
         script.main(["--run_dir", str(output), "--output", str(tmp_path / "x.png"), "--statistic", "median"])
+
+
+def test_keys_name_students_and_teachers_like_the_loss_terms(images):
+    """Two students, two teachers: pair views under `<student>/<teacher>/`, each teacher's own view under
+    its name alone (every student sees the same one); nothing is computed with the statistics off."""
+    from singer_hf import DistillationModel, DistillationModelConfig, TeacherSettings
+
+    teachers = {"big": make_vit(seed=0), "other": make_vit(seed=1)}
+    students = {"a": make_vit(hidden=32, layers=4, seed=2), "b": make_vit(hidden=32, layers=4, seed=3)}
+    configs = {"a": DistillationModelConfig(rank=4), "b": DistillationModelConfig(method="fitnet")}
+    settings = {name: TeacherSettings(layers=[3, 5]) for name in teachers}
+    model = DistillationModel(teachers, students, configs, teacher_settings=settings)
+    output = model(images, artifact_stats=True)
+    expected = {f"{t}/teacher/{layer}/{stat}" for t in teachers for layer in (3, 5) for stat in STATISTICS}
+    expected |= {f"{s}/{t}/{view}/{layer}/{stat}" for s in students for t in teachers for layer in (3, 5) for stat in STATISTICS
+                 for view in (("refined_teacher", "student") if s == "a" else ("student",))}  # fmt: skip
+    assert set(output.artifacts) == expected
+    assert {key.rsplit("/", 1)[0] for key in output.losses} == {f"{s}/{t}" for s in students for t in teachers} | set(students)
+    assert model(images).artifacts is None

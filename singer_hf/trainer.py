@@ -116,15 +116,17 @@ class FeatureDistillationTrainer(Trainer):
     - Logs: each loss term as `loss_<term>` (`loss_kd`, ...), or `loss/<student>/<term>` with several
       students or teachers, and (`artifact_stats`) the artifact statistics of the features the step
       compared as `artifacts/<view>/<layer>/<stat>` (`DistillationOutput.artifacts`), averaged over
-      the logging interval and the processes with one host sync per log; `skipped_images` counts the undecodable images dropped so far (all processes), in each log
-      and the final metrics, with one warning per logging interval in which some were dropped.
+      the logging interval and the processes with one host sync per log; `skipped_images` counts the
+      undecodable images dropped so far (all processes), in each log and the final metrics, with one
+      warning per logging interval in which some were dropped.
       `evaluate()` reports `eval_loss` and `eval_loss_<term>` the same way.
     - Checkpoints are the Trainer's own (the model's trainable state: `DistillationModel.state_dict`
       leaves the frozen teachers out), completed by `callbacks.CheckpointCallback`; resuming checks
       the run's fingerprint and continues a streamed dataset from its saved position.
     - `save_model()` exports each student (`layout.export_students`); `create_model_card()` writes the
-      run record, the artifact figures and statistics (`write_artifact_report`) and the student cards; `push_to_hub()` publishes the students with their cards
-      (`publishing.publish_student`). Checkpoints are never pushed (`hub_strategy` is "end").
+      run record, the artifact statistics and figures (`write_artifact_report`) and the student
+      cards; `push_to_hub()` publishes the students with their cards (`publishing.publish_student`).
+      Checkpoints are never pushed (`hub_strategy` is "end").
     - uint8 `pixel_values` (what `scripts/distill.py`'s workers ship) are normalised on the device with
       the image processor's mean and std; `--torch_compile` compiles each teacher and student block
       (`DistillationModel.compile_blocks`), never the whole model.

@@ -4,7 +4,7 @@
     python scripts/plot_artifact_history.py --run_dir outputs/demo/student --output docs/figures/demo_artifact_history.png
 
 Reads `trainer_state.json` (written by scripts/distill.py with `--artifact_stats`, the default) and
-plots `artifacts/<view>/<layer>/<statistic>` of the teacher, the refined teacher and the student
+plots `artifacts/<view>/<layer>/<statistic>` (`--statistics`) of the teacher, the refined teacher and the student
 against the step.
 """
 
@@ -24,19 +24,21 @@ from singer_hf.diagnostics import artifact_history_figure
 class PlotArguments:
     run_dir: str = field(metadata={"help": "A scripts/distill.py output folder (holding trainer_state.json)."})
     output: str = field(metadata={"help": "The PNG file to write."})
-    statistic: str = field(default="outlier_share", metadata={"help": f"One of {list(STATISTICS)}."})
+    statistics: list[str] = field(
+        default_factory=lambda: ["outlier_share"], metadata={"help": f"Any of {list(STATISTICS)}: one row of panels each."}
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
     (args,) = StrictArgumentParser(PlotArguments).parse(sys.argv[1:] if argv is None else argv)
-    if args.statistic not in STATISTICS:
-        raise ValueError(f"statistic: must be one of {list(STATISTICS)}, got {args.statistic!r}")
+    if unknown := [name for name in args.statistics if name not in STATISTICS]:
+        raise ValueError(f"statistics: each must be one of {list(STATISTICS)}, got {unknown}")
     state = Path(args.run_dir) / "trainer_state.json"
     if not state.is_file():
         raise ValueError(f"run_dir: {args.run_dir} holds no trainer_state.json; give the --output_dir of a finished scripts/distill.py run")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    artifact_history_figure(json.loads(state.read_text())["log_history"], output, args.statistic)
+    artifact_history_figure(json.loads(state.read_text())["log_history"], output, tuple(args.statistics))
     print(f"wrote {output}")
     return output
 

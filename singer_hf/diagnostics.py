@@ -181,31 +181,40 @@ def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query
     return figure
 
 
-def artifact_history_figure(log_history: list[dict], path: str | Path, statistic: str = "outlier_share", prefix: str = "artifacts/"):
-    """One panel per distilled teacher block: `statistic` of each view over the training steps, from
-    a run's logged artifact statistics (`trainer_state.json`'s `log_history`, keys
-    `<prefix><view>/<layer>/<statistic>`). Returns the (closed) figure, after saving it."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+def artifact_history_figure(
+    log_history: list[dict], path: str | Path, statistics: tuple[str, ...] = ("outlier_share",), prefix: str = "artifacts/"
+):
+    """One row per statistic, one column per distilled teacher block: each view's value over the
+    training steps, from a run's logged artifact statistics (`trainer_state.json`'s `log_history`,
+    keys `<prefix><view>/<layer>/<statistic>`). Returns the (closed) figure, after saving it."""
+    series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}  # (statistic, layer) → view → points
     for entry in log_history:
         for key, value in entry.items():
-            if key.startswith(prefix) and key.endswith(f"/{statistic}"):
-                *view, layer = key[len(prefix) : -len(statistic) - 1].split("/")
-                series.setdefault(layer, {}).setdefault("/".join(view), []).append((entry["step"], value))
+            if key.startswith(prefix):
+                *view, layer, statistic = key[len(prefix) :].split("/")
+                if statistic in statistics:
+                    series.setdefault((statistic, layer), {}).setdefault("/".join(view), []).append((entry["step"], value))
     if not series:
-        raise ValueError(f"log_history: no {prefix}<view>/<layer>/{statistic} entries; was the run trained with --artifact_stats?")
+        raise ValueError(f"log_history: no {prefix}<view>/<layer>/<statistic> entries; was the run trained with --artifact_stats?")
     plt = _pyplot()
-    layers = sorted(series, key=int)
-    figure, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 2.8), squeeze=False, layout="constrained", sharey=True)
-    share = statistic == "outlier_share"
-    for axis, layer in zip(axes[0], layers):
-        for view, points in series[layer].items():
-            steps, values = zip(*points)
-            axis.plot(steps, [100 * value if share else value for value in values], marker=".", label=view.replace("_", " "))
-        axis.set_title(f"teacher block {layer}", fontsize=9)
-        axis.set_xlabel("step", fontsize=8)
-        axis.tick_params(labelsize=7)
-        axis.legend(fontsize=7)
-    axes[0, 0].set_ylabel("outlier share (%)" if share else statistic.replace("_", "/"), fontsize=8)
+    layers = sorted({layer for _, layer in series}, key=int)
+    figure, axes = plt.subplots(len(statistics), len(layers), figsize=(3.6 * len(layers), 2.5 * len(statistics) + 0.3),
+                                squeeze=False, layout="constrained", sharex=True)  # fmt: skip
+    for row, statistic in enumerate(statistics):
+        share = statistic == "outlier_share"
+        for column, layer in enumerate(layers):
+            axis = axes[row, column]
+            for view, points in series.get((statistic, layer), {}).items():
+                steps, values = zip(*points)
+                axis.plot(steps, [100 * value if share else value for value in values], marker=".", label=view.replace("_", " "))
+            if row == 0:
+                axis.set_title(f"teacher block {layer}", fontsize=9)
+            if row == len(statistics) - 1:
+                axis.set_xlabel("step", fontsize=8)
+            if column == 0:
+                axis.set_ylabel("outlier share (%)" if share else statistic.replace("_", "/"), fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.legend(fontsize=7)
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return figure

@@ -4,6 +4,7 @@
     python benchmarks/step.py                                    # CPU default: ViT-S-width → ViT-Ti-width, 64px
     python benchmarks/step.py --pair vit-l-to-ti-224 --batch_size 128 --device cuda --modes reference bf16
     python benchmarks/step.py --students same                    # three students in one pass vs three steps
+    python benchmarks/step.py --artifact_stats                   # the cost of the logged artifact statistics
 
 A step is what the Trainer runs: the batch arrives as uint8 pixels (what the DataLoader workers ship,
 pinned on a GPU host), is copied to the device without blocking and normalised there; teacher forward,
@@ -37,17 +38,22 @@ from seed `--seed` + 1 + k for both, so each starts from the same weights in the
 the losses of its first steps are compared: they are equal. The FLOP count gives the bound on the
 ratios: the group does one teacher forward and each student's work (forward and backward, heads,
 SiNGER's adapters and block l+1), the separate steps all of it once per student.
+`--artifact_stats` times one mode's step with and without the artifact statistics the Trainer logs by
+default (computed from the step's own features, accumulated on the device as the Trainer does),
+interleaved on one model, and prints the ratio; the default is on only while it stays <= 1.02x.
 benchmarks/gpu_suite.py runs these same steps as one budgeted GPU measurement.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import resource
 import statistics
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -59,6 +65,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from singer_hf import DistillationModel, DistillationModelConfig, map_layers, resolve_vit
 from singer_hf.data import PixelNormalizer
 from singer_hf.architectures import BlockOutputs
+from singer_hf.trainer import FeatureDistillationTrainer
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class Mode:
     teacher_bf16: bool
     compile: bool = False
     teacher_only: bool = False
+    artifact_stats: bool = False
+    """The step also computes and accumulates the artifact statistics, as the Trainer does with `--artifact_stats`."""
 
 
 MODES = {
@@ -144,6 +153,13 @@ class BenchmarkArguments:
     steps: int = field(default=10, metadata={"help": "Timed rounds (one step of every mode each)."})
     warmup: int = field(default=3, metadata={"help": "Untimed rounds first."})
     peak_tflops: float = field(default=H100_PEAK_TFLOPS, metadata={"help": "Peak the achieved TFLOP/s are a share of."})
+    artifact_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "Time one --modes mode (default fp32) with and without the artifact statistics the Trainer logs "
+            "(--artifact_stats), on one model, interleaved, and print the ratio."
+        },
+    )
     seed: int = 0
 
 
@@ -262,7 +278,11 @@ def device_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def forward(model, pixel_values, mode: Mode):
     with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=mode.autocast):
-        return model(pixel_values=pixel_values)
+        return model(pixel_values=pixel_values, **({"artifact_stats": True} if mode.artifact_stats else {}))
+
+
+_logged = types.SimpleNamespace(_metrics={"train": {}})
+"""The running sums the Trainer keeps between logs (`FeatureDistillationTrainer.record_metrics`)."""
 
 
 def train_step(model, optimizer, pixels: torch.Tensor, mode: Mode, device: torch.device) -> dict[str, torch.Tensor] | None:
@@ -273,6 +293,8 @@ def train_step(model, optimizer, pixels: torch.Tensor, mode: Mode, device: torch
             model.teacher_features(pixel_values)
         return None
     output = forward(model, pixel_values, mode)
+    if output.artifacts:
+        FeatureDistillationTrainer.record_metrics(_logged, "train", output.artifacts)
     output.loss.backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)  # the reference's teacher gradients too
@@ -581,7 +603,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device, pair = torch.device(args.device), PAIRS[args.pair]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if args.students:
+    if args.artifact_stats:
+        compare_artifact_stats(args, pair, (args.modes or ["fp32"])[0], device, where)
+    elif args.students:
         compare_group(args, pair, modes[0], device, where)
     else:
         compare_modes(args, pair, modes, device, where)
@@ -623,6 +647,30 @@ def compare_modes(args: BenchmarkArguments, pair: Pair, modes: list[str], device
                 verdict = f" (target {'<=' if kind == 'time' else '>='} {target}x {kind}: {'PASS' if met else 'FAIL'})"
             print(f"  {name}: {ratio:.3f}x the reference's time, {1 / ratio:.2f}x its throughput{verdict}")
     print("\n".join(agreement_lines(run.first_losses)))
+
+
+ARTIFACT_STATS_TARGET = 1.02
+"""The artifact statistics are on by default only if a step with them takes at most this many times one without."""
+
+
+def compare_artifact_stats(args: BenchmarkArguments, pair: Pair, mode: str, device: torch.device, where: str) -> None:
+    model, optimizer = build(pair, MODES[mode], device, args.seed)
+    modes = {mode: MODES[mode], f"{mode} + artifact stats": dataclasses.replace(MODES[mode], artifact_stats=True)}
+    built = dict.fromkeys(modes, (model, optimizer))
+    run = interleave(built, host_pixels(pair, args.batch_size, device), device, args.warmup, args.steps, modes=modes)
+    print(f"{args.pair}: teacher {pair.teacher}, student {pair.student} (width, blocks, heads), {pair.image_size}px, "
+          f"patch {pair.patch_size}, layers {list(pair.teacher_layers)}, batch {args.batch_size}, {where}, "
+          f"{run.rounds} rounds after {args.warmup} warm-up, one model stepped in both ways")  # fmt: skip
+    for name, seconds in run.seconds.items():
+        print(f"  {name:<28} {1e3 * statistics.median(seconds):9.1f} ms/step (min {1e3 * min(seconds):.1f}, max {1e3 * max(seconds):.1f})")
+    without, with_stats = run.seconds.values()
+    ratios = [b / a for a, b in zip(without, with_stats)]
+    ratio = statistics.median(ratios)
+    verdict = "PASS" if ratio <= ARTIFACT_STATS_TARGET else "FAIL"
+    print(f"step with artifact statistics / without, per round (median over rounds): {ratio:.4f}x "
+          f"(min {min(ratios):.4f}, max {max(ratios):.4f}); target <= {ARTIFACT_STATS_TARGET}x: {verdict}")  # fmt: skip
+    # On a shared CPU the rounds' spread is other processes' load; each way's fastest step is the least disturbed.
+    print(f"fastest step with / fastest without: {min(with_stats) / min(without):.4f}x")
 
 
 GROUP_TARGET = 1.3

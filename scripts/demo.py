@@ -13,6 +13,7 @@ student architecture left at its random initialisation.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,10 +25,28 @@ from singer_hf.architectures import load_backbone
 from singer_hf.demo.fashion_mnist import fashion_mnist_images, load_fashion_mnist
 from singer_hf.demo.probe import cls_features, linear_probe_accuracy
 from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher
+from singer_hf.layout import ARTIFACT_STATS_FILE, ARTIFACTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path("outputs/demo")
 PROBE_TRAIN, PROBE_TEST = 10_000, 10_000
+
+
+def artifact_lines(student_dir: Path) -> list[str]:
+    """The run's final artifact statistics (`artifacts/artifact_stats.json`), one line per view and block."""
+    path = student_dir / ARTIFACTS_DIR / ARTIFACT_STATS_FILE
+    if not path.is_file():
+        return ["artifact statistics: not recorded (--artifact_stats false)"]
+    stats = json.loads(path.read_text())
+    lines = [f"artifact statistics ({stats['source']}; outlier: patch norm > {stats['outlier_ratio']:g}× its image's median):"]
+    for layer in stats["layers"]:
+        for view, values in layer["views"].items():
+            block = layer["student_block"] if view == "student" else layer["teacher_block"]
+            lines.append(
+                f"  {view.replace('_', ' '):<16} block {block} (teacher block {layer['teacher_block']}): outlier share "
+                f"{100 * values['outlier_share']:.2f} %, max/median {values['max_median']:.2f}, p99/median {values['p99_median']:.2f}"
+            )
+    return lines
 
 
 def main(extra_flags: list[str]) -> None:
@@ -70,6 +89,7 @@ def main(extra_flags: list[str]) -> None:
         f"student  ({student_dir}): linear probe {accuracies['student']:.2%} after {result['metrics'].get('train_runtime', 0):.0f} s of distillation\n"
         f"untrained student (same architecture, random init): linear probe {accuracies['untrained']:.2%}\n"
         f"final losses: {result['losses']}\n"
+        + "\n".join(artifact_lines(student_dir)) + "\n"
         f"time: teacher {teacher_seconds:.0f} s, distillation {distill_seconds:.0f} s, total {total:.0f} s\n"
         f"Load the student without singer_hf:\n"
         f'    AutoModel.from_pretrained("{student_dir}"), AutoImageProcessor.from_pretrained("{student_dir}")'

@@ -51,6 +51,11 @@ class TokenAlignment:
             all_tokens=same_prefix and student_grid == teacher_grid,
         )
 
+    @property
+    def compared_prefix_tokens(self) -> int:
+        """Prefix tokens ahead of the patch tokens in the sequences `__call__` returns."""
+        return self.teacher_prefix if self.all_tokens else self.class_tokens
+
     def __call__(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(student tokens, teacher tokens) to compare, from B×N×D block outputs of each model."""
         if self.all_tokens:

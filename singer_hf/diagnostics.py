@@ -3,12 +3,10 @@
 ViTs trained long enough put a few patch tokens, mostly in low-information background, at norms
 far above the rest and use them as global scratch space (Darcet et al., "Vision Transformers Need
 Registers", 2024); SiNGER's adapters exist to remove them from the teacher's features before
-distillation. `artifact_stats` is the small library function (a trainer can log it periodically);
-the figures serve scripts/diagnose.py.
-
-Darcet et al. cut outliers at an absolute norm (150 for DINOv2 ViT-g), which does not carry over
-between models; here a token is an outlier when its norm exceeds `outlier_ratio` × the median
-patch norm of its own image, with a default of 4 (a choice of this package, configurable).
+distillation. `artifact_stats` summarises a sample of features with the per-image statistics of
+`artifacts.norm_statistics`, the outlier definition (norm above `outlier_ratio` × its image's median
+patch norm) the trainer logs with; the figures serve scripts/diagnose.py and the figures a training
+run writes at its end.
 """
 
 from __future__ import annotations
@@ -18,19 +16,11 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUTLIER_RATIO = 4.0
+from .artifacts import DEFAULT_OUTLIER_RATIO, norm_statistics, patch_norms
+
 DEFAULT_QUANTILES = (0.5, 0.9, 0.97, 0.99, 1.0)
 MARKED_QUANTILE = 0.97
 """The quantile SiNGER's outlier loss penalises norms above (docs/method.md §5), marked on histograms."""
-
-
-def patch_norms(features: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
-    """L2 norm of every patch token: B×N×D block output → B×P (prefix tokens dropped)."""
-    if features.ndim != 3:
-        raise ValueError(f"features: expected a B×N×D block output, got shape {tuple(features.shape)}")
-    if not 0 <= prefix_tokens < features.shape[1]:
-        raise ValueError(f"prefix_tokens: must lie in [0, {features.shape[1] - 1}] for {features.shape[1]} tokens, got {prefix_tokens}")
-    return features[:, prefix_tokens:].float().norm(dim=-1)
 
 
 def artifact_stats(
@@ -49,9 +39,8 @@ def artifact_stats(
     - `cls_norm`: mean and median norm of the first prefix token (None without prefix tokens).
     """
     norms = patch_norms(features, prefix_tokens)
-    median = norms.median(dim=1, keepdim=True).values
-    ratios = norms.max(dim=1).values / median.squeeze(1).clamp(min=torch.finfo(torch.float32).tiny)
-    outliers = norms > outlier_ratio * median
+    per_image = norm_statistics(norms, outlier_ratio)
+    ratios, shares = per_image["max_median"], per_image["outlier_share"]
     levels = torch.tensor(quantiles, dtype=torch.float32)
     values = torch.quantile(norms.flatten(), levels) if norms.numel() <= 2**24 else torch.quantile(norms.flatten()[::16], levels)
     stats = {
@@ -59,8 +48,8 @@ def artifact_stats(
         "patch_tokens_per_image": norms.shape[1],
         "max_median_ratio": {"mean": ratios.mean().item(), "median": ratios.median().item(), "max": ratios.max().item()},
         "outlier_ratio": outlier_ratio,
-        "outlier_share": outliers.float().mean().item(),
-        "outliers_per_image": outliers.sum(dim=1).float().mean().item(),
+        "outlier_share": shares.mean().item(),
+        "outliers_per_image": (shares * norms.shape[1]).mean().item(),
         "patch_norm_quantiles": {f"{q:g}": v.item() for q, v in zip(quantiles, values)},
         "cls_norm": None,
     }
@@ -188,5 +177,44 @@ def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query
         axis.set_yticks([])
     figure.suptitle("One colour scale per column, shared by all views", fontsize=10)
     figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return figure
+
+
+def artifact_history_figure(
+    log_history: list[dict], path: str | Path, statistics: tuple[str, ...] = ("outlier_share",), prefix: str = "artifacts/"
+):
+    """One row per statistic, one column per distilled teacher block: each view's value over the
+    training steps, from a run's logged artifact statistics (`trainer_state.json`'s `log_history`,
+    keys `<prefix><view>/<layer>/<statistic>`). Returns the (closed) figure, after saving it."""
+    series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}  # (statistic, layer) → view → points
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith(prefix):
+                *view, layer, statistic = key[len(prefix) :].split("/")
+                if statistic in statistics:
+                    series.setdefault((statistic, layer), {}).setdefault("/".join(view), []).append((entry["step"], value))
+    if not series:
+        raise ValueError(f"log_history: no {prefix}<view>/<layer>/<statistic> entries; was the run trained with --artifact_stats?")
+    plt = _pyplot()
+    layers = sorted({layer for _, layer in series}, key=int)
+    figure, axes = plt.subplots(len(statistics), len(layers), figsize=(3.6 * len(layers), 2.5 * len(statistics) + 0.3),
+                                squeeze=False, layout="constrained", sharex=True)  # fmt: skip
+    for row, statistic in enumerate(statistics):
+        share = statistic == "outlier_share"
+        for column, layer in enumerate(layers):
+            axis = axes[row, column]
+            for view, points in series.get((statistic, layer), {}).items():
+                steps, values = zip(*points)
+                axis.plot(steps, [100 * value if share else value for value in values], marker=".", label=view.replace("_", " "))
+            if row == 0:
+                axis.set_title(f"teacher block {layer}", fontsize=9)
+            if row == len(statistics) - 1:
+                axis.set_xlabel("step", fontsize=8)
+            if column == 0:
+                axis.set_ylabel("outlier share (%)" if share else statistic.replace("_", "/"), fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.legend(fontsize=7)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return figure

@@ -77,15 +77,23 @@ class MethodFields(AdapterFields):
 
 @dataclass
 class RunFields:
-    """How a run protects its results."""
+    """How a run protects its results and what it reports beside the losses."""
 
-    _argument_group_name = "reliability"
+    _argument_group_name = "reliability and reporting"
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a non-empty output_dir (its checkpoints and results are removed)."}
     )
     max_nonfinite_steps: int = checked_field(
         10, help="Stop after this many consecutive skipped steps with a non-finite loss (0: at the first).", check=integer_at_least(0)
+    )
+    artifact_stats: bool = field(
+        default=True,
+        metadata={
+            "help": "Log the high-norm artifact statistics of the features each step compared (teacher, refined teacher, "
+            "student: outlier share, max/median, p99/median patch norm) as artifacts/<view>/<layer>/<stat>, and write "
+            "patch-norm figures and the card's Artifacts table at the end."
+        },
     )
 
 

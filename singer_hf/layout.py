@@ -8,6 +8,8 @@ A run's output folder holds:
 - in each student folder, `distillation/`: what trained beside the student — the teacher's SiNGER
   adapters in PEFT format, the method's heads (projectors, generators), the distillation config
   and the run record; with several teachers, one subfolder per teacher for its adapters and heads;
+- in each student folder, `artifacts/` (with `artifact_stats`): the final high-norm artifact
+  statistics and the patch-norm figures of the teacher, refined teacher and student;
 - the Trainer's own `checkpoint-N/` folders (the trainable state, optimizer, RNG, trainer state)
   and `trainer_state.json`; a checkpoint is complete once `FINGERPRINT_FILE` is in it.
 
@@ -38,6 +40,11 @@ FINGERPRINT_FILE = "singer_run.json"
 """Written last into a checkpoint: what it shares with any run that may resume it."""
 STREAM_STATE_FILE = "stream_state_rank{}.pt"
 """A checkpoint's streamed-data position (the stateful DataLoader's state), one per process."""
+ARTIFACTS_DIR = "artifacts"
+"""In a student folder: the run's final artifact statistics and figures (published with the student);
+also the prefix of the logged artifact statistics."""
+ARTIFACT_STATS_FILE = "artifact_stats.json"
+ARTIFACT_FIGURES = ("patch_norms.png", "norm_histograms.png")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 

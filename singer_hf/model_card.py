@@ -28,7 +28,8 @@ from safetensors import safe_open
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .fields import MethodFields, RunFields, TrainingDefaults
-from .layout import CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD
+from .artifacts import VIEWS
+from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD
 from .locations import hub_id, public_name, without_local_paths
 from .methods import METHODS, get_method
 from .modeling import DistillationModelConfig
@@ -302,6 +303,7 @@ def _render(
         heads_description=method_class.heads_description,
         distillation_json=json.dumps(distillation, indent=2, default=str),
         distillation_included=distillation_included,
+        **_artifact_variables(student_dir),
     )
     card_data = ModelCardData(
         model_name=model_name if results else None,
@@ -332,6 +334,44 @@ LOWER_IS_BETTER = {"rmse", "abs_rel"}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+def _artifact_variables(student_dir: Path) -> dict:
+    """The card's Artifacts section from `artifacts/` (`artifact_report.write_artifact_files`), when the run wrote it."""
+    path = student_dir / ARTIFACTS_DIR / ARTIFACT_STATS_FILE
+    if not path.is_file():
+        return {"artifacts": None}
+    stats = _read_json(path, "run_dir", "the artifact statistics")
+    labels = {"teacher": "teacher", "refined_teacher": "refined teacher", "student": "student (projected)"}
+    rows = []
+    for layer in stats.get("layers", []):
+        where = f"{layer['teacher']} " if layer.get("teacher") else ""
+        for view in VIEWS:
+            values = layer["views"].get(view)
+            if values is None:
+                continue
+            block = layer["student_block"] if view == "student" else layer["teacher_block"]
+            rows.append({
+                "layer": f"{where}{layer['teacher_block']} → {layer['student_block']}",
+                "view": f"{labels[view]}, block {block}",
+                "outlier_share": "" if values.get("outlier_share") is None else f"{100 * values['outlier_share']:.2f} %",
+                "max_median": "" if values.get("max_median") is None else f"{values['max_median']:.2f}",
+                "p99_median": "" if values.get("p99_median") is None else f"{values['p99_median']:.2f}",
+            })  # fmt: skip
+    figures = [f"{ARTIFACTS_DIR}/{name}" for name in ARTIFACT_FIGURES if (student_dir / ARTIFACTS_DIR / name).is_file()]
+    if not rows:  # a method that records no features
+        return {"artifacts": None}
+    return {
+        "artifacts": {
+            "rows": rows,
+            "refined": any("refined_teacher" in layer["views"] for layer in stats.get("layers", [])),
+            "ratio": _format(float(stats.get("outlier_ratio", 4.0))),
+            "source": _scrub(stats.get("source", "")),
+            "figure_images": _scrub(stats.get("figure_images", "")),
+            "figures": [(Path(figure).stem.replace("_", " "), figure) for figure in figures],
+        }
+    }
+
+
+
 def _source(name: str) -> tuple[str, str | None]:
     """(name shown, Hub id or None) of a teacher or dataset given as a Hub id or a local path."""
     return public_name(name), hub_id(name)

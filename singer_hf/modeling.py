@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -14,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .checks import block_indices, check_fields, checked_field, number_at_least
+from .artifacts import ArtifactViews
 from .methods import DistillationMethod, MethodFields, get_method
 from .tuner import SingerConfig
 
@@ -124,6 +127,7 @@ class DistillationOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] | None = None
+    artifacts: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -337,7 +341,38 @@ class DistillationModel(nn.Module):
         return all(getattr(student, "is_activation_checkpointing", False) for student in self.students.values())
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True, **unused) -> DistillationOutput:
+    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True, artifact_stats: bool = False, **unused) -> DistillationOutput:
+        """The weighted total and every term; with `artifact_stats`, also the batch's artifact
+        statistics of the features the losses compared (`DistillationOutput.artifacts`)."""
+        views = {} if artifact_stats else None
+        total, losses = self._distil(pixel_values, views)
+        artifacts = None
+        if views is not None:
+            artifacts = {}
+            for prefix, recorded in views.items():
+                artifacts.update({f"{prefix}/{key}" if prefix else key: value for key, value in recorded.statistics().items()})
+        return DistillationOutput(loss=total, losses=losses, artifacts=artifacts)
+
+    @torch.no_grad()
+    def artifact_norms(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Patch norms (B×P) of every view the losses compare, by `[<student>/][<teacher>/]<view>/<layer>`
+        (names as in `DistillationOutput.artifacts`), in eval mode: for figures of fixed images."""
+        training = self.training
+        self.eval()
+        try:
+            views = {}
+            self._distil(pixel_values, views)
+        finally:
+            self.train(training)
+        return {
+            "/".join([*filter(None, [prefix]), view, str(layer)]): norms
+            for prefix, recorded in views.items()
+            for (view, layer), norms in recorded.norms.items()
+        }
+
+    def _distil(self, pixel_values: torch.Tensor, views: dict[str, ArtifactViews] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total and the terms; each pair's compared features into `views` when given, the
+        teacher's own view once per teacher (keyed by its name only)."""
         self._check_pixel_values(pixel_values)
         teacher_features = {name: self.teacher_features(pixel_values, name) for name in self.teachers}
         several_students, several_teachers = len(self.students) > 1, len(self.teachers) > 1
@@ -346,16 +381,23 @@ class DistillationModel(nn.Module):
             student_features = self.student_features(pixel_values, student_name)
             student_total = 0
             for teacher_name, method in self.methods[student_name].items():
-                terms = method.losses(teacher_features[teacher_name], student_features)
+                prefix = "/".join([student_name] * several_students + [teacher_name] * several_teachers)
+                if views is None or not _takes_views(type(method)):
+                    terms = method.losses(teacher_features[teacher_name], student_features)
+                else:
+                    recorded = views[prefix] = ArtifactViews()
+                    terms = method.losses(teacher_features[teacher_name], student_features, recorded)
+                    teacher_views = views.setdefault(teacher_name if several_teachers else "", ArtifactViews())
+                    for key in [key for key in recorded.norms if key[0] == "teacher"]:
+                        teacher_views.norms.setdefault(key, recorded.norms.pop(key))
                 weights = method.weights(method.config)
                 pair_total = sum(weights[term] * value for term, value in terms.items())
                 student_total = student_total + self.teacher_settings[teacher_name].weight * pair_total
-                prefix = "/".join([student_name] * several_students + [teacher_name] * several_teachers)
                 losses.update({f"{prefix}/{term}" if prefix else term: value for term, value in terms.items()})
             if several_students:
                 losses[f"{student_name}/total"] = student_total
             total = total + student_total
-        return DistillationOutput(loss=total, losses=losses)
+        return total, losses
 
     def teacher_features(self, pixel_values: torch.Tensor, teacher: str | None = None) -> BlockOutputs:
         """A teacher's block outputs up to the deepest block any student reads (SiNGER's F^{l+1}
@@ -449,6 +491,12 @@ class DistillationGroupConfig:
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+@functools.cache
+def _takes_views(method: type[DistillationMethod]) -> bool:
+    """Whether `method.losses` takes `views`: one written without it trains, its features unrecorded."""
+    return "views" in inspect.signature(method.losses).parameters
 
 
 def _is_frozen_teacher_weight(key: str, prefix: str) -> bool:

@@ -1,7 +1,8 @@
 """Publish a distilled student to the Hugging Face Hub: our folder layout and card, in one commit.
 
 `publish_student` copies what a user of the student needs out of a run folder (config,
-safetensors weights, image processor; `distillation/` only when asked; figures when given) into a
+safetensors weights, image processor; the run's `artifacts/` statistics and figures, which its card
+shows; `distillation/` only when asked; figures when given) into a
 staging folder, renders the card there from the run's records (`model_card.student_card_from_run`),
 and uploads that folder with `HfApi.upload_folder`, one commit. Nothing else of the run folder
 (checkpoints, logs, trainer state, pickles) is ever uploaded, and JSON files lose any absolute local
@@ -36,7 +37,7 @@ except ImportError:
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .evaluation.results import SCHEMA, SCHEMA_VERSION
-from .layout import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD
+from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD
 from .locations import without_local_paths
 from .methods import method_label
 from .model_card import student_card_from_run
@@ -175,6 +176,7 @@ def _stage(
     names += sorted(path.name for path in run_dir.glob("model*.safetensors"))
     if include_distillation:
         names += [f"{DISTILLATION_DIR}/{name}" for name in DISTILLATION_FILES if (run_dir / DISTILLATION_DIR / name).is_file()]
+    names += [f"{ARTIFACTS_DIR}/{name}" for name in (ARTIFACT_STATS_FILE, *ARTIFACT_FIGURES) if (run_dir / ARTIFACTS_DIR / name).is_file()]
     for name in names:
         _copy(run_dir / name, folder / name)
     for figure in figures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stat
 from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .artifact_report import write_artifact_files
 from .callbacks import CheckpointCallback, PreemptionCallback, ResumedEpochCallback, StudentClippingCallback
 from . import hardware
 from .checks import check_fields, check_value, integer_at_least, number_above, number_at_least
 from .checkpoints import check_fingerprint, remove_incomplete_checkpoints, resolve_checkpoint
 from .data import PixelNormalizer, image_processor_stats
-from .layout import STREAM_STATE_FILE, export_students, student_dir
+from .layout import ARTIFACTS_DIR, STREAM_STATE_FILE, export_students, student_dir
 from .fields import MethodFields, RunFields, TrainingDefaults
 from .methods import get_method
 from .model_card import record_run, student_card_from_run
@@ -112,16 +114,19 @@ class FeatureDistillationTrainer(Trainer):
     Trainer's public hooks; exports each student as a plain Hugging Face model.
 
     - Logs: each loss term as `loss_<term>` (`loss_kd`, ...), or `loss/<student>/<term>` with several
-      students or teachers, averaged over the logging interval and the processes with one host sync
-      per log; `skipped_images` counts the undecodable images dropped so far (all processes), in each log
-      and the final metrics, with one warning per logging interval in which some were dropped.
+      students or teachers, and (`artifact_stats`) the artifact statistics of the features the step
+      compared as `artifacts/<view>/<layer>/<stat>` (`DistillationOutput.artifacts`), averaged over
+      the logging interval and the processes with one host sync per log; `skipped_images` counts the
+      undecodable images dropped so far (all processes), in each log and the final metrics, with one
+      warning per logging interval in which some were dropped.
       `evaluate()` reports `eval_loss` and `eval_loss_<term>` the same way.
     - Checkpoints are the Trainer's own (the model's trainable state: `DistillationModel.state_dict`
       leaves the frozen teachers out), completed by `callbacks.CheckpointCallback`; resuming checks
       the run's fingerprint and continues a streamed dataset from its saved position.
     - `save_model()` exports each student (`layout.export_students`); `create_model_card()` writes the
-      run record and the student cards; `push_to_hub()` publishes the students with their cards
-      (`publishing.publish_student`). Checkpoints are never pushed (`hub_strategy` is "end").
+      run record, the artifact statistics and figures (`write_artifact_report`) and the student
+      cards; `push_to_hub()` publishes the students with their cards (`publishing.publish_student`).
+      Checkpoints are never pushed (`hub_strategy` is "end").
     - uint8 `pixel_values` (what `scripts/distill.py`'s workers ship) are normalised on the device with
       the image processor's mean and std; `--torch_compile` compiles each teacher and student block
       (`DistillationModel.compile_blocks`), never the whole model.
@@ -188,11 +193,13 @@ class FeatureDistillationTrainer(Trainer):
     # -- the step --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = self._normalised(inputs)
-        outputs = model(**inputs)
+        outputs = model(**inputs, artifact_stats=self.args.artifact_stats)
         mode = "train" if model.training else "eval"
         if mode == "train":
             self._nonfinite.observe(outputs.losses, outputs.loss)
         self.record_metrics(mode, {_log_key(term): value for term, value in outputs.losses.items()})
+        if outputs.artifacts:
+            self.record_metrics(mode, {f"{ARTIFACTS_DIR}/{key}": value for key, value in outputs.artifacts.items()})
         self._steps[mode] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -346,10 +353,49 @@ class FeatureDistillationTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model)
         teacher = finetuned_from or getattr(model.teacher.config, "_name_or_path", None) or "teacher"
+        if self.run_arguments.artifact_stats:
+            self.write_artifact_report()
         for name, folder in zip(model.students, self.student_folders()):
             record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments,
                        student=(students or {}).get(name))  # fmt: skip
             student_card_from_run(folder, license=license)
+
+    def write_artifact_report(self, num_images: int = 4) -> list[Path]:
+        """Into each student folder's `artifacts/`: the final artifact statistics (the last logged
+        training interval's, per distilled teacher block and view) as `artifact_stats.json`, and the
+        patch-norm maps and norm histograms (`diagnostics`) of `num_images` fixed images, the first
+        of the evaluation split if there is one, else of the training data (as its transform gives
+        them). The card shows both. Returns the student folders written into.
+
+        The figures need one process to run the whole model: under FSDP only the statistics are written."""
+        model = self.accelerator.unwrap_model(self.model)
+        evaluation = self.eval_dataset is not None
+        source = f"the first {num_images} images of the {'evaluation split' if evaluation else 'training data (after its augmentation)'}"
+        norms, shown = {}, None
+        if self.is_fsdp_enabled:
+            logger.warning("artifact_stats: no patch-norm figures under FSDP (one process cannot run the sharded model); statistics only")
+        else:
+            dataset = self.eval_dataset if evaluation else self.train_dataset
+            if isinstance(dataset, dict):
+                dataset = next(iter(dataset.values()))
+            examples = [example for example in itertools.islice(iter(dataset), num_images) if example["pixel_values"] is not None]
+            if examples:
+                pixels = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
+                device = next(model.parameters()).device
+                with self.autocast_smart_context_manager():
+                    norms = model.artifact_norms(self._normalised({"pixel_values": pixels.to(device)})["pixel_values"])
+                norms = {key: value.cpu() for key, value in norms.items()}
+                if pixels.dtype == torch.uint8:
+                    shown = pixels.float() / 255
+                else:  # normalised by the caller's own transform: shown rescaled to [0, 1]
+                    shown = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin()).clamp(min=1e-6)
+                shown = shown.permute(0, 2, 3, 1)
+                source = source.replace(f"first {num_images} ", f"first {len(examples)} ")
+        final = next((entry for entry in reversed(self.state.log_history) if any(key.startswith(f"{ARTIFACTS_DIR}/") for key in entry)), None)
+        folders = self.student_folders()
+        for student, folder in zip(model.students, folders):
+            write_artifact_files(folder / ARTIFACTS_DIR, model, student, norms, shown, final, source)
+        return folders
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None, revision: str | None = None, **kwargs):
         """Publishes each exported student with its card (`publishing.publish_student`) to

@@ -49,7 +49,7 @@ def runs(distill, tmp_path_factory):
     for family, student in students.items():
         distill.main([
             "--teacher_name_or_path", str(root / "teacher"), *student, "--dataset_name", str(images),
-            "--output_dir", str(root / family), "--method", "fitnet", "--teacher_layers", "1", "3", "--max_steps", "1",
+            "--output_dir", str(root / family), "--teacher_layers", "1", "3", "--max_steps", "1", "--rank", "4",
             "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
         ])  # fmt: skip
     return root

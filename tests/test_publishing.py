@@ -41,6 +41,8 @@ from singer_hf.publishing import PublishError, publish_student
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_" + "s3cr3t" * 6
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
+ARTIFACT_FILES = ["artifacts/artifact_stats.json", "artifacts/norm_histograms.png", "artifacts/patch_norms.png"]
+"""A run's artifact statistics and figures (`--artifact_stats`, the default): published with the student, shown in its card."""
 
 
 def load_script(name):
@@ -262,7 +264,7 @@ def test_distill_push_to_hub_publishes_our_layout_once_with_the_token_in_the_hea
     assert len(commits) == 2  # the repo's initial commit and ours: the Trainer pushed nothing of its own
     assert commits[-1][1] == "Upload SiNGER student distilled from teacher, 2 steps"
     files = hub.files("me/vit-tiny-singer")
-    assert sorted(files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(files) == ["README.md", *ARTIFACT_FILES, "config.json", "model.safetensors", "preprocessor_config.json"]
     assert files["model.safetensors"] == (pushed_run / "model.safetensors").read_bytes()
     assert ModelCard(files["README.md"].decode()).data.pipeline_tag == "image-feature-extraction"
     uploads = [r for r in hub.requests if r[1].startswith(("/api/whoami-v2", "/api/repos/", "/api/models/", "/api/validate-yaml", "/me/"))]
@@ -339,7 +341,7 @@ def test_dry_run_folder_loads_without_singer_hf_and_holds_no_pickles_or_local_pa
         pushed_run, "me/vit-tiny-singer", include_distillation=True, figures_dir=workspace / "figures", dry_run=staged
     )
     assert result.files == [
-        "README.md", "config.json", "distillation/adapter_config.json", "distillation/adapter_model.safetensors",
+        "README.md", *ARTIFACT_FILES, "config.json", "distillation/adapter_config.json", "distillation/adapter_model.safetensors",
         "distillation/distillation_config.json", "distillation/heads.safetensors", "distillation/run_record.json",
         "figures/token_norms.png", "model.safetensors", "preprocessor_config.json",
     ]  # fmt: skip
@@ -465,7 +467,7 @@ def test_unreachable_hub_is_one_line_and_a_rerun_succeeds(pushed_run, on_hub, mo
     )
     assert fingerprint(pushed_run) == before
     load_script("push_to_hub").main(argv)  # the Hub is back: the same command succeeds
-    assert sorted(on_hub.files("me/elsewhere")) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(on_hub.files("me/elsewhere")) == ["README.md", *ARTIFACT_FILES, "config.json", "model.safetensors", "preprocessor_config.json"]
     assert TOKEN not in capsys.readouterr().out
 
 
@@ -579,4 +581,4 @@ def test_a_failed_upload_after_training_prints_the_command_that_publishes_the_ru
     assert command[2:] == [str(output), "--repo_id", "me/outage"]
     on_hub.failing_repos.clear()
     load_script("push_to_hub").main(command[2:])  # the Hub is back: that command publishes the finished run
-    assert sorted(on_hub.files("me/outage")) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(on_hub.files("me/outage")) == ["README.md", *ARTIFACT_FILES, "config.json", "model.safetensors", "preprocessor_config.json"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..alignment import TokenAlignment
 from ..architectures import ResolvedViT
+from ..artifacts import ArtifactViews
 from ..fields import MethodFields
 from ..losses import feature_mse
 from ..tuner.config import SingerConfig
@@ -103,16 +104,34 @@ class DistillationMethod(nn.Module):
     def bind_adapters(self, adapters: dict[int, nn.Module], adapter_name: str) -> None:
         """The teacher's adapter layers this method trains (methods with an `adapter_config`)."""
 
-    def losses(self, teacher_features: tuple[torch.Tensor, ...], student_features: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Each loss term (unweighted) from the teacher's and the student's block outputs."""
+    def losses(
+        self, teacher_features: tuple[torch.Tensor, ...], student_features: tuple[torch.Tensor, ...], views: ArtifactViews | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each loss term (unweighted) from the teacher's and the student's block outputs.
+
+        `views`, when given, receives the features the losses compared, by distilled teacher block
+        (`artifacts.VIEWS`: the teacher's, the refined teacher's for a method with adapters, the
+        student's projected one), for the artifact statistics; a method that never gets one may
+        leave the argument out."""
         raise NotImplementedError
 
     # -- shared by the feature-mimicking methods ------------------------------------------------
     def make_projectors(self, count: int) -> nn.ModuleList:
         return nn.ModuleList(nn.Linear(self._student.width, self._teacher.width) for _ in range(count))
 
-    def kd(self, projector: nn.Module, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-        """MSE between the projected student tokens and the teacher's, matched by `alignment.TokenAlignment`."""
+    def kd(
+        self,
+        projector: nn.Module,
+        student_feature: torch.Tensor,
+        teacher_feature: torch.Tensor,
+        views: ArtifactViews | None = None,
+        layer: int | None = None,
+    ) -> torch.Tensor:
+        """MSE between the projected student tokens and the teacher's, matched by `alignment.TokenAlignment`;
+        the projected student tokens go to `views` as teacher block `layer`'s student view."""
         student_tokens, teacher_tokens = self.alignment(student_feature, teacher_feature)
-        return feature_mse(projector(student_tokens), teacher_tokens)
+        projected = projector(student_tokens)
+        if views is not None:
+            views.add("student", layer, projected, self.alignment.compared_prefix_tokens)
+        return feature_mse(projected, teacher_tokens)
 

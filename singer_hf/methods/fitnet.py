@@ -26,6 +26,10 @@ class FitNet(DistillationMethod):
     def default_layers(depth: int) -> list[int]:
         return sorted({max(int(fraction * depth + 0.5) - 1, 0) for fraction in (0.5, 0.75, 1.0)})  # ViT-L: [11, 17, 23]
 
-    def losses(self, teacher_features, student_features):
-        pairs = zip(self.projectors, self.teacher_layers, self.student_layers)
-        return {"kd": sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, t, s in pairs)}
+    def losses(self, teacher_features, student_features, views=None):
+        kd = 0
+        for projector, t, s in zip(self.projectors, self.teacher_layers, self.student_layers):
+            if views is not None:
+                views.add("teacher", t, teacher_features[t], self._teacher.num_prefix_tokens)
+            kd = kd + self.kd(projector, student_features[s], teacher_features[t], views, t)
+        return {"kd": kd}

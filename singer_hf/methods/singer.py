@@ -69,14 +69,17 @@ class Singer(DistillationMethod):
     def refine(self, layer: int, feature: torch.Tensor) -> torch.Tensor:
         return self._adapters[layer].refine(feature, adapter_names=[self._adapter_name])
 
-    def losses(self, teacher_features, student_features) -> dict[str, torch.Tensor]:
+    def losses(self, teacher_features, student_features, views=None) -> dict[str, torch.Tensor]:
         prefix = self._teacher.num_prefix_tokens
         kd, outlier, info = [], [], []
         reference = None  # the last refined intermediate feature: the final layer's Gram reference
         for index, (layer, student_layer) in enumerate(zip(self.teacher_layers, self.student_layers)):
             feature = teacher_features[layer]
             refined = self.refine(layer, feature)
-            kd.append(self.kd(self.projectors[index], student_features[student_layer], refined))
+            if views is not None:
+                views.add("teacher", layer, feature, prefix)
+                views.add("refined_teacher", layer, refined, prefix)
+            kd.append(self.kd(self.projectors[index], student_features[student_layer], refined, views, layer))
             outlier.append(outlier_loss(refined[:, prefix:], self.config.outlier_quantile))
             if layer == self.teacher_layers[-1]:
                 reference = feature if reference is None else reference  # one distilled layer: its unrefined feature

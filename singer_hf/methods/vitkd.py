@@ -58,9 +58,13 @@ class ViTKD(DistillationMethod):
         """B×P booleans, True for the student patch tokens to mask."""
         return (torch.rand(batch, count, generator=self.mask_generator) < self.config.mask_ratio).to(device)
 
-    def losses(self, teacher_features, student_features):
+    def losses(self, teacher_features, student_features, views=None):
+        """`views`: the generated layer's student view is the generator's output (patch tokens only)."""
         pairs = list(zip(self.teacher_layers, self.student_layers))
-        mimic = sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, (t, s) in zip(self.projectors, pairs))
+        if views is not None:
+            for layer in self.teacher_layers:
+                views.add("teacher", layer, teacher_features[layer], self._teacher.num_prefix_tokens)
+        mimic = sum(self.kd(projector, student_features[s], teacher_features[t], views, t) for projector, (t, s) in zip(self.projectors, pairs))
         teacher_layer, student_layer = pairs[-1]
         student_patches = student_features[student_layer][:, self._student.num_prefix_tokens :]
         patches = self.generation_projector(self.alignment.to_teacher_grid(student_patches))  # on the teacher's grid
@@ -70,4 +74,6 @@ class ViTKD(DistillationMethod):
         generated = self.generator(patches.transpose(1, 2).reshape(batch, width, *self.alignment.teacher_grid)).flatten(2).transpose(1, 2)
         target = teacher_features[teacher_layer][:, self._teacher.num_prefix_tokens :]
         generation = feature_mse(generated, target, token_mask=masked)
+        if views is not None:
+            views.add("student", teacher_layer, generated, 0)
         return {"mimic": mimic if pairs[:-1] else generation.new_zeros(()), "generation": generation}

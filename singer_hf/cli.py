@@ -92,28 +92,48 @@ class StrictArgumentParser(HfArgumentParser):
     def _recipe_flags(self, path: str) -> list[str]:
         if not Path(path).is_file():
             raise UsageError(f"config file: {path} does not exist")
-        text = Path(path).read_text()
-        try:
-            values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise UsageError(f"config file: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
+        values = read_mapping_file(path, "config file")
         if not isinstance(values, dict):
             raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
+        return self.mapping_flags(values, f"config file {path}")
+
+    def mapping_flags(self, values: dict, where: str) -> list[str]:
+        """`values` (argument name → value, as a recipe holds them) as command-line flags; an unknown
+        name fails naming `where` and the closest known name. A list of mappings (a recipe's
+        `students:`) becomes one JSON value."""
         known = {action.dest for action in self._actions}
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UsageError(f"{key}: unknown key in config file {path}{hint}")
+                raise UsageError(f"{key}: unknown key in {where}{hint}")
         flags = []
         for name, value in values.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)):
                 flags += [f"--{name}", json.dumps(value)]
             elif isinstance(value, list):
                 flags += [f"--{name}", *map(str, value)]
             elif value is not None:
                 flags += [f"--{name}", str(value)]
         return flags
+
+    def parse_mapping(self, values: dict, where: str) -> tuple:
+        """The dataclasses from a mapping of argument names to values (e.g. one entry of a list in a
+        recipe); errors name `where`."""
+        flags = self.mapping_flags(values, where)
+        try:
+            return self.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
+        except UsageError as error:
+            raise UsageError(f"{where}: {error}") from None
+
+
+def read_mapping_file(path: str, argument: str):
+    """The content of a YAML or JSON file (JSON by its suffix); a syntax error is one line naming `argument`."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise UsageError(f"{argument}: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)

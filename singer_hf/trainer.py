@@ -347,9 +347,10 @@ class FeatureDistillationTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model)
         teacher = finetuned_from or getattr(model.teacher.config, "_name_or_path", None) or "teacher"
+        several = len(model.students) > 1
         for name, folder in zip(model.students, self.student_folders()):
             record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments,
-                       student=(students or {}).get(name))  # fmt: skip
+                       student=(students or {}).get(name), group={"name": name, "students": list(model.students)} if several else None)  # fmt: skip
             student_card_from_run(folder, license=license)
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None, revision: str | None = None, **kwargs):

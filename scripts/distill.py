@@ -43,6 +43,10 @@ logger = logging.getLogger("singer_hf.distill")
 # torchdata's stateful DataLoader (resumable streams) calls a deprecated torch one.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+# PEFT warns that an adapter whose name is part of its tuner's prefix (a student named "singer") could be
+# re-initialised if loaded by that name; none is: each student's adapters are exported under PEFT's
+# default name, and checkpoints are loaded as the model's own state (tests/test_students.py resumes one).
+warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix", category=UserWarning)
 
 # ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
 # patch size and resolution, like the paper's from-scratch students.
@@ -98,8 +102,10 @@ class StudentEntry(StudentArguments, MethodFields):
     name: str = field(metadata={"help": "The student's name: its output subfolder, its log keys (loss/<name>/<term>)."})
 
 
+UNNAMED_STUDENT = "default"
+"""The name of a run's one student when no `--students` are given (`singer_hf.modeling.DEFAULT_NAME`)."""
 STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-RESERVED_NAMES = ("runs", "distillation", "default")
+RESERVED_NAMES = ("runs", "distillation", UNNAMED_STUDENT)
 """Names a student cannot take: the run's own subfolders (tensorboard's `runs/`, `checkpoint-N/`) and the
 name of the one unnamed student."""
 
@@ -171,11 +177,11 @@ def check_command_line(argv: list[str]) -> None:
 
 def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict[str, StudentEntry]:
     """The run's students by name, each with its model and method settings checked: the one student of the
-    arguments (named `default`), or the `--students` entries, which take what they leave out from the
+    arguments (`UNNAMED_STUDENT`), or the `--students` entries, which take what they leave out from the
     arguments. Needs neither torch nor the models."""
     shared_model = {name: getattr(model_args, name) for name in StudentArguments.__dataclass_fields__}
     if model_args.students is None:
-        entries = {"default": StudentEntry(name="default", **shared_model, **distillation.method_values())}
+        entries = {UNNAMED_STUDENT: StudentEntry(name=UNNAMED_STUDENT, **shared_model, **distillation.method_values())}
     else:
         entries = {}
         parser = StrictArgumentParser(StudentEntry)
@@ -194,7 +200,10 @@ def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict
             own_model = any(values.get(key) is not None for key in ("student_size", "student_name_or_path"))
             given = {key: getattr(parsed, key) for key in values}
             entries[name] = StudentEntry(**{**distillation.method_values(), **({} if own_model else shared_model), **given})
-            check_fields(entries[name])
+            try:
+                check_fields(entries[name])
+            except ValueError as error:
+                raise UsageError(f"students entry {name!r}: {error}") from None
     for name, entry in entries.items():
         if (entry.student_name_or_path is None) == (entry.student_size is None):
             raise UsageError(
@@ -222,7 +231,8 @@ def _student_list(value: str) -> list:
 
 def _student_argument(argument: str, name: str, students: dict) -> str:
     """How errors name a student's argument: "student_size", or "student_size (student 'tiny')" in a group."""
-    return argument if list(students) == ["default"] else f"{argument} (student {name!r})"
+    return argument if list(students) == [UNNAMED_STUDENT] else f"{argument} (student {name!r})"
+
 
 if __name__ == "__main__":
     run_cli(check_command_line)  # before the imports below: --help and a typo answer in a second, not ten
@@ -330,7 +340,7 @@ def check_models_fit(model_args: ModelArguments, students: dict[str, StudentEntr
             student = resolve_vit(student, "student")
             plan_layers(teacher_view, student, distillation_config(entry))
         except ValueError as error:  # UsageError included: which student, in a group
-            if list(students) == ["default"]:
+            if list(students) == [UNNAMED_STUDENT]:
                 raise
             raise UsageError(f"students entry {name!r}: {error}") from None
         larger = outgrown_teacher(teacher_view, student)

@@ -54,12 +54,21 @@ def check_not_group(folder: str | os.PathLike, argument: str) -> None:
     folder = Path(folder).expanduser()
     if not folder.is_dir() or (folder / "config.json").is_file():
         return
-    students = sorted(path.name for path in folder.iterdir() if (path / "config.json").is_file() and (path / DISTILLATION_DIR).is_dir())
+    students = sorted(path.name for path in folder.iterdir() if _trained_in_group(path))
     if students:
         raise ValueError(
             f"{argument}: {folder} holds the {len(students)} students of a group run ({', '.join(students)}), one folder "
             f"each; give one of them, e.g. {folder / students[0]}"
         )
+
+
+def _trained_in_group(folder: Path) -> bool:
+    """Whether `folder` holds a student whose run record says it was trained in a group."""
+    record = folder / DISTILLATION_DIR / RUN_RECORD
+    try:
+        return (folder / "config.json").is_file() and "group" in json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def teacher_dir(distillation_dir: Path, model: DistillationModel, teacher: str) -> Path:

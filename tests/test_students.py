@@ -157,3 +157,18 @@ def test_each_student_and_term_is_logged_and_each_folder_is_a_student(group_run)
         assert f"| Method | {method} (`method: {entry.get('method', 'singer')}`) |" in card
         assert f"| Trained in a group | one of 3 students distilled together from one teacher pass (the others: {others}) |" in card
         assert f"| Optimisation steps | {STEPS} |" in card  # read from the run's trainer_state.json, a folder up
+
+
+def test_a_students_folder_is_published_and_exported_and_the_groups_folder_is_refused(group_run, tmp_path):
+    from singer_hf.export import check_export_arguments
+    from singer_hf.publishing import publish_student
+
+    output, _ = group_run
+    staged = publish_student(output / "fitnet", "me/fitnet", dry_run=tmp_path / "upload")
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(staged.files)
+    assert f"| Optimisation steps | {STEPS} |" in (tmp_path / "upload" / "README.md").read_text()
+    assert check_export_arguments(output / "vitkd", tmp_path / "vitkd.onnx")[1] == 3  # its deepest distilled block
+    names = ", ".join(sorted(entry["name"] for entry in GROUP))
+    for call in (lambda: publish_student(output, "me/x", dry_run=tmp_path / "again"), lambda: check_export_arguments(output, tmp_path / "x.onnx")):
+        with pytest.raises(ValueError, match=f"holds the 3 students of a group run \\({names}\\), one folder each; give one of them"):
+            call()

@@ -269,7 +269,7 @@ def run_job(job: dict) -> list[dict]:
     output = Path(job["output"])
     teacher_dir = output / "teachers" / (job["teacher"] or "natural")
     run_dir = output / "runs" / job["name"]
-    students = job.get("students", [job["student"]])
+    students = job["students"] if "students" in job else [job["student"]]
     folders = {student: run_dir / student if "students" in job else run_dir for student in students}
     if all((folder / "result.json").exists() for folder in folders.values()):
         return [json.loads((folder / "result.json").read_text()) for folder in folders.values()]

@@ -33,7 +33,6 @@ try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, ht
 except ImportError:
     from httpx import HTTPError as ClientError
 
-
 from .evaluation.results import SCHEMA, SCHEMA_VERSION
 from .layout import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD, check_not_group
 from .locations import without_local_paths

@@ -13,6 +13,8 @@ replaced by a subclass that records, per rank, into ``<mode>_rank<r>.safetensors
   which cropping, flipping and normalising keep recoverable) and its per-step loss;
 - ``<mode>_writes_rank<r>.txt``: the files each rank wrote through singer_hf.layout's ``save_file``.
 
+A third run in the same launch trains a group of two students (``--students``, ``--max_grad_norm``).
+
 Nothing of Accelerate, DDP or the Trainer is mocked.
 """
 

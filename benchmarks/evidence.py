@@ -12,8 +12,11 @@ high-norm artifact tokens, measured by linear probes and artifact statistics.
    planted in block `plant_block` (benchmarks/register_neurons.py), then the same fine-tuning.
 2. Students (4 blocks, 64 wide, from scratch), each teacher × seed, all with scripts/distill.py and
    the demo recipe (configs/demo.yaml) at the same steps, batch and lr schedule: SiNGER; SiNGER with
-   random adapter init; SiNGER with λ_info = 0; FitNet; ViTKD. Per seed also a student trained on
-   the labels with the same schedule (no distillation) and the untrained student (the floor).
+   random adapter init; SiNGER with λ_info = 0; FitNet; ViTKD. The five of one teacher and seed train
+   together in one run (`--students`: one teacher pass per step; each student gets the updates it
+   would get alone); `--grouped false` runs each on its own, as a check and for comparison. Per seed
+   also a student trained on the labels with the same schedule (no distillation) and the untrained
+   student (the floor).
 3. Measures: linear-probe accuracy on the test set (CLS of the last block before the final norm,
    the demo's L-BFGS probe); each student's artifact statistics at its last block; for the SiNGER
    runs, the raw vs refined teacher statistics and the information-preservation error; the
@@ -91,6 +94,11 @@ class EvidenceArguments:
     probe_images: int = field(default=10_000, metadata={"help": "Training and test images of each linear probe (each)."})
     stats_images: int = field(default=5_000, metadata={"help": "Test images the artifact statistics are computed on."})
     workers: int = field(default=2, metadata={"help": "Runs in parallel (one CPU thread each)."})
+    grouped: bool = field(
+        default=True,
+        metadata={"help": "Train the distilled students of each teacher and seed in one run (one teacher pass per step); "
+                  "false: one run per student (the same students, slower)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Start over instead of reusing finished teachers and runs."})
 
 
@@ -223,36 +231,66 @@ def probe_accuracy(model, processor, count: int) -> float:
 
 # -- students --------------------------------------------------------------------------------------
 def student_jobs(args: EvidenceArguments, output: Path) -> list[dict]:
+    """One job per distilled student (or, grouped, per teacher and seed: all of its students) and per baseline."""
     jobs = []
     for seed in range(args.seeds):
         for teacher in TEACHERS:
-            for student in STUDENTS:
-                jobs.append({"name": f"{teacher}-{student}-seed{seed}", "teacher": teacher, "student": student, "seed": seed})
+            if args.grouped:
+                jobs.append({"name": f"{teacher}-seed{seed}", "teacher": teacher, "students": list(STUDENTS), "seed": seed})
+            else:
+                jobs += [{"name": run_name(teacher, student, seed), "teacher": teacher, "student": student, "seed": seed} for student in STUDENTS]
         for baseline in BASELINES:
             jobs.append({"name": f"{baseline}-seed{seed}", "teacher": None, "student": baseline, "seed": seed})
     common = {"output": str(output), "steps": args.student_steps, "probe_images": args.probe_images, "stats_images": args.stats_images}
     return [{**job, **common} for job in jobs]
 
 
-def run_job(job: dict) -> dict:
-    """Trains and measures one student; the result is also kept on disk."""
-    run_dir = Path(job["output"]) / "runs" / job["name"]
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+def run_name(teacher: str, student: str, seed: int) -> str:
+    return f"{teacher}-{student}-seed{seed}"
+
+
+def student_folder(output: Path, teacher: str, student: str, seed: int) -> Path:
+    """Where a distilled student was saved: its own run's folder, or its folder in its group's run."""
+    alone = output / "runs" / run_name(teacher, student, seed)
+    return alone if alone.is_dir() else output / "runs" / f"{teacher}-seed{seed}" / student
+
+
+def run_job(job: dict) -> list[dict]:
+    """Trains and measures one student, or one group of students; each result is also kept on disk."""
+    output = Path(job["output"])
+    teacher_dir = output / "teachers" / (job["teacher"] or "natural")
+    run_dir = output / "runs" / job["name"]
+    students = job["students"] if "students" in job else [job["student"]]
+    folders = {student: run_dir / student if "students" in job else run_dir for student in students}
+    if all((folder / "result.json").exists() for folder in folders.values()):
+        return [json.loads((folder / "result.json").read_text()) for folder in folders.values()]
     start = time.perf_counter()
-    teacher_dir = Path(job["output"]) / "teachers" / (job["teacher"] or "natural")
-    data_dir = Path(job["output"]) / "fashion_mnist"
-    flags = ["--teacher_name_or_path", str(teacher_dir), "--dataset_name", str(data_dir), "--output_dir", str(run_dir),
+    flags = ["--teacher_name_or_path", str(teacher_dir), "--dataset_name", str(output / "fashion_mnist"), "--output_dir", str(run_dir),
              "--overwrite_output_dir", "true", "--max_steps", str(job["steps"]), "--seed", str(job["seed"]),
              "--adapter_seed", str(job["seed"]), "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
-    if job["student"] in STUDENTS:
-        losses = distill.main([str(RECIPE), *flags, *STUDENTS[job["student"]][1]])["losses"]
-        student = load_backbone(str(run_dir))
-        config = json.loads((run_dir / DISTILLATION_DIR / CONFIG_FILE).read_text())
+    if "students" in job:
+        entries = [{"name": student, **dict(zip(STUDENTS[student][1][::2], STUDENTS[student][1][1::2]))} for student in students]
+        entries = [{key.removeprefix("--"): value for key, value in entry.items()} for entry in entries]
+        losses = distill.main([str(RECIPE), *flags, "--students", json.dumps(entries)])["losses"]
+        losses = {student: {key.replace(f"/{student}/", "_").replace("_total", ""): value for key, value in losses.items()
+                            if key.startswith(f"loss/{student}/")} for student in students}  # fmt: skip
+    elif job["student"] in STUDENTS:
+        losses = {job["student"]: distill.main([str(RECIPE), *flags, *STUDENTS[job["student"]][1]])["losses"]}
     else:
-        losses, config = train_baseline(job, flags, run_dir), None
-        student = load_backbone(str(run_dir))
+        losses = {job["student"]: train_baseline(job, flags, run_dir)}
+    seconds = (time.perf_counter() - start) / len(students)  # a group's time, shared out
+    results = []
+    for student, folder in folders.items():
+        name = run_name(job["teacher"], student, job["seed"]) if job["teacher"] and student in STUDENTS else job["name"]
+        results.append(measure({**job, "name": name, "student": student}, folder, teacher_dir, losses[student], seconds))
+    return results
+
+
+def measure(job: dict, run_dir: Path, teacher_dir: Path, losses: dict, training_seconds: float) -> dict:
+    """A trained student's probe accuracy and artifact statistics (and SiNGER's refinement), kept in its result.json."""
+    start = time.perf_counter()
+    student = load_backbone(str(run_dir))
+    config = json.loads((run_dir / DISTILLATION_DIR / CONFIG_FILE).read_text()) if job["student"] in STUDENTS else None
     processor = AutoImageProcessor.from_pretrained(str(teacher_dir))
     images, _ = fashion_mnist_images("test", job["stats_images"], processor)
     student_vit = resolve_vit(student)
@@ -266,7 +304,8 @@ def run_job(job: dict) -> dict:
     }
     if job["student"].startswith("singer"):
         result["refinement"] = refinement_report(teacher_dir, run_dir, config["teacher_layers"], images)
-    result["seconds"] = time.perf_counter() - start
+    result["seconds"] = training_seconds + time.perf_counter() - start
+    result_path = run_dir / "result.json"
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[runs] {job['name']}: probe {100 * result['linear_probe']:.2f} % ({result['seconds']:.0f} s)", flush=True)
     return json.loads(result_path.read_text())  # as a resumed study reads it (block numbers as strings)
@@ -322,12 +361,13 @@ def refinement_report(teacher_dir: Path, run_dir: Path, layers: list[int], image
 
 def run_students(args: EvidenceArguments, output: Path) -> list[dict]:
     jobs = student_jobs(args, output)
-    print(f"[runs] {len(jobs)} runs, {args.workers} at a time ...", flush=True)
+    print(f"[runs] {len(jobs)} runs{' (the distilled students in one run per teacher and seed)' if args.grouped else ''}, "
+          f"{args.workers} at a time ...", flush=True)  # fmt: skip
     if args.workers == 1:
-        return [run_job(job) for job in jobs]
+        return [result for job in jobs for result in run_job(job)]
     # One thread per worker: for these small models, parallel runs use the cores better than threads.
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(run_job, jobs))
+        return [result for results in pool.map(run_job, jobs) for result in results]
 
 
 # -- tables and figures ----------------------------------------------------------------------------
@@ -357,7 +397,7 @@ def summarise(results: list[dict]) -> dict:
     return rows
 
 
-def markdown(args: EvidenceArguments, teachers: dict, summary: dict, seconds: float) -> str:
+def markdown(args: EvidenceArguments, teachers: dict, summary: dict, seconds: float, runs_seconds: float) -> str:
     def cell(entry: dict, digits: int = 2) -> str:
         return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
@@ -403,7 +443,9 @@ def markdown(args: EvidenceArguments, teachers: dict, summary: dict, seconds: fl
                          f"{stats['outliers_per_image']:.2f} | {100 * stats['images_with_outliers']:.1f} % | {ratio} | "
                          f"{100 * stats['valley_share']:.2f} | {'yes' if stats['bimodal'] else 'no'} | {on_blank} | {probes} |")  # fmt: skip
     lines += ["", f"Teachers' classifier test accuracy: natural {100 * teachers['natural']['report']['test_accuracy']:.2f} %, "
-              f"artifact {100 * teachers['artifact']['report']['test_accuracy']:.2f} %. Whole study: {seconds / 60:.0f} min.", ""]  # fmt: skip
+              f"artifact {100 * teachers['artifact']['report']['test_accuracy']:.2f} %. Whole study: {seconds / 60:.1f} min, of which the "
+              f"students' runs {runs_seconds / 60:.1f} min ({'grouped: one run per teacher and seed' if args.grouped else 'one run per student'}, "
+              f"{args.workers} at a time).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -416,11 +458,11 @@ def figures(output: Path, last_layer: int) -> None:
     raw = block_outputs(teacher, images)[last_layer]
     norms = patch_norms(raw, 1)
     shown = torch.nonzero((norms > OUTLIER_RATIO * norms.median(dim=1, keepdim=True).values).any(dim=1)).squeeze(1)[:4]
-    adapted = peft.PeftModel.from_pretrained(teacher, str(output / "runs" / "artifact-singer-seed0" / DISTILLATION_DIR))
+    adapted = peft.PeftModel.from_pretrained(teacher, str(student_folder(output, "artifact", "singer", 0) / DISTILLATION_DIR))
     refined = adapted.base_model.singer_layers[last_layer].refine(raw)
     views = {f"artifact teacher, block {last_layer}": norms, f"refined (SiNGER), block {last_layer}": patch_norms(refined, 1)}
     for student, title in (("fitnet", "FitNet"), ("singer", "SiNGER")):
-        model = load_backbone(str(output / "runs" / f"artifact-{student}-seed0"))
+        model = load_backbone(str(student_folder(output, "artifact", student, 0)))
         views[f"{title} student, last block"] = patch_norms(block_outputs(model, images)[-1], 1)
     pictures = intensities(images[shown], processor)[..., None].expand(-1, -1, -1, 3)
     norm_maps_figure(pictures, {name: values[shown] for name, values in views.items()}, output / "norm_maps.png")
@@ -446,14 +488,16 @@ def main(argv: list[str] | None = None) -> dict:
     for name in TEACHERS:
         print(f"[teachers] measuring the {name} teacher ...", flush=True)
         teachers[name]["report"] = teacher_report(output / "teachers" / name, layers, args.plant_block, args.stats_images, args.probe_images)
+    runs_start = time.perf_counter()
     results = run_students(args, output)
+    runs_seconds = time.perf_counter() - runs_start
     summary = summarise(results)
     figures(output, layers[-1])
     seconds = time.perf_counter() - start
-    report = {"arguments": asdict(args), "teachers": teachers, "summary": summary, "runs": results, "seconds": seconds,
+    report = {"arguments": asdict(args), "teachers": teachers, "summary": summary, "runs": results, "seconds": seconds, "runs_seconds": runs_seconds,
               "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
     (output / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(args, teachers, summary, seconds)
+    table = markdown(args, teachers, summary, seconds, runs_seconds)
     (output / "evidence.md").write_text(table)
     print(table)
     return report

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,15 @@ from pathlib import Path
 from typing import Literal
 
 from singer_hf.checks import check_fields
-from singer_hf.cli import StrictArgumentParser, UsageError, check_hub_reachable, check_local_path, run_cli, source_fields
+from singer_hf.cli import (
+    StrictArgumentParser,
+    UsageError,
+    check_hub_reachable,
+    check_local_path,
+    read_mapping_file,
+    run_cli,
+    source_fields,
+)
 from singer_hf.fields import MethodFields, RunFields, TrainingDefaults
 
 logger = logging.getLogger("singer_hf.distill")
@@ -34,6 +43,10 @@ logger = logging.getLogger("singer_hf.distill")
 # torchdata's stateful DataLoader (resumable streams) calls a deprecated torch one.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+# PEFT warns that an adapter whose name is part of its tuner's prefix (a student named "singer") could be
+# re-initialised if loaded by that name; none is: each student's adapters are exported under PEFT's
+# default name, and checkpoints are loaded as the model's own state (tests/test_students.py resumes one).
+warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix", category=UserWarning)
 
 # ViT-Ti/S/B (DeiT widths): hidden size, heads; 12 blocks, MLP ratio 4, built at the teacher's
 # patch size and resolution, like the paper's from-scratch students.
@@ -43,16 +56,34 @@ IMAGENET_JPEG_BYTES = 110_000
 
 
 @dataclass
-class ModelArguments:
+class StudentArguments:
+    """One student's model: a model to start from, or a new ViT of a size (with changes)."""
+
     _argument_group_name = "models"
 
-    teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
     student_name_or_path: str | None = field(default=None, metadata={"help": "Student to start from: Hub id or folder."})
     student_size: Literal[tuple(STUDENT_SIZES)] | None = field(
         default=None, metadata={"help": f"Or a new ViT student trained from scratch: one of {sorted(STUDENT_SIZES)}."}
     )
     student_config_overrides: str | None = field(
         default=None, metadata={"help": 'Changes to a from-scratch student config, e.g. "num_hidden_layers=6,hidden_size=96".'}
+    )
+
+
+@dataclass(kw_only=True)
+class ModelArguments(StudentArguments):
+    _argument_group_name = "models"
+
+    teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
+    students: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several students trained together from one teacher pass: a YAML/JSON file holding a list of "
+            "students (in a recipe, the list itself). Each entry: a name (its output subfolder), its model "
+            "(student_size or student_name_or_path, student_config_overrides) and any distillation field (method, "
+            "rank, teacher_layers, kd_weight, ...); what an entry leaves out it takes from the run's own arguments "
+            "(the model fields only when it names no model of its own)."
+        },
     )
     image_processor_name_or_path: str | None = field(
         default=None,
@@ -62,6 +93,21 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for the models (off by default)."})
+
+
+@dataclass(kw_only=True)
+class StudentEntry(StudentArguments, MethodFields):
+    """One entry of `--students`: the student's name, its model and how it is distilled."""
+
+    name: str = field(metadata={"help": "The student's name: its output subfolder, its log keys (loss/<name>/<term>)."})
+
+
+UNNAMED_STUDENT = "default"
+"""The name of a run's one student when no `--students` are given (`singer_hf.modeling.DEFAULT_NAME`)."""
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+RESERVED_NAMES = ("runs", "distillation", UNNAMED_STUDENT)
+"""Names a student cannot take: the run's own subfolders (tensorboard's `runs/`, `checkpoint-N/`) and the
+name of the one unnamed student."""
 
 
 @dataclass
@@ -117,17 +163,78 @@ def check_command_line(argv: list[str]) -> None:
         parser.add_source_fields("training: the other transformers.TrainingArguments", trainer_fields)
     model_args, data_args, distillation, *_ = parser.parse(argv)
     check_fields(distillation)
-    if (model_args.student_name_or_path is None) == (model_args.student_size is None):
-        raise UsageError("student_name_or_path / student_size: give exactly one (a model to start from, or tiny/small/base)")
+    students = run_students(model_args, distillation)
     names = {
         "teacher_name_or_path": model_args.teacher_name_or_path,
-        "student_name_or_path": model_args.student_name_or_path,
+        **{_student_argument("student_name_or_path", name, students): entry.student_name_or_path for name, entry in students.items()},
         "image_processor_name_or_path": None if model_args.image_processor_name_or_path == "default" else model_args.image_processor_name_or_path,
         "dataset_name": data_args.dataset_name,
     }
     for argument, name in names.items():
         check_local_path(argument, name)
     check_hub_reachable(names)
+
+
+def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict[str, StudentEntry]:
+    """The run's students by name, each with its model and method settings checked: the one student of the
+    arguments (`UNNAMED_STUDENT`), or the `--students` entries, which take what they leave out from the
+    arguments. Needs neither torch nor the models."""
+    shared_model = {name: getattr(model_args, name) for name in StudentArguments.__dataclass_fields__}
+    if model_args.students is None:
+        entries = {UNNAMED_STUDENT: StudentEntry(name=UNNAMED_STUDENT, **shared_model, **distillation.method_values())}
+    else:
+        entries = {}
+        parser = StrictArgumentParser(StudentEntry)
+        for index, values in enumerate(_student_list(model_args.students), 1):
+            if not isinstance(values, dict):
+                raise UsageError(f"students: entry {index} must be a mapping of field names to values, got {values!r}")
+            name = values.get("name")
+            if not isinstance(name, str) or not STUDENT_NAME.match(name) or name in RESERVED_NAMES or name.startswith("checkpoint-"):
+                raise UsageError(
+                    f"students: entry {index} needs a name of letters, digits, '_' and '-' (its output subfolder; not "
+                    f"{', '.join(RESERVED_NAMES)} or checkpoint-N), got {name!r}"
+                )
+            if name in entries:
+                raise UsageError(f"students: two entries are named {name!r}; each student needs its own name (its output subfolder)")
+            (parsed,) = parser.parse_mapping(values, f"students entry {name!r}")
+            own_model = any(values.get(key) is not None for key in ("student_size", "student_name_or_path"))
+            given = {key: getattr(parsed, key) for key in values}
+            entries[name] = StudentEntry(**{**distillation.method_values(), **({} if own_model else shared_model), **given})
+            try:
+                check_fields(entries[name])
+            except ValueError as error:
+                raise UsageError(f"students entry {name!r}: {error}") from None
+    for name, entry in entries.items():
+        if (entry.student_name_or_path is None) == (entry.student_size is None):
+            raise UsageError(
+                f"{_student_argument('student_name_or_path / student_size', name, entries)}: give exactly one "
+                "(a model to start from, or tiny/small/base)"
+            )
+    return entries
+
+
+def _student_list(value: str | list) -> list:
+    """The list of `--students`: a recipe's `students:` list, JSON text, or a YAML/JSON file holding it."""
+    if isinstance(value, list):
+        students = value
+    elif value.lstrip().startswith("["):
+        try:
+            students = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"students: not a valid JSON list ({error})") from None
+    else:
+        if not Path(value).expanduser().is_file():
+            raise UsageError(f"students: {value} does not exist; give a YAML/JSON file holding the list of students")
+        students = read_mapping_file(str(Path(value).expanduser()), "students")
+    if not isinstance(students, list) or not students:
+        shown = value if isinstance(value, str) and len(value) < 80 else "the value"
+        raise UsageError(f"students: {shown} must hold a non-empty list of students (each a mapping with a name)")
+    return students
+
+
+def _student_argument(argument: str, name: str, students: dict) -> str:
+    """How errors name a student's argument: "student_size", or "student_size (student 'tiny')" in a group."""
+    return argument if list(students) == [UNNAMED_STUDENT] else f"{argument} (student {name!r})"
 
 
 if __name__ == "__main__":
@@ -151,12 +258,12 @@ from singer_hf.data import (  # noqa: E402
     student_image_processor,
     with_image_transform,
 )
-from singer_hf.modeling import outgrown_teacher, plan_layers  # noqa: E402
+from singer_hf.modeling import DEFAULT_NAME, DistillationModelConfig, outgrown_teacher, plan_layers  # noqa: E402
 from singer_hf.layout import DISTILLATION_DIR  # noqa: E402
 from singer_hf.locations import public_name  # noqa: E402
 from singer_hf.publishing import PublishError, check_publishable  # noqa: E402
 from singer_hf.callbacks import EpochCallback  # noqa: E402
-from singer_hf.trainer import FeatureDistillationArguments, FeatureDistillationTrainer  # noqa: E402
+from singer_hf.trainer import FeatureDistillationArguments, FeatureDistillationTrainer, student_repo_ids  # noqa: E402
 from singer_hf.tuner import basis_block  # noqa: E402
 
 
@@ -212,39 +319,48 @@ def load_image_processor(model_args: ModelArguments, teacher):
     return processor
 
 
-def check_models_fit(model_args: ModelArguments, training_args: FeatureDistillationArguments) -> None:
-    """Teacher/student/layer compatibility from the configs and the image processor alone: the models
-    are built on the meta device, no weights are read."""
+def check_models_fit(model_args: ModelArguments, students: dict[str, StudentEntry]) -> None:
+    """Teacher/student/layer compatibility from the configs and the image processor alone, for every
+    student: the models are built on the meta device, no weights are read."""
     remote = model_args.trust_remote_code
     with torch.device("meta"):
         teacher = AutoModel.from_config(AutoConfig.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=remote))
         image_size = image_processor_stats(load_image_processor(model_args, teacher))[2]
-        if model_args.student_name_or_path is not None:
-            config = AutoConfig.from_pretrained(model_args.student_name_or_path, trust_remote_code=remote)
-            student = AutoModel.from_config(config)
-            built_for = resolve_vit(student, "student_name_or_path").image_size
-            if built_for != image_size:
-                raise UsageError(
-                    f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
-                    f"processor gives {image_size}px; the saved student and its processor must agree"
-                )
-        else:
-            student = load_student(model_args, teacher, image_size)
-    teacher, student = resolve_vit(teacher, "teacher"), resolve_vit(student, "student")
-    plan_layers(teacher, student, training_args.distillation_config())
-    larger = outgrown_teacher(teacher, student)
-    if larger is not None:
-        logger.warning("student: %s is %s than its teacher; a distilled student is usually smaller", student_description(model_args, student), larger)
+    teacher_view = resolve_vit(teacher, "teacher")
+    for name, entry in students.items():
+        try:
+            with torch.device("meta"):
+                if entry.student_name_or_path is not None:
+                    student = AutoModel.from_config(AutoConfig.from_pretrained(entry.student_name_or_path, trust_remote_code=remote))
+                    built_for = resolve_vit(student, "student_name_or_path").image_size
+                    if built_for != image_size:
+                        raise UsageError(
+                            f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
+                            f"processor gives {image_size}px; the saved student and its processor must agree"
+                        )
+                else:
+                    student = load_student(entry, teacher, image_size)
+            student = resolve_vit(student, "student")
+            plan_layers(teacher_view, student, distillation_config(entry))
+        except ValueError as error:  # UsageError included: which student, in a group
+            if list(students) == [UNNAMED_STUDENT]:
+                raise
+            raise UsageError(f"students entry {name!r}: {error}") from None
+        larger = outgrown_teacher(teacher_view, student)
+        if larger is not None:
+            logger.warning("student: %s is %s than its teacher; a distilled student is usually smaller", student_description(entry, student), larger)
 
 
-def load_student(model_args: ModelArguments, teacher, image_size: int):
+def distillation_config(entry: StudentEntry) -> DistillationModelConfig:
+    return DistillationModelConfig(**entry.method_values())
+
+
+def load_student(student_args: StudentArguments, teacher, image_size: int, trust_remote_code: bool = False):
     """The student, built for `image_size` images: the size the teacher's image processor produces,
     which is saved with the student (`check_models_fit` has checked a given student's size)."""
-    if model_args.student_name_or_path is not None:
-        return AutoModel.from_pretrained(
-            model_args.student_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
-        )
-    hidden, heads = STUDENT_SIZES[model_args.student_size]
+    if student_args.student_name_or_path is not None:
+        return AutoModel.from_pretrained(student_args.student_name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    hidden, heads = STUDENT_SIZES[student_args.student_size]
     geometry = resolve_vit(teacher, "teacher")
     config = transformers.ViTConfig(
         hidden_size=hidden,
@@ -256,8 +372,8 @@ def load_student(model_args: ModelArguments, teacher, image_size: int):
         num_channels=geometry.num_channels,
         layer_norm_eps=1e-6,
     )
-    if model_args.student_config_overrides:
-        config.update_from_string(model_args.student_config_overrides)
+    if student_args.student_config_overrides:
+        config.update_from_string(student_args.student_config_overrides)
         if config.image_size != image_size:
             raise UsageError(
                 f"student_config_overrides: image_size={config.image_size} differs from the {image_size}px the "
@@ -298,47 +414,59 @@ def with_transforms(dataset, data_args: DataArguments, image_processor, train: b
     return with_image_transform(dataset, transform), transform
 
 
-def student_description(model_args: ModelArguments, student: ResolvedViT) -> str:
+def student_description(student_args: StudentArguments, student: ResolvedViT) -> str:
     """What the student is, after any --student_config_overrides: "ViT (4 blocks, width 64) from scratch", or the
     model started from (a local folder by its name only) with its type and shape."""
     shape = f"{student.depth} blocks, width {student.width}"
-    if model_args.student_name_or_path is None:
+    if student_args.student_name_or_path is None:
         return f"ViT ({shape}) from scratch"
-    return f"{public_name(model_args.student_name_or_path)} ({student.model_type}, {shape})"
+    return f"{public_name(student_args.student_name_or_path)} ({student.model_type}, {shape})"
 
 
 def describe(
-    model: DistillationModel, model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments
+    model: DistillationModel, model_args: ModelArguments, students: dict[str, StudentEntry], data_args: DataArguments,
+    training_args: FeatureDistillationArguments,
 ) -> str:
-    teacher, student = resolve_vit(model.teacher), resolve_vit(model.student)
+    teacher = resolve_vit(model.teacher)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
-    adapters = sum(count(layer) for layer in model.adapters.values())
     resized = f", run at {model.image_size}px" if teacher.image_size != model.image_size else ""
     lines = [
         f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
         f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
-        f"Student: {student_description(model_args, student)}, {model.image_size}px, patch {student.patch_size}"
-        + ("" if student.patch_size == teacher.patch_size else "; KD resamples its patch tokens onto the teacher's grid"),
-        f"Method: {model.config.method}; teacher → student blocks: "
-        + ", ".join(f"{t}→{s}" for t, s in zip(model.teacher_layers, model.student_layers)),
     ]
-    for layer, adapter in model.adapters.items():
-        found = adapter.nullspace_row_count[model.adapter_name(model.pair.student)]
-        rank = adapter.singer_down[model.adapter_name(model.pair.student)].shape[1]
-        source = basis_block(layer, model.teacher_layers)
-        gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
-        threshold = f"τ·σ_max (τ={model.config.null_threshold})" if gated else f"τ={model.config.null_threshold}"
+    group = len(model.students) > 1
+    for name, student_model in model.students.items():
+        student, method, config = resolve_vit(student_model), model.methods[name][DEFAULT_NAME], model.configs[name]
+        indent = "  " if group else ""
+        lines += [
+            (f"Student {name}" if group else "Student") + f": {student_description(students[name], student)}, "
+            f"{model.image_size}px, patch {student.patch_size}"
+            + ("" if student.patch_size == teacher.patch_size else "; KD resamples its patch tokens onto the teacher's grid"),
+            f"{indent}Method: {config.method}; teacher → student blocks: "
+            + ", ".join(f"{t}→{s}" for t, s in zip(method.teacher_layers, method.student_layers)),
+        ]
+        adapter_name = model.adapter_name(name)
+        adapters = {layer: adapter for layer, adapter in model.adapters.items() if adapter_name in adapter.singer_down}
+        for layer, adapter in adapters.items():
+            found = adapter.nullspace_row_count[adapter_name]
+            rank = adapter.singer_down[adapter_name].shape[1]
+            source = basis_block(layer, method.teacher_layers)
+            gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
+            threshold = f"τ·σ_max (τ={config.null_threshold})" if gated else f"τ={config.null_threshold}"
+            lines.append(
+                f"{indent}  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
+                f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
+            )
+        adapter_count = sum(adapter.singer_down[adapter_name].numel() + adapter.singer_up[adapter_name].numel() for adapter in adapters.values())
+        frozen = count(student_model, False)
         lines.append(
-            f"  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
-            f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
+            f"{indent}Trainable parameters: student {count(student_model):,}, projectors/heads {count(model.methods[name]):,}"
+            + (f", adapters {adapter_count:,}" if adapters else "")
+            + ("" if group else f"; teacher frozen {count(model.teacher, False):,}")
+            + (f"; student frozen (no loss reaches them) {frozen:,}" if frozen else "")
         )
-    lines.append(
-        f"Trainable parameters: student {count(model.student):,}, projectors/heads "
-        f"{count(model) - count(model.student) - adapters:,}"
-        + (f", adapters {adapters:,}" if model.adapters else "")
-        + f"; teacher frozen {count(model.teacher, False):,}"
-        + (f"; student frozen (no loss reaches them) {count(model.student, False):,}" if model.frozen_student_parameters else "")
-    )
+    if group:
+        lines.append(f"Teacher frozen {count(model.teacher, False):,} parameters, run once per step for the {len(model.students)} students")
     lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
     if data_args.streaming and data_args.shuffle_buffer:
         buffers = max(training_args.dataloader_num_workers, 1)  # one per worker; the main process's with none
@@ -348,6 +476,19 @@ def describe(
             f"each process; ~{gigabytes:.1f} GB per process for ImageNet-sized JPEGs (~110 KB each)"
         )
     return "\n".join(lines)
+
+
+def build_students(students: dict[str, StudentEntry], teacher, image_size: int, trust_remote_code: bool) -> dict:
+    """Every student, each built from the random state the first starts from: a student trains in a group
+    exactly as it would alone. The random state goes on from where the first student's left it."""
+    start = torch.get_rng_state()
+    models, after_first = {}, None
+    for name, entry in students.items():
+        torch.set_rng_state(start)
+        models[name] = load_student(entry, teacher, image_size, trust_remote_code)
+        after_first = after_first if after_first is not None else torch.get_rng_state()
+    torch.set_rng_state(after_first)
+    return models
 
 
 def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -> dict:
@@ -361,8 +502,9 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     check_arguments(model_args, data_args, training_args)
-    repo_id = check_hub_repo(training_args) if training_args.push_to_hub and training_args.should_save else None
-    check_models_fit(model_args, training_args)
+    students = run_students(model_args, training_args)
+    repo_ids = check_hub_repos(training_args, list(students)) if training_args.push_to_hub and training_args.should_save else None
+    check_models_fit(model_args, students)
     collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_split(data_args, training_args, data_args.train_split, train=True)
     eval_dataset = None if data_args.eval_split is None else open_split(data_args, training_args, data_args.eval_split, train=False)
@@ -371,9 +513,12 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
         model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
     )
     image_processor = load_image_processor(model_args, teacher)
-    student = load_student(model_args, teacher, image_processor_stats(image_processor)[2])
-    model = DistillationModel(teacher, student, training_args.distillation_config())
-    logger.info("%s distillation\n%s", model.method.label, describe(model, model_args, data_args, training_args))
+    models = build_students(students, teacher, image_processor_stats(image_processor)[2], model_args.trust_remote_code)
+    configs = {name: distillation_config(entry) for name, entry in students.items()}
+    model = DistillationModel(teacher, models, configs)
+    labels = ", ".join(f"{name} ({method.label})" for name, method in ((name, model.methods[name][DEFAULT_NAME]) for name in models))
+    title = f"{model.method.label} distillation" if len(models) == 1 else f"Distillation of {len(models)} students from one teacher pass: {labels}"
+    logger.info("%s\n%s", title, describe(model, model_args, students, data_args, training_args))
 
     train_dataset, augmentation = with_transforms(dataset, data_args, image_processor, train=True, seed=training_args.seed)
     if eval_dataset is not None:
@@ -410,32 +555,39 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     trainer.save_state()
     trainer.create_model_card(
         finetuned_from=model_args.teacher_name_or_path, dataset=data_args.dataset_name,
-        students={name: student_description(model_args, resolve_vit(student)) for name, student in model.students.items()},
+        students={name: student_description(students[name], resolve_vit(student)) for name, student in model.students.items()},
     )  # fmt: skip
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     losses = {name: value for name, value in last_log.items() if name.startswith("loss")}
     if training_args.should_log:
-        output = Path(training_args.output_dir).resolve()
-        artefacts = "adapters and projectors" if model.adapters else "projectors and heads"
+        folders = [folder.resolve() for folder in trainer.student_folders()]
+        saved = []
+        for name, folder in zip(model.students, folders):
+            method = model.methods[name][DEFAULT_NAME]
+            artefacts = "adapters and projectors" if method.adapter_config(model.configs[name], method.teacher_layers) else "projectors and heads"
+            saved.append(f"{folder} ({artefacts} in {folder / DISTILLATION_DIR})")
         print(
             f"\nDone: {result.global_step} steps, last logged losses {losses}\n"
-            f"Student saved to {output} ({artefacts} in {output / DISTILLATION_DIR}).\n"
-            f"Load it with:\n"
+            + (f"Student saved to {saved[0]}.\n" if len(saved) == 1 else "Students saved, each a model folder of its own:\n" + "".join(f"    {line}\n" for line in saved))
+            + f"Load {'it' if len(saved) == 1 else 'one'} with:\n"
             f"    from transformers import AutoModel, AutoImageProcessor\n"
-            f'    model = AutoModel.from_pretrained("{output}")\n'
-            f'    processor = AutoImageProcessor.from_pretrained("{output}")'
+            f'    model = AutoModel.from_pretrained("{folders[0]}")\n'
+            f'    processor = AutoImageProcessor.from_pretrained("{folders[0]}")'
         )
-    if repo_id is not None and trainer.is_world_process_zero():
+    if repo_ids is not None and trainer.is_world_process_zero():
         try:
             published = trainer.push_to_hub()
         except PublishError as error:
-            publish = [training_args.output_dir, "--repo_id", repo_id]
-            publish += ["--private", "true"] if training_args.hub_private_repo else []
-            publish += ["--revision", training_args.hub_revision] if training_args.hub_revision else []
             token = "HF_TOKEN=<your token> " if training_args.hub_token else ""
-            print(f"error: {error.reason}; the student is saved in {training_args.output_dir}, nothing was published. "
-                  f"Publish it with:\n    {token}{rerun_command(Path(__file__).with_name('push_to_hub.py'), publish)}",
-                  file=sys.stderr)  # fmt: skip
+            commands = []
+            for repo_id, folder in zip(repo_ids.values(), trainer.student_folders()):
+                publish = [str(folder), "--repo_id", repo_id]
+                publish += ["--private", "true"] if training_args.hub_private_repo else []
+                publish += ["--revision", training_args.hub_revision] if training_args.hub_revision else []
+                commands.append(f"    {token}{rerun_command(Path(__file__).with_name('push_to_hub.py'), publish)}")
+            saved = "the student is" if len(commands) == 1 else "the students are"
+            print(f"error: {error.reason}; {saved} saved in {training_args.output_dir}, nothing was published. "
+                  f"Publish {'it' if len(commands) == 1 else 'each'} with:\n" + "\n".join(commands), file=sys.stderr)  # fmt: skip
             raise SystemExit(1) from None
         print(f"Published to {', '.join(published)}")
     return {"output_dir": training_args.output_dir, "metrics": result.metrics, "losses": losses}
@@ -454,18 +606,20 @@ def resume_arguments(argv: list[str]) -> list[str]:
     return [*kept, "--resume_from_checkpoint", "true"]
 
 
-def check_hub_repo(training_args: FeatureDistillationArguments) -> str:
-    """--push_to_hub: the token, the repo and the Hub checked before anything is trained (`check_publishable`);
-    the repo's full id."""
-    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
-    try:
-        return check_publishable(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
-    except ValueError as error:  # the repo id
-        named = "" if training_args.hub_model_id else " (output_dir's name: set --hub_model_id)"
-        raise UsageError(f"hub_model_id: {error}{named}") from None
-    except PublishError as error:
-        raise UsageError(f"push_to_hub: {error.reason}; nothing was trained") from None
-
+def check_hub_repos(training_args: FeatureDistillationArguments, students: list[str]) -> dict[str, str]:
+    """--push_to_hub: the token, each student's repo and the Hub checked before anything is trained
+    (`check_publishable`); each student's full repo id."""
+    base = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    repo_ids = {}
+    for name, repo_id in student_repo_ids(base, students).items():
+        try:
+            repo_ids[name] = check_publishable(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
+        except ValueError as error:  # the repo id
+            named = "" if training_args.hub_model_id else " (output_dir's name: set --hub_model_id)"
+            raise UsageError(f"hub_model_id: {error}{named}") from None
+        except PublishError as error:
+            raise UsageError(f"push_to_hub: {error.reason}; nothing was trained") from None
+    return repo_ids
 
 if __name__ == "__main__":
     run_cli(functools.partial(main, command_line_checked=True))

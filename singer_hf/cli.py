@@ -93,7 +93,16 @@ class StrictArgumentParser(HfArgumentParser):
                 raise UsageError(f"{flag}: unknown argument{hint}")
 
     def _set_recipe_defaults(self, path: str) -> None:
-        values = _read_recipe(path)
+        if not Path(path).is_file():
+            raise UsageError(f"config file: {path} does not exist")
+        values = read_mapping_file(path, "config file")
+        if not isinstance(values, dict):
+            raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
+        self.set_mapping_defaults(values, f"config file {path}")
+
+    def set_mapping_defaults(self, values: dict, where: str) -> None:
+        """Sets `values` (argument name → value, as a recipe holds them) as the parser's defaults, each typed
+        and checked as its flag would be; an unknown name fails naming `where` and the closest known name."""
         actions = {}  # dest -> its flags' actions (`--name` first, then HfArgumentParser's `--no_name`)
         for action in self._actions:
             if action.option_strings and action.dest != "help":
@@ -102,36 +111,43 @@ class StrictArgumentParser(HfArgumentParser):
             if key not in actions:
                 close = difflib.get_close_matches(str(key), actions, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UsageError(f"{key}: unknown key in config file {path}{hint}")
-        self.set_defaults(**{key: self._recipe_value(actions[key][0], key, value, path) for key, value in values.items()})
+                raise UsageError(f"{key}: unknown key in {where}{hint}")
+        self.set_defaults(**{key: self._mapping_value(actions[key][0], key, value, where) for key, value in values.items()})
         for key in values:
             for action in actions[key]:
-                action.required = False  # the recipe gives it
+                action.required = False  # the mapping gives it
 
-    def _recipe_value(self, action: argparse.Action, key: str, value, path: str):
-        """`value` as its flag would parse it (type, choices, one value or a list); `null` and mappings as written."""
-        if value is None or isinstance(value, dict):
+    def _mapping_value(self, action: argparse.Action, key: str, value, where: str):
+        """`value` as its flag would parse it (type, choices, one value or a list); `null`, mappings and lists
+        of mappings (a recipe's `students:`) as written."""
+        if value is None or isinstance(value, dict) or (isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)):
             return value
         strings = [str(item) for item in value] if isinstance(value, list) else [str(value)]
         if action.nargs in (None, "?") and len(strings) != 1:
-            raise UsageError(f"{key}: expected one value in config file {path}, got {value!r}")
+            raise UsageError(f"{key}: expected one value in {where}, got {value!r}")
         try:
             return self._get_values(action, strings)
         except argparse.ArgumentError as error:
-            raise UsageError(f"{key}: {error.message} (config file {path})") from None
+            raise UsageError(f"{key}: {error.message} ({where})") from None
+
+    def parse_mapping(self, values: dict, where: str) -> tuple:
+        """The dataclasses from a mapping of argument names to values (e.g. one entry of a list in a
+        recipe), in a parser of their own so no entry's values become another's defaults; errors name `where`."""
+        parser = type(self)(self.dataclass_types)
+        parser.set_mapping_defaults(values, where)
+        try:
+            return parser.parse_args_into_dataclasses(args=[], look_for_args_file=False)
+        except UsageError as error:
+            raise UsageError(f"{where}: {error}") from None
 
 
-def _read_recipe(path: str) -> dict:
-    if not Path(path).is_file():
-        raise UsageError(f"config file: {path} does not exist")
+def read_mapping_file(path: str, argument: str):
+    """The content of a YAML or JSON file (JSON by its suffix); a syntax error is one line naming `argument`."""
     text = Path(path).read_text()
     try:
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise UsageError(f"config file: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"config file: {path} must hold a mapping of argument names to values")
-    return values
+        raise UsageError(f"{argument}: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(error).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .architectures import resolve_vit
+from .layout import check_not_group
 
 OUTPUTS = ("features", "pooled_features", "last_hidden_state")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -123,6 +124,7 @@ def check_export_arguments(
     folder = Path(student_dir).expanduser()
     if not folder.is_dir():
         raise ValueError(f"student_dir: {student_dir} is not a folder; give the --output_dir of scripts/distill.py")
+    check_not_group(folder, "student_dir")
     if not (folder / "config.json").is_file():
         raise ValueError(f"student_dir: {folder.name} holds no config.json; give the --output_dir of scripts/distill.py")
     if feature_block is None:

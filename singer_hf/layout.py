@@ -4,7 +4,8 @@ A run's output folder holds:
 
 - the student, a plain Hugging Face model folder (`config.json`, `model.safetensors`,
   `preprocessor_config.json`, the card `README.md`) that `AutoModel.from_pretrained` loads without
-  this package; with several students, one such folder per student, `<output_dir>/<student>/`;
+  this package; with several students, one such folder per student, `<output_dir>/<student>/`
+  (`check_not_group` refuses the group's folder where a student's is expected);
 - in each student folder, `distillation/`: what trained beside the student — the teacher's SiNGER
   adapters in PEFT format, the method's heads (projectors, generators), the distillation config
   and the run record; with several teachers, one subfolder per teacher for its adapters and heads;
@@ -19,6 +20,7 @@ The teacher is never written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,6 +53,29 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def student_dir(output_dir: str | Path, model: DistillationModel, student: str) -> Path:
     """The folder of `student`: the output folder itself, or its subfolder when there are several."""
     return Path(output_dir) if len(model.students) == 1 else Path(output_dir) / student
+
+
+def check_not_group(folder: str | os.PathLike, argument: str) -> None:
+    """Fails in one line when `folder` is the output folder of a run with several students (which holds
+    one student folder each, not a student), naming them."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    students = sorted(path.name for path in folder.iterdir() if _trained_in_group(path))
+    if students:
+        raise ValueError(
+            f"{argument}: {folder} holds the {len(students)} students of a group run ({', '.join(students)}), one folder "
+            f"each; give one of them, e.g. {folder / students[0]}"
+        )
+
+
+def _trained_in_group(folder: Path) -> bool:
+    """Whether `folder` holds a student whose run record says it was trained in a group."""
+    record = folder / DISTILLATION_DIR / RUN_RECORD
+    try:
+        return (folder / "config.json").is_file() and "group" in json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def teacher_dir(distillation_dir: Path, model: DistillationModel, teacher: str) -> Path:

@@ -144,19 +144,28 @@ def write_student_card(
 
 
 def record_run(
-    output_dir: str | os.PathLike, *, teacher_name: str, dataset_name: str, training_args, student: str | None = None
+    output_dir: str | os.PathLike,
+    *,
+    teacher_name: str,
+    dataset_name: str,
+    training_args,
+    student: str | None = None,
+    group: dict | None = None,
 ) -> dict:
     """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
 
     Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
     name only, with the `license` their own cards declare, when a card is at hand), the student as the
     script describes it (e.g. "ViT (4 blocks, width 64) from scratch"), the training arguments
-    (scrubbed like the card) and the hardware. Returns the record.
+    (scrubbed like the card) and the hardware; for a student trained in a group, `group`: its name and
+    the names of the group's students (its folder is then a subfolder of the run's). Returns the record.
     """
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     device = training_args.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
+    if group:  # each student's method settings are its distillation_config.json's, not the run's arguments'
+        training = {k: v for k, v in training.items() if k not in MethodFields.__dataclass_fields__}
     record = {
         "teacher": {**dict(zip(("name", "hub_id"), _source(teacher_name))), "license": card_license(teacher_name)},
         "dataset": {**dict(zip(("name", "hub_id"), _source(dataset_name))), "license": card_license(dataset_name, "dataset")},
@@ -164,6 +173,8 @@ def record_run(
         "training": training,
         "hardware": {"num_processes": training_args.world_size, "device": device_name, "precision": precision},
     }
+    if group:
+        record["group"] = {"name": group["name"], "students": list(group["students"])}
     folder = Path(output_dir) / DISTILLATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -189,7 +200,7 @@ def student_card_from_run(
     research_dir = run_dir / DISTILLATION_DIR
     record = _read_json(research_dir / RUN_RECORD, "run_dir", "a run record (written by scripts/distill.py)")
     distillation = _read_json(research_dir / CONFIG_FILE, "run_dir", "the distillation config")
-    state_file = run_dir / TRAINER_STATE_NAME
+    state_file = trainer_state_file(run_dir, record)
     trainer_state = _read_json(state_file, "run_dir", "the trainer state") if state_file.is_file() else None
     return _render(
         Path(output_dir) if output_dir is not None else run_dir,
@@ -209,7 +220,14 @@ def student_card_from_run(
         distillation_included=distillation_included,
         student_dir=run_dir,
         student=record.get("student"),
+        group=record.get("group"),
     )
+
+
+def trainer_state_file(run_dir: Path, record: dict) -> Path:
+    """The `trainer_state.json` of the run that trained the student in `run_dir` (`record`: its run record):
+    in the folder itself, or, for a student trained in a group, in the run's folder above it."""
+    return (run_dir.parent if record.get("group") else run_dir) / TRAINER_STATE_NAME
 
 
 def _render(
@@ -231,6 +249,7 @@ def _render(
     distillation_included: bool,
     student_dir: Path,
     student: str | None = None,
+    group: dict | None = None,
 ) -> ModelCard:
     (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
     model_name = public_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
@@ -273,6 +292,8 @@ def _render(
         repo_id=repo_id or model_name,
         has_pooler=has_pooler,
         student=student,
+        group_size=len(group["students"]) if group else 0,
+        group_others=[name for name in group["students"] if name != group["name"]] if group else [],
         license=license,
         teacher_license=source_licenses[0],
         dataset_license=source_licenses[1],

@@ -34,13 +34,11 @@ try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2 on, ht
 except ImportError:
     from httpx import HTTPError as ClientError
 
-from transformers.trainer import TRAINER_STATE_NAME
-
 from .evaluation.results import SCHEMA, SCHEMA_VERSION
-from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD
+from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD, check_not_group
 from .locations import without_local_paths
 from .methods import method_label
-from .model_card import student_card_from_run
+from .model_card import student_card_from_run, trainer_state_file
 
 STUDENT_FILES = ("config.json", "preprocessor_config.json", "model.safetensors.index.json")
 """Top-level files of a student folder that are published, with the `model*.safetensors` weights."""
@@ -126,6 +124,7 @@ def publish_student(
 
 # -- staging -----------------------------------------------------------------------------------------
 def _check_run_dir(run_dir: Path) -> None:
+    check_not_group(run_dir, "run_dir")
     if not (run_dir / "config.json").is_file() or not any(run_dir.glob("model*.safetensors")):
         raise ValueError(
             f"run_dir: {run_dir} holds no saved student (config.json and model.safetensors); "
@@ -224,9 +223,9 @@ def _check_no_local_paths(folder: Path, files: list[str], run_dir: Path) -> None
 def _commit_message(run_dir: Path) -> str:
     record = json.loads((run_dir / DISTILLATION_DIR / RUN_RECORD).read_text())
     method = json.loads((run_dir / DISTILLATION_DIR / CONFIG_FILE).read_text()).get("method", "singer")
-    steps = ""
-    if (run_dir / TRAINER_STATE_NAME).is_file():
-        steps = f", {json.loads((run_dir / TRAINER_STATE_NAME).read_text()).get('global_step', 0):,} steps"
+    steps, state_file = "", trainer_state_file(run_dir, record)
+    if state_file.is_file():
+        steps = f", {json.loads(state_file.read_text()).get('global_step', 0):,} steps"
     return f"Upload {method_label(method)} student distilled from {record['teacher']['name']}{steps}"
 
 

@@ -23,7 +23,7 @@ from .layout import ARTIFACTS_DIR, STREAM_STATE_FILE, export_students, student_d
 from .fields import MethodFields, RunFields, TrainingDefaults
 from .methods import get_method
 from .model_card import record_run, student_card_from_run
-from .modeling import DistillationModel, DistillationModelConfig
+from .modeling import DEFAULT_NAME, DistillationModel, DistillationModelConfig
 from .numerics import NonFiniteGuard
 from .publishing import publish_student
 
@@ -144,7 +144,8 @@ class FeatureDistillationTrainer(Trainer):
             )
         if not isinstance(args, FeatureDistillationArguments):
             raise ValueError(f"args: FeatureDistillationTrainer takes FeatureDistillationArguments, got {type(args).__name__}")
-        if len(model.configs) == 1 and len(model.teachers) == 1 and args.distillation_config() != model.config:
+        # The one unnamed student's settings are the arguments' own; named students carry their own.
+        if list(model.configs) == [DEFAULT_NAME] and len(model.teachers) == 1 and args.distillation_config() != model.config:
             ours, theirs = args.distillation_config().to_dict(), model.config.to_dict()
             differences = [f"{key} {theirs[key]!r} (model) vs {ours[key]!r} (arguments)" for key in ours if ours[key] != theirs[key]]
             raise ValueError(f"args: the model was built with other distillation settings than the arguments: {'; '.join(differences)}")
@@ -355,9 +356,10 @@ class FeatureDistillationTrainer(Trainer):
         teacher = finetuned_from or getattr(model.teacher.config, "_name_or_path", None) or "teacher"
         if self.run_arguments.artifact_stats:
             self.write_artifact_report()
+        several = len(model.students) > 1
         for name, folder in zip(model.students, self.student_folders()):
             record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments,
-                       student=(students or {}).get(name))  # fmt: skip
+                       student=(students or {}).get(name), group={"name": name, "students": list(model.students)} if several else None)  # fmt: skip
             student_card_from_run(folder, license=license)
 
     def write_artifact_report(self, num_images: int = 4) -> list[Path]:
@@ -398,22 +400,26 @@ class FeatureDistillationTrainer(Trainer):
         return folders
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None, revision: str | None = None, **kwargs):
-        """Publishes each exported student with its card (`publishing.publish_student`) to
-        `hub_model_id` (several students: `<hub_model_id>-<student>`); returns the commit URLs."""
+        """Publishes each exported student with its card (`publishing.publish_student`) to its repo
+        (`student_repo_ids`: `hub_model_id`, or `<hub_model_id>-<student>` for several); returns the commit URLs."""
         if not self.is_world_process_zero():
             return None
         arguments = self.run_arguments
-        repo = arguments.hub_model_id or Path(arguments.output_dir).absolute().name
-        folders = self.student_folders()
+        model = self.accelerator.unwrap_model(self.model)
+        repo_ids = student_repo_ids(arguments.hub_model_id or Path(arguments.output_dir).absolute().name, list(model.students))
         urls = []
-        for folder in folders:
-            repo_id = repo if len(folders) == 1 else f"{repo}-{folder.name}"
+        for repo_id, folder in zip(repo_ids.values(), self.student_folders()):
             published = publish_student(
                 folder, repo_id, private=arguments.hub_private_repo, revision=revision or arguments.hub_revision,
                 token=token or arguments.hub_token, commit_message=commit_message, license=kwargs.get("license"),
             )  # fmt: skip
             urls.append(published.commit_url)
         return urls
+
+
+def student_repo_ids(repo: str, students: list[str]) -> dict[str, str]:
+    """The Hub repo of each student: `repo` for one, `<repo>-<student>` for each of several."""
+    return {name: repo if len(students) == 1 else f"{repo}-{name}" for name in students}
 
 
 def _log_key(term: str) -> str:

@@ -44,6 +44,19 @@ def workspace(tmp_path_factory):
     (root / "list.yaml").write_text("- rank\n- 4\n")
     (root / "broken.yaml").write_text("rank: [4\n")
     (root / "good.yaml").write_text("rank: 4\n")
+    students = {
+        "same_names": "- {name: a, rank: 4}\n- {name: a, method: fitnet}\n",
+        "unknown_field": "- {name: a, rnak: 4}\n",
+        "layer_past_the_teacher": "- {name: a}\n- {name: b, method: fitnet, teacher_layers: [2, 9]}\n",
+        "two_models": f"- {{name: a, student_size: tiny, student_name_or_path: {root / 'teacher'}}}\n",
+        "bad_name": "- {name: a/b}\n",
+        "rank_zero": "- {name: a, rank: 0}\n",
+        "big_student": f"- {{name: a}}\n- {{name: b, student_name_or_path: {root / 'big_student'}}}\n",
+        "not_a_list": "name: a\n",
+    }
+    for name, text in students.items():
+        (root / f"students_{name}.yaml").write_text(text)
+    (root / "students_recipe.yaml").write_text("students:\n  - name: a\n    rank: 4\n  - name: b\n    methd: fitnet\n")
     (root / "used_output").mkdir()
     (root / "used_output" / "model.safetensors").write_bytes(b"an earlier result")
     return root
@@ -108,6 +121,16 @@ CASES = [
     ("broken recipe", lambda a, r: [str(r / "broken.yaml"), *a], "config file"),
     ("missing recipe", lambda a, r: [*a, str(r / "missing.yaml")], "config file"),
     ("two recipes", lambda a, r: [str(r / "good.yaml"), *a, str(r / "good.yaml")], "config file"),
+    ("two students with one name", lambda a, r: _set(a, "--students", str(r / "students_same_names.yaml")), "students: two entries are named 'a'"),
+    ("unknown student field", lambda a, r: _set(a, "--students", str(r / "students_unknown_field.yaml")), "rnak: unknown key in students entry 'a'; did you mean 'rank'?"),
+    ("unknown field in a recipe's students", lambda a, r: [str(r / "students_recipe.yaml"), *a], "methd: unknown key in students entry 'b'; did you mean 'method'?"),
+    ("student layer past the teacher", lambda a, r: _set(a, "--students", str(r / "students_layer_past_the_teacher.yaml")), "students entry 'b': teacher_layers"),
+    ("student with two models", lambda a, r: _set(a, "--students", str(r / "students_two_models.yaml")), "student_name_or_path / student_size (student 'a'): give exactly one"),
+    ("student name with a slash", lambda a, r: _set(a, "--students", str(r / "students_bad_name.yaml")), "students: entry 1 needs a name"),
+    ("student rank zero", lambda a, r: _set(a, "--students", str(r / "students_rank_zero.yaml")), "students entry 'a': rank"),
+    ("student too big for the images", lambda a, r: _set(a, "--students", str(r / "students_big_student.yaml")), "students entry 'b': student_name_or_path: the student is built for 64px"),
+    ("students not a list", lambda a, r: _set(a, "--students", str(r / "students_not_a_list.yaml")), "students: "),
+    ("missing students file", lambda a, r: _set(a, "--students", str(r / "students_missing.yaml")), "students: "),
     ("bad image share", lambda a, r: _set(a, "--max_bad_image_share", "1.5"), "max_bad_image_share"),
     ("negative non-finite limit", lambda a, r: _set(a, "--max_nonfinite_steps", "-1"), "max_nonfinite_steps"),
     ("non-empty output_dir", lambda a, r: _set(a, "--output_dir", str(r / "used_output")), "output_dir"),

@@ -44,6 +44,12 @@ NEWER_RECIPES = {
     "siglip2_so400m_to_vit_s_singer": ("google/siglip2-so400m-patch16-naflex", "small", 27),
     "aimv2_l14_to_vit_s16_singer": ("apple/aimv2-large-patch14-224", "small", 24),
 }
+# Recipes training several students together -> {student: the single-student recipe it must equal}.
+GROUP_RECIPES = {
+    "vit_l_to_three_students": {
+        "vit_t_singer": "vit_l_to_vit_t_singer", "vit_s_singer": "vit_l_to_vit_s_singer", "vit_t_fitnet": "vit_l_to_vit_t_fitnet",
+    },
+}  # fmt: skip
 # Paper layers (docs/method.md §3, §6) by teacher depth.
 LAYERS = {("singer", 24): [17, 23], ("singer", 12): [8, 11], ("fitnet", 24): [11, 17, 23], ("fitnet", 12): [5, 8, 11]}
 
@@ -68,7 +74,27 @@ def timm_depth(architecture: str) -> int:
 
 def test_every_paper_recipe_is_there():
     found = {path.stem for path in CONFIGS.glob("*.yaml") if path.name != "demo.yaml"}
-    assert found == set(RECIPES) | set(NEWER_RECIPES)
+    assert found == set(RECIPES) | set(NEWER_RECIPES) | set(GROUP_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_RECIPES))
+def test_group_recipe_trains_each_student_as_its_own_recipe_would(name, distill_script, tmp_path):
+    """Each student of a group recipe has the model, method settings, data and optimisation of its own recipe."""
+    cpu = [] if is_torch_bf16_gpu_available() else ["--use_cpu", "true"]
+    group_model, group_data, group_args = distill_script.parse_arguments([str(CONFIGS / f"{name}.yaml"), "--output_dir", str(tmp_path), *cpu])
+    students = distill_script.run_students(group_model, group_args)
+    assert list(students) == list(GROUP_RECIPES[name])
+    bookkeeping = {"output_dir", "logging_dir", "hub_model_id"}
+    for student, recipe in GROUP_RECIPES[name].items():
+        model_args, data_args, args = distill_script.parse_arguments([str(CONFIGS / f"{recipe}.yaml"), "--output_dir", str(tmp_path), *cpu])
+        entry = students[student]
+        assert entry.method_values() == args.method_values(), student
+        assert (entry.student_size, entry.student_name_or_path) == (model_args.student_size, model_args.student_name_or_path)
+        assert group_model.teacher_name_or_path == model_args.teacher_name_or_path and group_data == data_args
+        method_fields = set(args.method_values())
+        ours = {k: v for k, v in group_args.to_dict().items() if k not in bookkeeping | method_fields}
+        theirs = {k: v for k, v in args.to_dict().items() if k not in bookkeeping | method_fields}
+        assert ours == theirs, {k: (ours[k], theirs.get(k)) for k in ours if ours[k] != theirs.get(k)}
 
 
 @pytest.mark.parametrize("name", sorted(NEWER_RECIPES))

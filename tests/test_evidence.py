@@ -44,7 +44,10 @@ def test_the_study_runs_every_student_and_resumes(evidence, tmp_path):
     assert json.loads((output / "evidence.json").read_text())["summary"].keys() == {*evidence.STUDENTS, *evidence.BASELINES}
 
     # A second call trains nothing: the teachers and every run's result are read back.
-    stamps = {path: path.stat().st_mtime_ns for path in (output / "runs").glob("*/result.json")}
+    # The five distilled students of each teacher trained in one run (a folder each), the baselines alone.
+    assert {path.parent.name for path in (output / "runs").glob("*-seed0/*/result.json")} == set(evidence.STUDENTS)
+    stamps = {path: path.stat().st_mtime_ns for path in (output / "runs").rglob("result.json")}
+    assert len(stamps) == len(expected)
     again = evidence.main([*SMOKE, "--output_dir", str(output)])
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
     assert [run["linear_probe"] for run in again["runs"]] == [run["linear_probe"] for run in report["runs"]]

@@ -13,6 +13,8 @@ replaced by a subclass that records, per rank, into ``<mode>_rank<r>.safetensors
   which cropping, flipping and normalising keep recoverable) and its per-step loss;
 - ``<mode>_writes_rank<r>.txt``: the files each rank wrote through singer_hf.layout's ``save_file``.
 
+A third run in the same launch trains a group of two students (``--students``, ``--max_grad_norm``).
+
 Nothing of Accelerate, DDP or the Trainer is mocked.
 """
 
@@ -35,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 DISTILL = ROOT / "scripts" / "distill.py"
 MODES = ("map_style", "streaming")
+# The same launch also trains a group (map-style): a SiNGER and a FitNet student, each clipped on its own.
+GROUP = "- {name: singer, rank: 4}\n- {name: fitnet, method: fitnet}\n"
+GROUP_MAX_GRAD_NORM = 1e-3
+LAUNCHED = (*MODES, "students")
 WORLD, BATCH, STEPS, EXAMPLES = 2, 4, 3, 64
 LAUNCH_TIMEOUT_S = 420
 
@@ -49,7 +55,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-distill_path, out_dir, modes, common = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
+distill_path, out_dir, modes, GROUP_MAX_GRAD_NORM, common = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4], sys.argv[5:]
 spec = importlib.util.spec_from_file_location("distill", distill_path)
 distill = importlib.util.module_from_spec(spec)
 sys.modules["distill"] = distill  # its dataclasses resolve their annotations through sys.modules
@@ -134,7 +140,8 @@ distill.FeatureDistillationTrainer = ProbeTrainer  # main() looks the name up in
 sys.modules["singer_hf.layout"].save_file = logged_save_file
 for MODE in modes:
     out = os.path.join(out_dir, MODE)
-    distill.main(common + ["--streaming", str(MODE == "streaming").lower(), "--output_dir", out])
+    group = ["--students", os.path.join(out_dir, "students.yaml"), "--max_grad_norm", GROUP_MAX_GRAD_NORM] if MODE == "students" else []
+    distill.main(common + ["--streaming", str(MODE == "streaming").lower(), "--output_dir", out, *group])
 '''
 
 
@@ -181,6 +188,7 @@ def launched(tmp_path_factory):
     probe.write_text(PROBE)
     results = root / "results"
     results.mkdir()
+    (results / "students.yaml").write_text(GROUP)
 
     env = {
         key: value
@@ -198,7 +206,7 @@ def launched(tmp_path_factory):
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
         "--config_file", str(CONFIG),
         "--main_process_port", str(_free_port()),
-        str(probe), str(DISTILL), str(results), ",".join(MODES),
+        str(probe), str(DISTILL), str(results), ",".join(LAUNCHED), str(GROUP_MAX_GRAD_NORM),
         "--teacher_name_or_path", str(teacher),
         "--student_size", "tiny",
         "--student_config_overrides", "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64",
@@ -226,7 +234,7 @@ def launched(tmp_path_factory):
         pytest.fail(f"accelerate launch exited with {process.returncode}; output tail:\n{output[-6000:]}")
 
     records, metadata = {}, {}
-    for mode in MODES:
+    for mode in LAUNCHED:
         paths = [results / f"{mode}_rank{rank}.safetensors" for rank in range(WORLD)]
         missing = [path.name for path in paths if not path.is_file()]
         assert not missing, f"{mode}: no per-rank record {missing}; output tail:\n{output[-6000:]}"
@@ -328,3 +336,33 @@ def test_only_the_main_process_writes_the_output(launched, mode):
     writes = [launched["results"] / f"{mode}_writes_rank{rank}.txt" for rank in range(WORLD)]
     assert writes[0].read_text().split() == [f"{mode}/distillation/heads.safetensors"]
     assert not writes[1].exists(), f"rank 1 wrote {writes[1].read_text().split()}"
+
+
+def test_a_group_of_students_trains_over_two_processes_each_clipped_on_its_own(launched):
+    rank0, rank1 = launched["records"]["students"]
+    for rank, meta in enumerate(launched["metadata"]["students"]):
+        assert (meta["process_index"], meta["world_size"], meta["backend"]) == (str(rank), str(WORLD), "gloo")
+        assert meta["global_step"] == str(STEPS) and meta["find_unused_parameters"] == "False"
+    grads = sorted(key for key in rank0 if key.startswith("grad."))
+    assert grads == sorted(key for key in rank1 if key.startswith("grad."))
+    norms = {}
+    for name in ("singer", "fitnet"):
+        own = [key for key in grads if f"students.{name}." in key or f"methods.{name}." in key or key.endswith(f".{name}")]
+        assert any(f"students.{name}." in key for key in own) and any(f"methods.{name}." in key for key in own)
+        assert all(torch.equal(rank0[key], rank1[key]) for key in own), f"{name}: the ranks step with different gradients"
+        # After DDP's all-reduce, each student's gradients are clipped to the norm on their own.
+        norms[name] = torch.stack([rank0[key].double().norm() for key in own]).norm().item()
+    assert all(abs(norm - GROUP_MAX_GRAD_NORM) < 1e-4 * GROUP_MAX_GRAD_NORM for norm in norms.values()), norms
+    assert any(key.endswith(".singer") and ".singer_" in key for key in grads)  # the SiNGER student's adapters
+    weights = sorted(key for key in rank0 if key.startswith("weight."))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in weights)
+    import transformers
+
+    for name in ("singer", "fitnet"):  # one student folder each, written by the main process only
+        saved = transformers.AutoModel.from_pretrained(launched["results"] / "students" / name).state_dict()
+        for key, value in saved.items():
+            assert torch.equal(value, rank0[f"weight.students.{name}.{key}"]), f"{name}: {key} saved differs"
+    assert sorted(launched["results"].joinpath("students_writes_rank0.txt").read_text().split()) == [
+        "students/fitnet/distillation/heads.safetensors", "students/singer/distillation/heads.safetensors"
+    ]
+    assert not launched["results"].joinpath("students_writes_rank1.txt").exists()

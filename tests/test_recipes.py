@@ -1,6 +1,8 @@
 """Every shipped recipe (`configs/*.yaml`, new ones included) runs through scripts/distill.py with its
 own settings, as a user runs it.
 
+A recipe with a `students:` list trains them together; each student's folder, logs and card are checked.
+
 Swapped, because it cannot exist offline or on 2 CPU cores: the teacher (a tiny checkpoint of the same
 family, depth, prefix tokens, MLP and patch size, so the recipe's `teacher_layers` hold; see tests/standins.py), the
 dataset (local Parquet with the recipe's image column, streamed as the recipe says), `output_dir`, and
@@ -57,27 +59,41 @@ def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplo
     with caplog.at_level("INFO", logger="singer_hf.distill"):
         result = distill.main(argv)
     assert result["metrics"]["train_runtime"] > 0
-    # What the run says and writes is the recipe's method's, not SiNGER's for every method.
-    singer = recipe["method"] == "singer"
-    assert f"{get_method(recipe['method']).label} distillation" in caplog.text
+    # A recipe's students: its `students:` list (one folder each), or the recipe itself (the output folder).
+    students = {entry["name"]: {**recipe, **entry} for entry in recipe["students"]} if "students" in recipe else {None: recipe}
+    # What the run says and writes is each student's method's, not SiNGER's for every method.
+    singer = any(student["method"] == "singer" for student in students.values())
+    if "students" in recipe:
+        labels = ", ".join(f"{name} ({get_method(student['method']).label})" for name, student in students.items())
+        assert f"Distillation of {len(students)} students from one teacher pass: {labels}" in caplog.text
+    else:
+        assert f"{get_method(recipe['method']).label} distillation" in caplog.text
     assert ("adapter on block" in caplog.text) == singer and ("adapters" in capsys.readouterr().out) == singer
-    research = (output / "distillation" / "README.md").read_text()
-    assert "More Information Needed" not in research and ("PeftModel.from_pretrained" in research) == singer
-    assert (output / "distillation" / "adapter_model.safetensors").is_file() == singer
-
-    summary = json.loads((output / "distillation" / "distillation_config.json").read_text())
-    assert summary["method"] == recipe["method"]
-    if "teacher_layers" in recipe:
-        assert summary["teacher_layers"] == recipe["teacher_layers"]
     if "tensorboard" in str(recipe.get("report_to")):
         events = list(output.rglob("events.out.tfevents.*"))
         assert events, "report_to tensorboard wrote no event file"
-
-    # What the model card tells a user to do, on the published folder.
-    student = transformers.AutoModel.from_pretrained(output)
-    processor = transformers.AutoImageProcessor.from_pretrained(output)
+    # The recipes log every 50 steps or more: only the final metrics are logged in these 2 steps (per-term logs: test_students).
+    logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
     image = PIL.Image.new("RGB", (50, 40), (120, 30, 200))
-    with torch.no_grad():
-        hidden = student(**processor(images=image, return_tensors="pt"), output_hidden_states=True).hidden_states
-    feature = hidden[summary["student_layers"][-1] + 1]
-    assert feature.shape[-1] == student.config.hidden_size and torch.isfinite(feature).all()
+    for name, settings in students.items():
+        folder = output if name is None else output / name
+        singer = settings["method"] == "singer"
+        research = (folder / "distillation" / "README.md").read_text()
+        assert "More Information Needed" not in research and ("PeftModel.from_pretrained" in research) == singer
+        assert (folder / "distillation" / "adapter_model.safetensors").is_file() == singer
+
+        summary = json.loads((folder / "distillation" / "distillation_config.json").read_text())
+        assert summary["method"] == settings["method"]
+        if "teacher_layers" in settings:
+            assert summary["teacher_layers"] == settings["teacher_layers"]
+        terms = get_method(settings["method"]).loss_weights
+        assert all((f"loss/{name}/{term}" if name else f"loss_{term}") in entry for term in terms for entry in logged), logged
+
+        # What the model card tells a user to do, on the published folder.
+        student = transformers.AutoModel.from_pretrained(folder)
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        with torch.no_grad():
+            hidden = student(**processor(images=image, return_tensors="pt"), output_hidden_states=True).hidden_states
+        feature = hidden[summary["student_layers"][-1] + 1]
+        assert feature.shape[-1] == student.config.hidden_size and torch.isfinite(feature).all()
+        assert ("Trained in a group" in (folder / "README.md").read_text()) == (name is not None)

@@ -42,6 +42,7 @@ from singer_hf.architectures import load_backbone
 from singer_hf.cli import StrictArgumentParser, run_cli
 from singer_hf import resolve_vit
 from singer_hf.data import image_processor_stats, load_image_dataset
+from singer_hf.layout import check_not_group
 from singer_hf.evaluation import (
     AugmentedFeatures,
     ClassificationProbe,
@@ -140,6 +141,7 @@ def parse_arguments(argv: list[str]) -> tuple[BackboneArguments, ProbeDataArgume
 
 def check_arguments(backbone: BackboneArguments, data: ProbeDataArguments, probe: ProbeArguments) -> None:
     """Cheap checks, before any dataset or model is loaded."""
+    check_not_group(backbone.model_name_or_path, "model_name_or_path")
     if data.task not in TASKS:
         raise ValueError(f"task={data.task!r} is not supported; expected one of {list(TASKS)}")
     if backbone.dtype not in DTYPES:

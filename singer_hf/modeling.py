@@ -18,7 +18,7 @@ from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .checks import block_indices, check_fields, checked_field, number_at_least
 from .artifacts import ArtifactViews
 from .methods import DistillationMethod, MethodFields, get_method
-from .tuner import SingerConfig
+from .tuner import SingerConfig, SingerModel
 
 
 @dataclass
@@ -230,11 +230,11 @@ class DistillationModel(nn.Module):
                 if adapter_config is not None:
                     adapters[student_name] = adapter_config
             for student_name, adapter_config in adapters.items():
-                model = _with_adapter(model, student_name, adapter_config)
+                model = _with_adapter(model, self.adapter_name(student_name), adapter_config)
             # Only the students' adapters train; a PeftModel loaded for inference has them frozen.
             model.requires_grad_(False)
             if adapters:
-                model.base_model.set_requires_grad(list(adapters), True)
+                model.base_model.set_requires_grad([self.adapter_name(name) for name in adapters], True)
             teachers[teacher_name] = model
             teacher_views[teacher_name] = resolve_vit(model, _argument("teacher", teacher_name, teachers))
         self.teachers, self.students = nn.ModuleDict(teachers), nn.ModuleDict(students)
@@ -253,7 +253,7 @@ class DistillationModel(nn.Module):
             for teacher_name in teachers:
                 method = config.method_class(config, teacher_views[teacher_name], student_views[student_name], *plans[student_name, teacher_name])
                 if method.adapter_config(config, method.teacher_layers) is not None:
-                    method.bind_adapters(self.teachers[teacher_name].base_model.singer_layers, student_name)
+                    method.bind_adapters(self.teachers[teacher_name].base_model.singer_layers, self.adapter_name(student_name))
                 methods[student_name][teacher_name] = method
             after_first = after_first if after_first is not None else torch.get_rng_state()
         torch.set_rng_state(after_first)
@@ -315,8 +315,9 @@ class DistillationModel(nn.Module):
         return self._frozen[self._only("student", self.students)]
 
     def adapter_name(self, student: str) -> str:
-        """The name of `student`'s PEFT adapters on each teacher (methods that train adapters)."""
-        return student
+        """The name of `student`'s PEFT adapters on each teacher (methods that train adapters): the student's
+        name, unless PEFT would mistake it for part of its parameter prefix (`singer_`; a student named "singer")."""
+        return student if student not in SingerModel.prefix else f"{student}_adapter"
 
     # -- nn.Module and the Trainer's model protocol -----------------------------------------------
     def train(self, mode: bool = True):

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 
 from transformers import AutoImageProcessor, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 
 import distill  # scripts/distill.py, beside this script
 from singer_hf.architectures import load_backbone
 from singer_hf.demo.fashion_mnist import fashion_mnist_images, load_fashion_mnist
 from singer_hf.demo.probe import cls_features, linear_probe_accuracy
 from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher
+from singer_hf.diagnostics import artifact_history_figure
 from singer_hf.layout import ARTIFACT_STATS_FILE, ARTIFACTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,9 @@ def main(extra_flags: list[str]) -> None:
          "--dataset_name", str(data_dir), "--output_dir", str(student_dir), "--overwrite_output_dir", "true", *extra_flags]
     )  # fmt: skip
     distill_seconds = time.perf_counter() - start - teacher_seconds
+    history = OUTPUT / "artifact_history.png"  # the logged artifact statistics over training
+    log_history = json.loads((student_dir / TRAINER_STATE_NAME).read_text())["log_history"]
+    artifact_history_figure(log_history, history, ("outlier_share", "max_median"))
 
     print("3/3 Linear probes on the frozen features of the teacher, the student and an untrained student ...")
     processor = AutoImageProcessor.from_pretrained(str(student_dir))
@@ -90,6 +95,7 @@ def main(extra_flags: list[str]) -> None:
         f"untrained student (same architecture, random init): linear probe {accuracies['untrained']:.2%}\n"
         f"final losses: {result['losses']}\n"
         + "\n".join(artifact_lines(student_dir)) + "\n"
+        f"artifact statistics over training: {history}\n"
         f"time: teacher {teacher_seconds:.0f} s, distillation {distill_seconds:.0f} s, total {total:.0f} s\n"
         f"Load the student without singer_hf:\n"
         f'    AutoModel.from_pretrained("{student_dir}"), AutoImageProcessor.from_pretrained("{student_dir}")'

@@ -28,4 +28,4 @@ class FitNet(DistillationMethod):
 
     def losses(self, teacher_features, student_features):
         pairs = zip(self.projectors, self.teacher_layers, self.student_layers)
-        return {"kd": sum(self.kd(projector, student_features[s], teacher_features[t]) for projector, t, s in pairs)}
+        return {"kd": sum(self.kd(projector, student_features[s], self.target(t, teacher_features[t])) for projector, t, s in pairs)}

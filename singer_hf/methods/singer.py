@@ -76,7 +76,7 @@ class Singer(DistillationMethod):
         for index, (layer, student_layer) in enumerate(zip(self.teacher_layers, self.student_layers)):
             feature = teacher_features[layer]
             refined = self.refine(layer, feature)
-            kd.append(self.kd(self.projectors[index], student_features[student_layer], refined))
+            kd.append(self.kd(self.projectors[index], student_features[student_layer], self.target(layer, refined)))
             outlier.append(outlier_loss(refined[:, prefix:], self.config.outlier_quantile))
             if layer == self.teacher_layers[-1]:
                 reference = feature if reference is None else reference  # one distilled layer: its unrefined feature

@@ -12,7 +12,8 @@ from .base import DistillationMethod, MethodFields, register_method
 
 @register_method
 class Singer(DistillationMethod):
-    """KD to the refined features F̂^l, outlier suppression on their norms, information preservation.
+    """KD to the refined features F̂^l (normalised where the teacher's targets are, `target`), outlier
+    suppression on their norms, information preservation (both on F̂^l as it is).
 
     The teacher's adapters (`SingerLayer`, one per distilled block) are a PEFT adapter on the frozen
     teacher, injected by `DistillationModel` from `adapter_config`; this method trains them through

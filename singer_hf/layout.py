@@ -140,6 +140,7 @@ def distillation_readme(model: DistillationModel, student: str) -> str:
         'heads = singer_hf.load_teacher_heads("<the student folder>"' + ("" if len(model.teachers) == 1 else ', teacher="<name>"') + ")",
         "features = heads(student(pixel_values, output_hidden_states=True).hidden_states)  # {teacher block: B×N×D_teacher}",
         "```",
+        "",
     ]
     if any(method.adapter_config(model.configs[student], method.teacher_layers) for method in model.methods[student].values()):
         lines += [

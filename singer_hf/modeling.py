@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 from .alignment import TokenAlignment
 from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .checks import block_indices, channel_values, check_fields, checked_field, integer_at_least, number_at_least, one_of
+from .data import image_processor_stats
 from .methods import DistillationMethod, MethodFields, get_method
 from .normalization import NORMALIZATIONS, FeatureMoments, TargetNormalization
 from .tuner import SingerConfig
@@ -145,6 +146,13 @@ class TeacherSettings:
             raise ValueError("image_mean: give this teacher's image_mean and image_std together (or neither)")
         if self.image_mean is not None and len(self.image_mean) != len(self.image_std):
             raise ValueError(f"image_std: {len(self.image_std)} channels, image_mean has {len(self.image_mean)}")
+
+    @classmethod
+    def from_image_processor(cls, image_processor, input_normalization=None, **settings) -> TeacherSettings:
+        """Settings whose image statistics and size are those `image_processor` gives (`data.image_processor_stats`;
+        `input_normalization`: the (mean, std) a teacher normalises with inside its forward, `ResolvedViT.input_normalization`)."""
+        mean, std, size = image_processor_stats(image_processor, input_normalization)
+        return cls(image_mean=mean, image_std=std, image_size=size, **settings)
 
 
 @dataclass

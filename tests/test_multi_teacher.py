@@ -162,9 +162,10 @@ def test_each_teacher_reads_the_images_its_own_processor_gives(teacher_size):
     """The students' augmented batch, re-normalised and resized on the device, is what the teacher's own
     processor (and build_transforms with its statistics) gives for the same crop."""
     teacher_mean, teacher_std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    processor = ViTImageProcessor(size={"height": teacher_size, "width": teacher_size}, image_mean=teacher_mean, image_std=teacher_std)
     model = DistillationModel(
         {"a": make_vit(seed=0), "b": make_vit(seed=2)}, make_vit(32, 4, seed=1), DistillationModelConfig(method="fitnet"),
-        {"a": TeacherSettings(layers=[5]), "b": TeacherSettings(layers=[5], image_mean=teacher_mean, image_std=teacher_std, image_size=teacher_size)},
+        {"a": TeacherSettings(layers=[5]), "b": TeacherSettings.from_image_processor(processor, layers=[5])},
         image_statistics=STUDENT_STATS,
     )  # fmt: skip
     crops = [build_transforms(*STUDENT_STATS, IMAGE, train=True, normalize=False)(image) for image in _pil_images(4)]  # uint8, 3×32×32
@@ -172,7 +173,6 @@ def test_each_teacher_reads_the_images_its_own_processor_gives(teacher_size):
     assert torch.equal(model.teacher_pixels(pixel_values, "a"), pixel_values)  # the students' statistics and size
     ours = model.teacher_pixels(pixel_values, "b")
     assert ours.shape == (4, 3, teacher_size, teacher_size)
-    processor = ViTImageProcessor(size={"height": teacher_size, "width": teacher_size}, image_mean=teacher_mean, image_std=teacher_std)
     theirs = processor([v2.functional.to_pil_image(crop) for crop in crops], return_tensors="pt")["pixel_values"]
     transforms = v2.Compose([v2.Resize(teacher_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(teacher_mean, teacher_std)])
     on_tensors = torch.stack([transforms(crop) for crop in crops])

@@ -1,11 +1,19 @@
 """Several teachers: per-teacher target normalisation (PHI-S), per-teacher preprocessing, the heads
-saved beside the student, and the statistics' way through the Trainer and its checkpoints."""
+saved beside the student, and the statistics' way through the Trainer, its checkpoints and two
+processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from conftest import IMAGE, make_vit
+from safetensors.torch import load_file
 from torchvision.transforms import v2
 from transformers import AutoModel, ViTImageProcessor
 
@@ -259,3 +267,47 @@ def test_the_saved_heads_give_the_projected_teacher_features_in_each_teachers_sp
                 torch.testing.assert_close(features[t], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"^teacher: must be one of \['a', 'b'\]"):
         load_teacher_heads(tmp_path / "student")
+
+
+PROBE = r'''
+"""Two ranks fit the target normalisation through FeatureDistillationTrainer; each saves what it fitted."""
+import sys
+
+from safetensors.torch import save_file
+
+sys.path.insert(0, sys.argv[1])
+import test_multi_teacher as t
+from accelerate import PartialState
+
+model = t._model()
+trainer = t._trainer(model, t._args(sys.argv[2], max_steps=1, per_device_train_batch_size=4))
+trainer.train()
+state = {key: value.contiguous() for key, value in model.state_dict().items() if key.startswith("target_normalizations.")}
+save_file(state, f"{sys.argv[2]}/rank{PartialState().process_index}.safetensors")
+'''
+
+
+def test_two_processes_fit_the_same_statistics_from_both_ranks_batches(tmp_path):
+    """accelerate launch, two CPU ranks over gloo: each reads its half of the 32 images; both fit the
+    statistics of all 32 (the moments summed across ranks)."""
+    root = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+               str(root / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+               str(probe), str(root / "tests"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(2)]
+    direct = _model()
+    direct.fit_target_normalization([_pixels(32, 0)])
+    expected = {key: value for key, value in direct.state_dict().items() if key.startswith("target_normalizations.")}
+    assert ranks[0].keys() == ranks[1].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        if key.endswith((".mean", ".scale", ".tokens")):
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-5)

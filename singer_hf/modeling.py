@@ -263,8 +263,9 @@ class DistillationModel(nn.Module):
         sizes = {name: view.image_size for name, view in student_views.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"student: the students are built for different image sizes {sizes}; students trained together read the same images")
-        # Images come at the students' size (a saved student and its processor must agree); the
-        # teachers read them at that size too, interpolating their position embeddings if built for another.
+        # Images come at the students' size (a saved student and its processor must agree); a teacher
+        # reads them at that size or at its TeacherSettings.image_size (resized, `teacher_pixels`),
+        # interpolating its position embeddings if built for another.
         self.image_size = next(iter(sizes.values()))
         self.teacher_image_sizes = {name: settings[name].image_size or self.image_size for name in teachers}
 

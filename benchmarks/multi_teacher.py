@@ -72,6 +72,7 @@ class StudyArguments:
     train_images: int = field(default=10_000, metadata={"help": "Training images the teachers and students read."})
     probe_images: int = field(default=1_000, metadata={"help": "Training and test images of each linear probe (each)."})
     normalization_batches: int = field(default=4, metadata={"help": "Batches of 64 the PHI-S statistics are estimated from."})
+    students: str = field(default=",".join([*STUDENTS, "untrained"]), metadata={"help": "The students to run, comma-separated."})
     threads: int = field(default=1, metadata={"help": "torch threads of this process."})
 
 
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("seeds", "teacher_steps", "student_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
+    kinds = args.students.split(",")
+    if unknown := [kind for kind in kinds if kind not in [*STUDENTS, "untrained"]]:
+        raise ValueError(f"students: {unknown} are not among {[*STUDENTS, 'untrained']}")
     if not 100 <= args.probe_images <= 10_000 or not 1_000 <= args.train_images <= 60_000:
         raise ValueError(f"probe_images / train_images: must be in 100..10000 / 1000..60000, got {args.probe_images} / {args.train_images}")
     torch.set_num_threads(args.threads)
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["teachers"][name] = probe(teacher, probe_sets, spec["stats"], spec["image_size"])
         print(f"[teachers] {name}: " + ", ".join(f"{task} {value:.2f} %" for task, value in results["teachers"][name].items()), flush=True)
     for seed in range(args.seeds):
-        for kind in [*STUDENTS, "untrained"]:
+        for kind in kinds:
             path = output / "runs" / f"{kind}-seed{seed}.json"
             if path.exists() or not claim(path.with_suffix(".claimed")):
                 continue  # done, or another process's
@@ -255,13 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
             results["runs"].append(run)
             print(f"[runs] {kind} seed {seed}: " + ", ".join(f"{t} {v:.2f} %" for t, v in run["probe"].items()) + f" ({run['seconds']:.0f} s)", flush=True)
 
-    paths = [output / "runs" / f"{kind}-seed{seed}.json" for seed in range(args.seeds) for kind in [*STUDENTS, "untrained"]]
+    paths = [output / "runs" / f"{kind}-seed{seed}.json" for seed in range(args.seeds) for kind in kinds]
     if not all(path.exists() for path in paths):
         print("[runs] other processes are still running; the last one writes the tables", flush=True)
         return results
     results["runs"] = [json.loads(path.read_text()) for path in paths]
     summary = {}
-    for kind in [*STUDENTS, "untrained"]:
+    for kind in kinds:
         runs = [run for run in results["runs"] if run["student"] == kind]
         summary[kind] = {task: mean_std([run["probe"][task] for run in runs]) for task in TASKS}
     results.update(arguments=asdict(args), summary=summary, seconds=time.perf_counter() - start, threads=torch.get_num_threads())
@@ -284,6 +288,8 @@ def markdown(args: StudyArguments, results: dict) -> str:
                      f"{(accuracies['classes'] + accuracies['rotation']) / 2:.2f} |")  # fmt: skip
     titles = {kind: title for kind, (title, _, _) in STUDENTS.items()} | {"untrained": "untrained student (floor)"}
     for kind, title in titles.items():
+        if kind not in results["summary"]:
+            continue
         entry = results["summary"][kind]
         both = [(a + b) / 2 for a, b in zip(entry["classes"]["values"], entry["rotation"]["values"])]
         lines.append(f"| {title} | {cell(entry['classes'])} | {cell(entry['rotation'])} | {cell(mean_std(both))} |")

@@ -19,6 +19,8 @@ _EXPORTS = {
     "DistillationOutput": "modeling",
     "TeacherSettings": "modeling",
     "map_layers": "modeling",
+    "TeacherHeads": "heads",
+    "load_teacher_heads": "heads",
     "FeatureDistillationArguments": "trainer",
     "FeatureDistillationTrainer": "trainer",
     "SingerConfig": "tuner",

@@ -38,9 +38,10 @@ class TokenAlignment:
     """Same prefix tokens and grid: every token is compared with its counterpart (registers with registers)."""
 
     @classmethod
-    def between(cls, student: ResolvedViT, teacher: ResolvedViT, image_size: int) -> TokenAlignment:
+    def between(cls, student: ResolvedViT, teacher: ResolvedViT, image_size: int, teacher_image_size: int | None = None) -> TokenAlignment:
+        """`teacher_image_size`: the size the teacher reads the same images at (`TeacherSettings.image_size`), default `image_size`."""
         student_grid = (image_size // student.patch_size,) * 2
-        teacher_grid = (image_size // teacher.patch_size,) * 2
+        teacher_grid = ((teacher_image_size or image_size) // teacher.patch_size,) * 2
         same_prefix = (student.num_prefix_tokens, student.num_class_tokens) == (teacher.num_prefix_tokens, teacher.num_class_tokens)
         return cls(
             student_prefix=student.num_prefix_tokens,

@@ -98,7 +98,7 @@ def _architecture(model) -> dict:
 
 def run_fingerprint(model) -> dict:
     """What a checkpoint shares with any run that may resume it (a `DistillationModel`): each pair's
-    method, layers and adapter rank, and the architecture of every teacher and student."""
+    method, layers, adapter rank and target normalisation (where there is one), and the architecture of every teacher and student."""
     pairs = {}
     for pair in model.pairs:
         config = model.configs[pair.student]
@@ -108,6 +108,8 @@ def run_fingerprint(model) -> dict:
             "student_layers": list(pair.student_layers),
             "rank": config.rank if pair.method.adapter_config(config, pair.teacher_layers) else None,
         }
+        if (normalization := model.teacher_settings[pair.teacher].normalization) != "none":
+            pairs[f"{pair.student}/{pair.teacher}"]["normalization"] = normalization
     if len(pairs) == 1:
         return {**next(iter(pairs.values())), "teacher": _architecture(model.teacher), "student": _architecture(model.student)}
     return {

@@ -66,8 +66,8 @@ def one_of(choices: Iterable | Callable[[], Iterable]) -> Check:
     return check
 
 
-def integer_at_least(low: int) -> Check:
-    return lambda value: None if _integer(value) and value >= low else f"must be >= {low} (an integer)"
+def integer_at_least(low: int, optional: bool = False) -> Check:
+    return lambda value: None if (value is None and optional) or (_integer(value) and value >= low) else f"must be >= {low} (an integer)"
 
 
 def number_at_least(low: float, optional: bool = False) -> Check:
@@ -101,6 +101,21 @@ def block_indices(optional: bool) -> Check:
             return "block indices must be >= 0"
         if len(set(value)) != len(value):
             return "duplicate layers; each block can be distilled once"
+        return None
+
+    return check
+
+
+def channel_values(positive: bool) -> Check:
+    """None, or a non-empty list of finite numbers (> 0 when `positive`): per-channel image statistics."""
+
+    def check(value):
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not value or not all(_number(item) for item in value):
+            return "must be a list of finite numbers, one per image channel, e.g. [0.485, 0.456, 0.406]"
+        if positive and min(value) <= 0:
+            return "must be > 0 for every channel"
         return None
 
     return check

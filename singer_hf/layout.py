@@ -7,8 +7,10 @@ A run's output folder holds:
   this package; with several students, one such folder per student, `<output_dir>/<student>/`
   (`check_not_group` refuses the group's folder where a student's is expected);
 - in each student folder, `distillation/`: what trained beside the student — the teacher's SiNGER
-  adapters in PEFT format, the method's heads (projectors, generators), the distillation config
-  and the run record; with several teachers, one subfolder per teacher for its adapters and heads;
+  adapters in PEFT format, the method's heads (projectors, generators) with the teacher's
+  target-normalisation statistics where its targets were normalised (`target_normalization.<block>.*`),
+  the distillation config and the run record; with several teachers, one subfolder per teacher for
+  its adapters and heads (`heads.load_teacher_heads` reads them back as teacher-like features);
 - in each student folder, `artifacts/` (with `artifact_stats`): the final high-norm artifact
   statistics and the patch-norm figures of the teacher, refined teacher and student;
 - the Trainer's own `checkpoint-N/` folders (the trainable state, optimizer, RNG, trainer state)
@@ -48,6 +50,8 @@ also the prefix of the logged artifact statistics."""
 ARTIFACT_STATS_FILE = "artifact_stats.json"
 ARTIFACT_FIGURES = ("patch_norms.png", "norm_histograms.png")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+NORMALIZATION_PREFIX = "target_normalization."
+"""Keys of a teacher's target-normalisation statistics in `HEADS_FILE`: `target_normalization.<block>.<buffer>`."""
 
 
 def student_dir(output_dir: str | Path, model: DistillationModel, student: str) -> Path:
@@ -115,12 +119,19 @@ def write_distillation(model: DistillationModel, student: str, folder: Path) -> 
         target.mkdir(parents=True, exist_ok=True)
         if method.adapter_config(config, method.teacher_layers) is not None:
             save_adapter(model.teachers[teacher], model.adapter_name(student), target)
-        save_file({key: value.contiguous() for key, value in method.state_dict().items()}, str(target / HEADS_FILE))
+        heads = dict(method.state_dict())
+        for layer, normalization in model.target_normalizations[teacher].items() if teacher in model.target_normalizations else ():
+            heads.update({f"{NORMALIZATION_PREFIX}{layer}.{key}": value for key, value in normalization.state_dict().items()})
+        save_file({key: value.contiguous() for key, value in heads.items()}, str(target / HEADS_FILE))
+        settings = model.teacher_settings[teacher]
         layers = {"teacher_layers": method.teacher_layers, "student_layers": method.student_layers}
-        teachers[teacher] = {"weight": model.teacher_settings[teacher].weight, **layers}
+        images = {key: getattr(settings, key) for key in ("image_mean", "image_std", "image_size") if getattr(settings, key) is not None}
+        teachers[teacher] = {"weight": settings.weight, "normalization": settings.normalization, **images, **layers}
     if len(teachers) == 1:
         summary.update(next(iter(teachers.values())))
         summary.pop("weight")
+        if summary["normalization"] == "none":
+            summary.pop("normalization")
     else:
         summary["teachers"] = teachers
     (folder / CONFIG_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -152,7 +163,16 @@ def distillation_readme(model: DistillationModel, student: str) -> str:
         "The student itself is the folder above.",
         "",
         f"- `{CONFIG_FILE}`: the method's settings and the teacher → student block mapping.",
-        f"- `{HEADS_FILE}`: what trained beside the student to read it (see above).",
+        f"- `{HEADS_FILE}`: what trained beside the student to read it (see above); `singer_hf.load_teacher_heads`",
+        "  turns the projectors into the student's estimate of the teacher's features:",
+        "",
+        "```python",
+        "import singer_hf, transformers",
+        'student = transformers.AutoModel.from_pretrained("<the student folder>")',
+        'heads = singer_hf.load_teacher_heads("<the student folder>"' + ("" if len(model.teachers) == 1 else ', teacher="<name>"') + ")",
+        "features = heads(student(pixel_values, output_hidden_states=True).hidden_states)  # {teacher block: B×N×D_teacher}",
+        "```",
+        "",
     ]
     if any(method.adapter_config(model.configs[student], method.teacher_layers) for method in model.methods[student].values()):
         lines += [

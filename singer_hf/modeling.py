@@ -5,19 +5,24 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import peft
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from transformers.utils import ModelOutput
 
+from .alignment import TokenAlignment
 from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
-from .checks import block_indices, check_fields, checked_field, number_at_least
 from .artifacts import ArtifactViews
+from .checks import block_indices, channel_values, check_fields, checked_field, integer_at_least, number_at_least, one_of
+from .data import image_processor_stats
 from .methods import DistillationMethod, MethodFields, get_method
+from .normalization import NORMALIZATIONS, FeatureMoments, TargetNormalization
 from .tuner import SingerConfig, SingerModel
 
 
@@ -74,15 +79,20 @@ def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int
 
 
 def plan_layers(
-    teacher: ResolvedViT, student: ResolvedViT, config: DistillationModelConfig, teacher_layers: list[int] | None = None
+    teacher: ResolvedViT,
+    student: ResolvedViT,
+    config: DistillationModelConfig,
+    teacher_layers: list[int] | None = None,
+    teacher_image_size: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """(teacher blocks, student blocks) to distil, after checking that the two models fit together;
-    `teacher_layers` (default: the config's, else the method's) chooses the teacher blocks.
+    `teacher_layers` (default: the config's, else the method's) chooses the teacher blocks, and
+    `teacher_image_size` the size the teacher reads (default: the student's).
 
     Needs only the models' structure, not their weights: scripts run it on models built on the meta
     device to fail before anything is downloaded or loaded.
     """
-    _check_compatible(teacher, student)
+    _check_compatible(teacher, student, teacher_image_size)
     teacher_layers = list(teacher_layers) if teacher_layers is not None else config.layers_for(teacher.depth)
     teacher.check_blocks(teacher_layers, "teacher_layers")
     config.method_class.check_teacher(teacher, teacher_layers)
@@ -103,17 +113,49 @@ def outgrown_teacher(teacher: ResolvedViT, student: ResolvedViT) -> str | None:
 
 @dataclass
 class TeacherSettings:
-    """How one teacher takes part when a student learns from several (agglomerative distillation)."""
+    """How one teacher takes part when a student learns from several (agglomerative distillation):
+    its share of the loss, its blocks, the normalisation of its KD targets, and the images it reads
+    (its own processor's statistics and size; the students' images re-normalised and resized on the
+    device, see `DistillationModel.teacher_pixels`)."""
 
     weight: float = checked_field(1.0, help="This teacher's share of each student's loss.", check=number_at_least(0))
     layers: list[int] | None = checked_field(
         None, help="Its distilled blocks; default: each method's, scaled to its depth.", check=block_indices(optional=True)
+    )
+    normalization: str = checked_field(
+        "none",
+        help=(
+            "Normalisation of its KD targets: 'none' (its features as they are), or 'phi-s' (PHI-S: rotated and scaled "
+            "to unit variance in every dimension, with statistics estimated from its unrefined features before "
+            "training; recommended with several teachers, so that no teacher outweighs another by its feature scale)."
+        ),
+        check=one_of(NORMALIZATIONS),
+    )
+    image_mean: list[float] | None = checked_field(
+        None, help="The per-channel mean its image processor normalises with; default: the students'.", check=channel_values(positive=False)
+    )
+    image_std: list[float] | None = checked_field(
+        None, help="The per-channel std its image processor normalises with; default: the students'.", check=channel_values(positive=True)
+    )
+    image_size: int | None = checked_field(
+        None, help="The image size it reads (the students' images resized); default: the students'.", check=integer_at_least(1, optional=True)
     )
 
     def __post_init__(self):
         check_fields(self)
         if self.layers is not None:
             self.layers = sorted(self.layers)
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError("image_mean: give this teacher's image_mean and image_std together (or neither)")
+        if self.image_mean is not None and len(self.image_mean) != len(self.image_std):
+            raise ValueError(f"image_std: {len(self.image_std)} channels, image_mean has {len(self.image_mean)}")
+
+    @classmethod
+    def from_image_processor(cls, image_processor, input_normalization=None, **settings) -> TeacherSettings:
+        """Settings whose image statistics and size are those `image_processor` gives (`data.image_processor_stats`;
+        `input_normalization`: the (mean, std) a teacher normalises with inside its forward, `ResolvedViT.input_normalization`)."""
+        mean, std, size = image_processor_stats(image_processor, input_normalization)
+        return cls(image_mean=mean, image_std=std, image_size=size, **settings)
 
 
 @dataclass
@@ -162,6 +204,11 @@ class DistillationModel(nn.Module):
     (one named adapter per student); the students share nothing trainable, so each trains exactly as
     it would alone.
 
+    Each teacher reads the students' images as its own processor would give them
+    (`teacher_pixels`), and its KD targets may be normalised (`TeacherSettings.normalization`, fitted
+    by `fit_target_normalization` before training; the statistics are buffers of this model, so
+    checkpoints carry them).
+
     `forward(pixel_values)` runs each teacher once without gradients, up to the deepest block any
     student reads, each student with gradients, and returns the weighted total and every term.
     Gradients reach SiNGER's adapters through the frozen teacher block l+1 of the
@@ -188,7 +235,10 @@ class DistillationModel(nn.Module):
         student: nn.Module | Mapping[str, nn.Module],
         config: DistillationModelConfig | Mapping[str, DistillationModelConfig] | None = None,
         teacher_settings: Mapping[str, TeacherSettings] | None = None,
+        image_statistics: tuple[Sequence[float], Sequence[float]] | None = None,
     ):
+        """`image_statistics`: the (mean, std) the `pixel_values` given to `forward` are normalised with
+        (the students' image processor); needed when a teacher has its own `image_mean` and `image_std`."""
         super().__init__()
         teachers, students = _named(teacher, "teacher"), _named(student, "student")
         configs = _per_student(config, students)
@@ -199,7 +249,13 @@ class DistillationModel(nn.Module):
             raise ValueError(
                 f"teacher_layers: with several teachers, give each teacher's layers in its TeacherSettings (set for students {given})"
             )
+        if image_statistics is None and (own := [name for name, s in settings.items() if s.image_mean is not None]):
+            raise ValueError(
+                f"image_statistics: teachers {own} have their own image_mean and image_std; give the (mean, std) the "
+                "students' pixel_values are normalised with, so their images can be re-normalised"
+            )
         self.configs, self.teacher_settings = configs, settings
+        self.image_statistics = None if image_statistics is None else (list(image_statistics[0]), list(image_statistics[1]))
 
         teacher_views = {}
         for name, model in teachers.items():
@@ -211,17 +267,21 @@ class DistillationModel(nn.Module):
         sizes = {name: view.image_size for name, view in student_views.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"student: the students are built for different image sizes {sizes}; students trained together read the same images")
-        # Images come at the students' size (a saved student and its processor must agree); the
-        # teachers read them at that size too, interpolating their position embeddings if built for another.
+        # Images come at the students' size (a saved student and its processor must agree); a teacher
+        # reads them at that size or at its TeacherSettings.image_size (resized, `teacher_pixels`),
+        # interpolating its position embeddings if built for another.
         self.image_size = next(iter(sizes.values()))
+        self.teacher_image_sizes = {name: settings[name].image_size or self.image_size for name in teachers}
 
         plans = {}  # (student, teacher) → (teacher layers, student layers)
         for student_name, student_view in student_views.items():
             for teacher_name, teacher_view in teacher_views.items():
                 layers = settings[teacher_name].layers or configs[student_name].teacher_layers
-                plans[student_name, teacher_name] = plan_layers(teacher_view, student_view, configs[student_name], layers)
+                plans[student_name, teacher_name] = plan_layers(
+                    teacher_view, student_view, configs[student_name], layers, self.teacher_image_sizes[teacher_name]
+                )
         for teacher_name, teacher_view in teacher_views.items():
-            teacher_view.run_at(self.image_size, _argument("teacher", teacher_name, teachers))
+            teacher_view.run_at(self.teacher_image_sizes[teacher_name], _argument("teacher", teacher_name, teachers))
             model = teachers[teacher_name]
             adapters = {}
             for student_name in students:
@@ -241,6 +301,14 @@ class DistillationModel(nn.Module):
         self._teacher_views, self._student_views = teacher_views, student_views
         self._frozen = {name: self._freeze_unreached_student_parameters(name, plans) for name in students}
 
+        # A teacher's KD-target normalisation, one per block any student distils from it (shared by
+        # the students: the statistics are the teacher's); identity until fitted.
+        self.target_normalizations = nn.ModuleDict()
+        for teacher_name, teacher_view in teacher_views.items():
+            if settings[teacher_name].normalization != "none":
+                layers = sorted({layer for (_, t), (teacher_layers, _) in plans.items() if t == teacher_name for layer in teacher_layers})
+                self.target_normalizations[teacher_name] = nn.ModuleDict({str(layer): TargetNormalization(teacher_view.width) for layer in layers})
+
         # Each student's heads start as they would if it were built alone: from the random state the
         # construction began with (the students then train identically alone and in a group).
         start = torch.get_rng_state()
@@ -254,6 +322,12 @@ class DistillationModel(nn.Module):
                 method = config.method_class(config, teacher_views[teacher_name], student_views[student_name], *plans[student_name, teacher_name])
                 if method.adapter_config(config, method.teacher_layers) is not None:
                     method.bind_adapters(self.teachers[teacher_name].base_model.singer_layers, self.adapter_name(student_name))
+                if self.teacher_image_sizes[teacher_name] != self.image_size:
+                    method.alignment = TokenAlignment.between(
+                        student_views[student_name], teacher_views[teacher_name], self.image_size, self.teacher_image_sizes[teacher_name]
+                    )
+                if teacher_name in self.target_normalizations:
+                    method.bind_target_normalization({int(layer): module for layer, module in self.target_normalizations[teacher_name].items()})
                 methods[student_name][teacher_name] = method
             after_first = after_first if after_first is not None else torch.get_rng_state()
         torch.set_rng_state(after_first)
@@ -407,7 +481,66 @@ class DistillationModel(nn.Module):
         view = self._teacher_views[name]
         last = max(pair.teacher_layers[-1] for pair in self.pairs if pair.teacher == name)
         with torch.no_grad():
-            return view.block_outputs(pixel_values.to(next(view.blocks[0].parameters()).dtype), last_block=last)
+            pixels = self.teacher_pixels(pixel_values, name)
+            return view.block_outputs(pixels.to(next(view.blocks[0].parameters()).dtype), last_block=last)
+
+    def teacher_pixels(self, pixel_values: torch.Tensor, teacher: str | None = None) -> torch.Tensor:
+        """The students' images (normalised with `image_statistics`) as teacher `teacher` reads them:
+        re-normalised with its own `image_mean`/`image_std` and resized (bilinear, antialiased) to its
+        own `image_size`, on the device; unchanged where its settings match the students'.
+
+        The batch was augmented once, so every teacher and student sees the same crop; resizing and
+        per-channel normalisation commute (both linear), so this is what the teacher's processor gives
+        for that crop, up to its uint8 rounding."""
+        name = teacher or self._only("teacher", self.teachers)
+        settings = self.teacher_settings[name]
+        pixels = pixel_values
+        if settings.image_mean is not None and (settings.image_mean, settings.image_std) != tuple(self.image_statistics):
+            mean, std = self.image_statistics
+            pixels = TF.normalize(pixels, mean=[-m / s for m, s in zip(mean, std)], std=[1 / s for s in std])  # back to [0, 1]
+            pixels = TF.normalize(pixels, mean=settings.image_mean, std=settings.image_std)
+        size = self.teacher_image_sizes[name]
+        if size != pixels.shape[-1]:
+            pixels = TF.resize(pixels, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return pixels
+
+    @property
+    def needs_target_normalization(self) -> bool:
+        """Whether a teacher's target normalisation is still to be fitted (`fit_target_normalization`)."""
+        return any(not module.fitted for modules in self.target_normalizations.values() for module in modules.values())
+
+    @torch.no_grad()
+    def fit_target_normalization(
+        self, batches: Iterable[torch.Tensor | Mapping], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> int:
+        """Estimates every normalised teacher's statistics from its UNREFINED block outputs on `batches`
+        (`pixel_values` tensors, or batches holding them, normalised as `forward` takes them) and fits
+        its `TargetNormalization`s; returns the number of images read.
+
+        With several processes, pass `reduce_sum` (a sum across ranks, `accelerator.reduce(t, "sum")`):
+        the moments of every rank's batches are summed, so every rank fits the same statistics. The
+        trainer calls this at the start of a fresh run (`FeatureDistillationTrainer.train`); a resumed
+        run takes the fitted statistics from its checkpoint.
+        """
+        moments = {
+            (teacher, layer): FeatureMoments(module.mean.numel())
+            for teacher, modules in self.target_normalizations.items()
+            for layer, module in modules.items()
+        }
+        images = 0
+        for batch in batches:
+            pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+            images += pixel_values.shape[0]
+            for teacher in self.target_normalizations:
+                features = self.teacher_features(pixel_values, teacher)
+                for (name, layer), moment in moments.items():
+                    if name == teacher:
+                        moment.update(features[int(layer)])
+        for (teacher, layer), moment in moments.items():
+            if reduce_sum is not None:
+                moment.reduce(reduce_sum)
+            self.target_normalizations[teacher][layer].fit(moment)
+        return images
 
     def student_features(self, pixel_values: torch.Tensor, student: str | None = None) -> BlockOutputs:
         """A student's block outputs up to its deepest distilled block (the later ones are frozen, unread)."""
@@ -576,10 +709,11 @@ def _check_not_meta(model: nn.Module, argument: str) -> None:
         )
 
 
-def _check_compatible(teacher: ResolvedViT, student: ResolvedViT) -> None:
-    """The images come at the student's size; patch grids may differ (`alignment.TokenAlignment`)."""
+def _check_compatible(teacher: ResolvedViT, student: ResolvedViT, teacher_image_size: int | None = None) -> None:
+    """The images come at the student's size, the teacher reads them at its own (default: the same);
+    patch grids may differ (`alignment.TokenAlignment`)."""
     student.check_image_size(student.image_size, "student")
-    teacher.check_image_size(student.image_size, "teacher")
+    teacher.check_image_size(teacher_image_size or student.image_size, "teacher")
     if student.input_normalization is not None:
         raise ValueError(
             f"student: {student.model_type} models normalise their pixels inside their forward and can only be teachers; "

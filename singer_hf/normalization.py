@@ -19,12 +19,14 @@ student head's output back to the teacher's space.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from scipy.linalg import hadamard
 from torch import nn
 
 NORMALIZATIONS = ("none", "phi-s")
+"""The values of `TeacherSettings.normalization`."""
 
 
 class FeatureMoments:
@@ -41,6 +43,14 @@ class FeatureMoments:
         self.count += flat.shape[0]
         self.total += flat.sum(0)
         self.outer += flat.T @ flat
+
+    def reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replaces the moments by their sum over processes (`reduce_sum`: a sum across ranks, e.g.
+        `accelerator.reduce(tensor, "sum")`), so every process fits the same statistics."""
+        width = self.total.numel()
+        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.total, self.outer.flatten()])
+        summed = reduce_sum(packed).to(device="cpu", dtype=torch.float64)
+        self.count, self.total, self.outer = int(summed[0].item()), summed[1 : 1 + width], summed[1 + width :].reshape(width, width)
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count < 2:
@@ -81,8 +91,9 @@ def balancing_rotation(eigenvalues: torch.Tensor) -> torch.Tensor:
 class TargetNormalization(nn.Module):
     """y = Q (x − μ) / α on the last dimension (PHI-S, see the module docstring); the identity until `fit`.
 
-    The buffers are saved with the method's heads, so a student head's output maps back to the
-    teacher's space with `inverse`.
+    The buffers are part of the model's state (checkpoints carry them) and are saved beside the
+    student's heads, so a head's output maps back to the teacher's space with `inverse`. `tokens`
+    counts the tokens the statistics were estimated from (0: not fitted yet, the identity).
     """
 
     def __init__(self, width: int):
@@ -90,6 +101,11 @@ class TargetNormalization(nn.Module):
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("rotation", torch.eye(width))
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("tokens", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.tokens > 0)
 
     @torch.no_grad()
     def fit(self, moments: FeatureMoments) -> None:
@@ -99,6 +115,7 @@ class TargetNormalization(nn.Module):
         self.mean.copy_(mean.to(self.mean))
         self.rotation.copy_(rotation.to(self.rotation))
         self.scale.copy_(torch.sqrt(eigenvalues.clamp(min=0).mean()).clamp(min=1e-12).to(self.scale))
+        self.tokens.fill_(moments.count)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (features.to(self.rotation.dtype) - self.mean) @ self.rotation.T / self.scale

@@ -29,6 +29,11 @@ from .publishing import publish_student
 
 logger = logging.get_logger(__name__)
 
+TARGET_NORMALIZATION_BATCHES = 16
+"""Training batches (per process) the teachers' target-normalisation statistics are estimated from
+before a fresh run (`TeacherSettings.normalization`): at batch 64 and 196 tokens per image, ~200,000
+tokens per process, ample for a covariance of width 1024."""
+
 
 # `TrainingArguments` fields a distillation run needs in range; transformers checks some of them only
 # when they are used (a batch size of 0 fails inside the DataLoader), so they are checked up front.
@@ -127,6 +132,9 @@ class FeatureDistillationTrainer(Trainer):
       run record, the artifact statistics and figures (`write_artifact_report`) and the student
       cards; `push_to_hub()` publishes the students with their cards (`publishing.publish_student`).
       Checkpoints are never pushed (`hub_strategy` is "end").
+    - Teachers whose KD targets are normalised (`TeacherSettings.normalization`) get their statistics
+      at the start of a fresh run, from `TARGET_NORMALIZATION_BATCHES` training batches per process,
+      summed over the processes (`fit_target_normalization`); a resumed run loads them from its checkpoint.
     - uint8 `pixel_values` (what `scripts/distill.py`'s workers ship) are normalised on the device with
       the image processor's mean and std; `--torch_compile` compiles each teacher and student block
       (`DistillationModel.compile_blocks`), never the whole model.
@@ -296,6 +304,8 @@ class FeatureDistillationTrainer(Trainer):
                 # batches by reading them again.
                 self._stream_state = torch.load(stream_state, weights_only=True)
                 self.args.ignore_data_skip = True
+        if checkpoint is None:
+            self.fit_target_normalization()
         self.pop_callback(ResumedEpochCallback)
         self.add_callback(ResumedEpochCallback(checkpoint, self._stream_state is not None))
         if self.args.should_save:
@@ -305,6 +315,23 @@ class FeatureDistillationTrainer(Trainer):
         except BaseException:
             self._close_progress_bars()
             raise
+
+    def fit_target_normalization(self, batches: int = TARGET_NORMALIZATION_BATCHES) -> None:
+        """Fits the teachers' target normalisation still unfitted (`DistillationModel.fit_target_normalization`)
+        on the first `batches` batches of a fresh training DataLoader, as `compute_loss` would see them,
+        the moments summed over the processes. The random state is restored afterwards, so training
+        reads the batches and draws the augmentations it would have without it."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not model.needs_target_normalization:
+            return
+        reduce_sum = None
+        if self.accelerator.num_processes > 1:
+            reduce_sum = lambda tensor: self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")  # noqa: E731
+        with torch.random.fork_rng(devices=[]):
+            dataloader = self.get_train_dataloader()
+            read = (self._normalised(self._prepare_inputs(batch)) for batch in itertools.islice(dataloader, batches))
+            images = model.fit_target_normalization(read, reduce_sum)
+        logger.info("target normalisation: statistics of %s estimated from %d images per process", sorted(model.target_normalizations), images)
 
     def _close_progress_bars(self) -> None:
         """Closes the progress bars of a run that failed, before its error is printed: left open, a bar is

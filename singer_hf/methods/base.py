@@ -75,6 +75,8 @@ class DistillationMethod(nn.Module):
         self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
         self._teacher, self._student = teacher, student  # bound views of models the DistillationModel owns
         self.alignment = TokenAlignment.between(student, teacher, student.image_size)
+        """Set again by `DistillationModel` when the teacher reads images of its own size."""
+        self._target_normalization: dict[int, nn.Module] = {}  # the model's modules: kept out of this module's state
 
     @staticmethod
     def default_layers(depth: int) -> list[int]:
@@ -103,6 +105,19 @@ class DistillationMethod(nn.Module):
 
     def bind_adapters(self, adapters: dict[int, nn.Module], adapter_name: str) -> None:
         """The teacher's adapter layers this method trains (methods with an `adapter_config`)."""
+
+    def bind_target_normalization(self, normalizations: dict[int, nn.Module]) -> None:
+        """The teacher's target normalisation per teacher block (`TeacherSettings.normalization`),
+        owned by the `DistillationModel` and shared by every student of that teacher."""
+        self._target_normalization = dict(normalizations)
+
+    def target(self, layer: int, teacher_feature: torch.Tensor) -> torch.Tensor:
+        """The KD target of teacher block `layer`: `teacher_feature` (refined, for SiNGER) in the
+        normalised space when the teacher's targets are normalised, else itself. Only KD targets go
+        through it; losses on the teacher's own features (SiNGER's outlier and information terms)
+        read them as they are."""
+        normalization = self._target_normalization.get(layer)
+        return teacher_feature if normalization is None else normalization(teacher_feature)
 
     def losses(
         self, teacher_features: tuple[torch.Tensor, ...], student_features: tuple[torch.Tensor, ...], views: ArtifactViews | None = None

@@ -31,5 +31,5 @@ class FitNet(DistillationMethod):
         for projector, t, s in zip(self.projectors, self.teacher_layers, self.student_layers):
             if views is not None:
                 views.add("teacher", t, teacher_features[t], self._teacher.num_prefix_tokens)
-            kd = kd + self.kd(projector, student_features[s], teacher_features[t], views, t)
+            kd = kd + self.kd(projector, student_features[s], self.target(t, teacher_features[t]), views, t)
         return {"kd": kd}

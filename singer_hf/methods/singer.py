@@ -12,7 +12,8 @@ from .base import DistillationMethod, MethodFields, register_method
 
 @register_method
 class Singer(DistillationMethod):
-    """KD to the refined features F̂^l, outlier suppression on their norms, information preservation.
+    """KD to the refined features F̂^l (normalised where the teacher's targets are, `target`), outlier
+    suppression on their norms, information preservation (both on F̂^l as it is).
 
     The teacher's adapters (`SingerLayer`, one per distilled block) are a PEFT adapter on the frozen
     teacher, injected by `DistillationModel` from `adapter_config`; this method trains them through
@@ -79,7 +80,7 @@ class Singer(DistillationMethod):
             if views is not None:
                 views.add("teacher", layer, feature, prefix)
                 views.add("refined_teacher", layer, refined, prefix)
-            kd.append(self.kd(self.projectors[index], student_features[student_layer], refined, views, layer))
+            kd.append(self.kd(self.projectors[index], student_features[student_layer], self.target(layer, refined), views, layer))
             outlier.append(outlier_loss(refined[:, prefix:], self.config.outlier_quantile))
             if layer == self.teacher_layers[-1]:
                 reference = feature if reference is None else reference  # one distilled layer: its unrefined feature

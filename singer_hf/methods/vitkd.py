@@ -64,7 +64,7 @@ class ViTKD(DistillationMethod):
         if views is not None:
             for layer in self.teacher_layers:
                 views.add("teacher", layer, teacher_features[layer], self._teacher.num_prefix_tokens)
-        mimic = sum(self.kd(projector, student_features[s], teacher_features[t], views, t) for projector, (t, s) in zip(self.projectors, pairs))
+        mimic = sum(self.kd(projector, student_features[s], self.target(t, teacher_features[t]), views, t) for projector, (t, s) in zip(self.projectors, pairs))
         teacher_layer, student_layer = pairs[-1]
         student_patches = student_features[student_layer][:, self._student.num_prefix_tokens :]
         patches = self.generation_projector(self.alignment.to_teacher_grid(student_patches))  # on the teacher's grid
@@ -72,7 +72,7 @@ class ViTKD(DistillationMethod):
         masked = self.draw_mask(batch, count, patches.device)
         patches = torch.where(masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
         generated = self.generator(patches.transpose(1, 2).reshape(batch, width, *self.alignment.teacher_grid)).flatten(2).transpose(1, 2)
-        target = teacher_features[teacher_layer][:, self._teacher.num_prefix_tokens :]
+        target = self.target(teacher_layer, teacher_features[teacher_layer])[:, self._teacher.num_prefix_tokens :]
         generation = feature_mse(generated, target, token_mask=masked)
         if views is not None:
             views.add("student", teacher_layer, generated, 0)

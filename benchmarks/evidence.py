@@ -226,7 +226,12 @@ def probe_accuracy(model, processor, count: int) -> float:
     if count not in _PROBE_SETS:
         _PROBE_SETS[count] = (fashion_mnist_images("train", count, processor), fashion_mnist_images("test", count, processor))
     (train_images, train_labels), (test_images, test_labels) = _PROBE_SETS[count]
-    return linear_probe_accuracy(cls_features(model, train_images), train_labels, cls_features(model, test_images), test_labels)
+    train, test = cls_features(model, train_images), cls_features(model, test_images)
+    # The probe's head starts from the global random state: fixed here, so that a student's accuracy does
+    # not depend on what ran before it in this process (a group's students are measured one after another).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return linear_probe_accuracy(train, train_labels, test, test_labels)
 
 
 # -- students --------------------------------------------------------------------------------------

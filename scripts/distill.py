@@ -479,15 +479,17 @@ def describe(
 
 
 def build_students(students: dict[str, StudentEntry], teacher, image_size: int, trust_remote_code: bool) -> dict:
-    """Every student, each built from the random state the first starts from: a student trains in a group
-    exactly as it would alone. The random state goes on from where the first student's left it."""
+    """Every student, each built from the same random state, as it would be alone. What is built next (each
+    student's heads, which `DistillationModel` builds from the one state it finds) starts from a state
+    drawn from that start, not from where building left it, which depends on the student's size: so a
+    student's heads, and then its training, are the same in any group as alone."""
     start = torch.get_rng_state()
-    models, after_first = {}, None
+    models = {}
     for name, entry in students.items():
         torch.set_rng_state(start)
         models[name] = load_student(entry, teacher, image_size, trust_remote_code)
-        after_first = after_first if after_first is not None else torch.get_rng_state()
-    torch.set_rng_state(after_first)
+    torch.set_rng_state(start)
+    torch.manual_seed(int(torch.randint(0, 2**62, ())))
     return models
 
 

@@ -19,8 +19,14 @@ from safetensors.torch import load_file
 from singer_hf.callbacks import StudentClippingCallback
 
 STUDENT = "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64"
-# One student per method; what an entry leaves out (the model, the seed of the adapters) it takes from the run.
-GROUP = [{"name": "singer", "rank": 4}, {"name": "fitnet", "method": "fitnet"}, {"name": "vitkd", "method": "vitkd"}]
+# One student per method, one of them wider; what an entry leaves out (the model, the seed of the adapters)
+# it takes from the run.
+WIDER = "hidden_size=48,num_hidden_layers=4,num_attention_heads=2,intermediate_size=96"
+GROUP = [
+    {"name": "singer", "rank": 4},
+    {"name": "fitnet", "method": "fitnet", "student_size": "tiny", "student_config_overrides": WIDER},
+    {"name": "vitkd", "method": "vitkd"},
+]
 MAX_GRAD_NORM = 1e-3  # far below any of the students' gradient norms: every step clips each student
 STEPS = 4
 
@@ -64,8 +70,17 @@ def _final_weights(folder: Path) -> dict:
     return weights
 
 
-def _entry_flags(entry: dict) -> list[str]:
-    return [token for key, value in entry.items() if key != "name" for token in (f"--{key}", str(value))]
+def _entry_flags(argv: list[str], entry: dict) -> list[str]:
+    """`argv` run as the entry's student alone: its fields as flags (replacing the run's own)."""
+    argv = list(argv)
+    for key, value in entry.items():
+        if key == "name":
+            continue
+        if f"--{key}" in argv:
+            argv[argv.index(f"--{key}") + 1] = str(value)
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +110,7 @@ def test_each_student_trains_in_the_group_exactly_as_alone_with_its_own_clipping
     assert all(norm > 10 * MAX_GRAD_NORM for step in norms for norm in step.values()), norms
     for entry in GROUP:
         alone = tmp_path / entry["name"]
-        distill.main(_argv(workspace, alone, "--report_to", "none", "--save_strategy", "no", *_entry_flags(entry)))
+        distill.main(_entry_flags(_argv(workspace, alone, "--report_to", "none", "--save_strategy", "no"), entry))
         expected, actual = _final_weights(alone), _final_weights(output / entry["name"])
         assert expected.keys() == actual.keys()
         assert json.loads((alone / "distillation" / "distillation_config.json").read_text()) == json.loads(

@@ -44,13 +44,13 @@ import torch
 from transformers import AutoImageProcessor, Trainer, ViTConfig, ViTForImageClassification, set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
-import distill  # noqa: E402
+sys.path[:0] = [str(ROOT / "benchmarks")]
 from register_neurons import blank_patches, finetune_after, plant_register_neurons  # noqa: E402
 
 from singer_hf import resolve_vit  # noqa: E402
 from singer_hf.architectures import load_backbone  # noqa: E402
 from singer_hf.cli import StrictArgumentParser, run_cli  # noqa: E402
+from singer_hf.commands import distill  # noqa: E402
 from singer_hf.data import (  # noqa: E402
     ImageTransform,
     PixelValuesCollator,

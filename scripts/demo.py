@@ -21,8 +21,8 @@ from pathlib import Path
 from transformers import AutoImageProcessor, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-import distill  # scripts/distill.py, beside this script
 from singer_hf.architectures import load_backbone
+from singer_hf.commands import distill
 from singer_hf.demo.fashion_mnist import fashion_mnist_images, load_fashion_mnist
 from singer_hf.demo.probe import cls_features, linear_probe_accuracy
 from singer_hf.demo.teacher import DemoTeacherArguments, train_demo_teacher

@@ -75,14 +75,7 @@ def images():
 
 @pytest.fixture(scope="session")
 def distill():
-    """scripts/distill.py as a module, so a test calls its main(argv) as the command line does."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """The distillation command (`scripts/distill.py`, `singer-distill`): a test calls its main(argv) as the command line does."""
+    from singer_hf.commands import distill
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "distill.py"
-    spec = importlib.util.spec_from_file_location("distill_script_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+    return distill

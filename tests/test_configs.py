@@ -1,10 +1,8 @@
 """The paper recipes in configs/ and the student model card (offline, no model weights)."""
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,14 +54,9 @@ LAYERS = {("singer", 24): [17, 23], ("singer", 12): [8, 11], ("fitnet", 24): [11
 
 @pytest.fixture(scope="module")
 def distill_script():
-    spec = importlib.util.spec_from_file_location("singer_distill_script", ROOT / "scripts" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    from singer_hf.commands import distill
+
+    return distill
 
 
 @lru_cache

@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
-DISTILL = ROOT / "scripts" / "distill.py"
 MODES = ("map_style", "streaming")
 # The same launch also trains a group (map-style): a SiNGER and a FitNet student, each clipped on its own.
 GROUP = "- {name: singer, rank: 4}\n- {name: fitnet, method: fitnet}\n"
@@ -45,8 +44,7 @@ WORLD, BATCH, STEPS, EXAMPLES = 2, 4, 3, 64
 LAUNCH_TIMEOUT_S = 420
 
 PROBE = r'''
-"""Runs scripts/distill.py's main() once per mode, recording per-rank state (see tests/test_multiprocess.py)."""
-import importlib.util
+"""Runs the distillation command's main() (scripts/distill.py) once per mode, recording per-rank state (see tests/test_multiprocess.py)."""
 import os
 import sys
 
@@ -55,11 +53,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-distill_path, out_dir, modes, GROUP_MAX_GRAD_NORM, common = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4], sys.argv[5:]
-spec = importlib.util.spec_from_file_location("distill", distill_path)
-distill = importlib.util.module_from_spec(spec)
-sys.modules["distill"] = distill  # its dataclasses resolve their annotations through sys.modules
-spec.loader.exec_module(distill)
+from singer_hf.commands import distill
+
+out_dir, modes, GROUP_MAX_GRAD_NORM, common = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4:]
 
 
 def trainable(model):
@@ -206,7 +202,7 @@ def launched(tmp_path_factory):
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
         "--config_file", str(CONFIG),
         "--main_process_port", str(_free_port()),
-        str(probe), str(DISTILL), str(results), ",".join(LAUNCHED), str(GROUP_MAX_GRAD_NORM),
+        str(probe), str(results), ",".join(LAUNCHED), str(GROUP_MAX_GRAD_NORM),
         "--teacher_name_or_path", str(teacher),
         "--student_size", "tiny",
         "--student_config_overrides", "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64",

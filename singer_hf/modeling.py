@@ -388,7 +388,8 @@ class DistillationModel(nn.Module):
     def frozen_student_parameters(self) -> list[str]:
         return self._frozen[self._only("student", self.students)]
 
-    def adapter_name(self, student: str) -> str:
+    @staticmethod
+    def adapter_name(student: str) -> str:
         """The name of `student`'s PEFT adapters on each teacher (methods that train adapters): the student's
         name, unless PEFT would mistake it for part of its parameter prefix (`singer_`; a student named "singer")."""
         return student if student not in SingerModel.prefix else f"{student}_adapter"

@@ -329,7 +329,9 @@ class FeatureDistillationTrainer(Trainer):
             reduce_sum = lambda tensor: self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")  # noqa: E731
         with torch.random.fork_rng(devices=[]):
             dataloader = self.get_train_dataloader()
-            read = (self._normalised(self._prepare_inputs(batch)) for batch in itertools.islice(dataloader, batches))
+            on_device = ({key: value.to(self.args.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+                         for batch in itertools.islice(dataloader, batches))
+            read = (self._normalised(batch) for batch in on_device)
             images = model.fit_target_normalization(read, reduce_sum)
         logger.info("target normalisation: statistics of %s estimated from %d images per process", sorted(model.target_normalizations), images)
 

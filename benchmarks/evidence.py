@@ -272,7 +272,8 @@ def run_job(job: dict) -> list[dict]:
     start = time.perf_counter()
     flags = ["--teacher_name_or_path", str(teacher_dir), "--dataset_name", str(output / "fashion_mnist"), "--output_dir", str(run_dir),
              "--overwrite_output_dir", "true", "--max_steps", str(job["steps"]), "--seed", str(job["seed"]),
-             "--adapter_seed", str(job["seed"]), "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+             "--adapter_seed", str(job["seed"]), "--save_strategy", "no", "--disable_tqdm", "true",
+             "--artifact_stats", "false"]  # the study measures the students' artifacts itself, on its test images  # fmt: skip
     if "students" in job:
         entries = [{"name": student, **dict(zip(STUDENTS[student][1][::2], STUDENTS[student][1][1::2]))} for student in students]
         entries = [{key.removeprefix("--"): value for key, value in entry.items()} for entry in entries]

@@ -55,6 +55,7 @@ def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplo
     argv = [
         str(recipe_path), "--teacher_name_or_path", str(teacher), "--dataset_name", str(data),
         "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--artifact_stats", "false",  # the end-of-run figures (seconds of matplotlib per run): tests/test_artifacts.py
     ]  # fmt: skip
     with caplog.at_level("INFO", logger="singer_hf.distill"):
         result = distill.main(argv)

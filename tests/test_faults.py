@@ -48,7 +48,9 @@ def _argv(root: Path, output: Path, *extra: str) -> list[str]:
         "--teacher_name_or_path", str(root / "teacher"), "--student_size", "tiny",
         "--student_config_overrides", STUDENT, "--dataset_name", str(root / "data.parquet"),
         "--output_dir", str(output), "--per_device_train_batch_size", "4", "--rank", "4",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+        "--artifact_stats", "false",  # no end-of-run figures (they decode images of their own): tests/test_artifacts.py
+        *extra,
     ]  # fmt: skip
 
 
@@ -380,8 +382,7 @@ def test_sigkill_between_saves_resumes_bit_for_bit(distill, workspace, tmp_path,
     decoded = []
     decode = ImageTransform._decode
     monkeypatch.setattr(ImageTransform, "_decode", lambda self, value: decoded.append(1) or decode(self, value))
-    # Without the end-of-run artifact figures, which decode a few training images of their own.
-    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true", "--artifact_stats", "false"))
+    distill.main(_resume_argv(workspace, output, mode, "--resume_from_checkpoint", "true"))
     # The stream continues from its saved position (48 examples read, 16 to go): at most one map batch
     # before it is decoded again, not the 48 examples a re-read would decode; rebuilding the shuffle
     # buffer (12 buffers' worth read) re-reads encoded examples and decodes none.

@@ -44,8 +44,8 @@ from transformers import ViTConfig, ViTModel, set_seed
 
 from singer_hf import DistillationModel, DistillationModelConfig, TeacherSettings, resolve_vit
 from singer_hf.cli import StrictArgumentParser, run_cli
-from singer_hf.data import load_fashion_mnist
-from singer_hf.evaluation import linear_probe_accuracy
+from singer_hf.demo.fashion_mnist import load_fashion_mnist
+from singer_hf.demo.probe import linear_probe_accuracy
 
 FASHION_STATS = ([0.2860] * 3, [0.3530] * 3)
 ROTATION_STATS = ([0.5] * 3, [0.5] * 3)

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -153,3 +153,28 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.target.set_epoch(int(state.epoch or 0))
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """The progress bar, printing each log without the keys under `hidden` (the artifact statistics: one per
+    teacher, block, view and statistic, dozens of values that would bury the losses; they still reach the
+    loggers and `trainer_state.json`)."""
+
+    def __init__(self, hidden: str, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {key: value for key, value in (logs or {}).items() if not key.startswith(self.hidden)}
+        return super().on_log(args, state, control, logs=shown, **kwargs)
+
+
+class ConsolePrinterCallback(PrinterCallback):
+    """What `--disable_tqdm` prints, without the keys under `hidden` (see `ConsoleProgressCallback`)."""
+
+    def __init__(self, hidden: str):
+        self.hidden = hidden
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {key: value for key, value in (logs or {}).items() if not key.startswith(self.hidden)}
+        return super().on_log(args, state, control, logs=shown, **kwargs)

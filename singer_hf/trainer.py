@@ -10,12 +10,20 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_torchdata_stateful_dataloader_available
-from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .artifact_report import write_artifact_files
-from .callbacks import CheckpointCallback, PreemptionCallback, ResumedEpochCallback, StudentClippingCallback
+from .callbacks import (
+    CheckpointCallback,
+    ConsolePrinterCallback,
+    ConsoleProgressCallback,
+    PreemptionCallback,
+    ResumedEpochCallback,
+    StudentClippingCallback,
+)
 from . import hardware
+from .architectures import resolve_vit
 from .checks import check_fields, check_value, integer_at_least, number_above, number_at_least
 from .checkpoints import check_fingerprint, remove_incomplete_checkpoints, resolve_checkpoint
 from .data import PixelNormalizer, image_processor_stats
@@ -188,6 +196,9 @@ class FeatureDistillationTrainer(Trainer):
         self.add_callback(CheckpointCallback(self, self._save_total_limit))
         if clipping:
             self.add_callback(StudentClippingCallback(self, clipping))
+        for default, console in ((ProgressCallback, ConsoleProgressCallback), (PrinterCallback, ConsolePrinterCallback)):
+            if self.pop_callback(default) is not None:  # the console shows the losses; artifact statistics go to the loggers
+                self.add_callback(console(hidden=f"{ARTIFACTS_DIR}/"))
         # A stream resumes from its saved position instead of being read again up to it (see train()).
         self.streams_resumable = isinstance(self.train_dataset, datasets.IterableDataset) and is_torchdata_stateful_dataloader_available()
         if self.streams_resumable:
@@ -371,23 +382,29 @@ class FeatureDistillationTrainer(Trainer):
     def create_model_card(
         self,
         license: str | None = None,
-        finetuned_from: str | None = None,
+        finetuned_from: str | dict[str, str] | None = None,
         dataset: str | None = None,
         students: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
         """The run record and the card of each exported student (`model_card.student_card_from_run`):
-        `finetuned_from` names the teacher and `dataset` the data (Hub ids or local paths, shown by
-        name only), `students` describes each student by name (e.g. "ViT (4 blocks, width 64) from scratch")."""
+        `finetuned_from` names the teacher (with several, each by its name in the model) and `dataset`
+        the data (Hub ids or local paths, shown by name only), `students` describes each student by name
+        (e.g. "ViT (4 blocks, width 64) from scratch")."""
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
-        teacher = finetuned_from or getattr(model.teacher.config, "_name_or_path", None) or "teacher"
+        named = finetuned_from if isinstance(finetuned_from, dict) else {}
+        teachers = {
+            name: named.get(name) or (finetuned_from if isinstance(finetuned_from, str) else None)
+            or getattr(resolve_vit(teacher).backbone.config, "_name_or_path", None) or name
+            for name, teacher in model.teachers.items()
+        }  # fmt: skip
         if self.run_arguments.artifact_stats:
             self.write_artifact_report()
         several = len(model.students) > 1
         for name, folder in zip(model.students, self.student_folders()):
-            record_run(folder, teacher_name=teacher, dataset_name=dataset or "unknown", training_args=self.run_arguments,
+            record_run(folder, teacher_name=teachers, dataset_name=dataset or "unknown", training_args=self.run_arguments,
                        student=(students or {}).get(name), group={"name": name, "students": list(model.students)} if several else None)  # fmt: skip
             student_card_from_run(folder, license=license)
 

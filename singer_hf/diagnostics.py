@@ -96,7 +96,7 @@ def norm_maps_figure(images: torch.Tensor, norms: dict[str, torch.Tensor], path:
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns + 0.6, 2.2 * rows + 0.4), squeeze=False, layout="constrained")
     for row in range(rows):
         axes[row, 0].imshow(images[row].numpy())
-        row_norms = torch.stack([values[row] for values in norms.values()])
+        row_norms = torch.cat([values[row].flatten() for values in norms.values()])  # views may have different grids
         limits = {"vmin": row_norms.min().item(), "vmax": row_norms.max().item()}
         for column, (name, values) in enumerate(norms.items(), start=1):
             shown = axes[row, column].imshow(_grid(values[row]).numpy(), cmap="viridis", **limits)
@@ -145,7 +145,8 @@ def norm_histograms_figure(norms: dict[str, torch.Tensor], path: str | Path, out
 
 def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query: int, path: str | Path):
     """One image, one row per view (P×D patch tokens: raw teacher, refined teacher, student):
-    patch-norm map, cosine map from patch `query` (marked), cosine Gram matrix.
+    patch-norm map, cosine map from patch `query` of the first view's grid (marked; a view on another
+    grid is queried at the patch in the same place), cosine Gram matrix.
 
     Each column has one colour scale for all rows: the norm maps share the smallest to largest norm
     of all views of the image, the cosine panels span [-1, 1]. Returns the (closed) figure, after saving it."""
@@ -157,18 +158,21 @@ def comparison_figure(image: torch.Tensor, views: dict[str, torch.Tensor], query
     norm_limits = {"vmin": everything.min().item(), "vmax": everything.max().item()}
     shown = {}
     for row, (name, patches) in enumerate(views.items()):
+        own_side = math.isqrt(patches.shape[0])
+        at = [int((index + 0.5) * own_side / side) for index in divmod(query, side)]  # (row, column) on this view's grid
+        own_query = at[0] * own_side + at[1]
         axes[row, 0].imshow(image.numpy())
         axes[row, 0].set_ylabel(name, fontsize=8)
         panels = (
             (_grid(norms[name]), "viridis", norm_limits, "patch norm"),
-            (_grid(cosine_map(patches, query)), "coolwarm", {"vmin": -1, "vmax": 1}, "cosine to ×"),
+            (_grid(cosine_map(patches, own_query)), "coolwarm", {"vmin": -1, "vmax": 1}, "cosine to ×"),
             (cosine_gram(patches), "coolwarm", {"vmin": -1, "vmax": 1}, "cosine Gram"),
         )
         for column, (values, cmap, limits, title) in enumerate(panels, start=1):
             shown[column] = axes[row, column].imshow(values.numpy(), cmap=cmap, **limits)
             if row == 0:
                 axes[row, column].set_title(title, fontsize=9)
-        axes[row, 2].plot(query % side, query // side, "kx", markersize=8)
+        axes[row, 2].plot(at[1], at[0], "kx", markersize=8)
     for column, mappable in shown.items():
         bar = figure.colorbar(mappable, ax=axes[:, column].tolist(), fraction=0.08, pad=0.02, location="bottom")
         bar.set_label("patch norm" if column == 1 else "cosine similarity", fontsize=8)

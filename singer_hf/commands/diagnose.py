@@ -38,7 +38,7 @@ from singer_hf.diagnostics import (
     patch_norms,
 )
 from singer_hf.locations import public_name
-from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR
+from singer_hf.layout import CONFIG_FILE, DISTILLATION_DIR, distilled_teachers
 
 
 @dataclass
@@ -48,6 +48,9 @@ class DiagnoseArguments:
     output_dir: str = field(metadata={"help": "Where the JSON statistics and PNG figures are written."})
     run_dir: str | None = field(
         default=None, metadata={"help": "A SiNGER run (student folder with distillation/): adds refined teacher and student views."}
+    )
+    teacher: str | None = field(
+        default=None, metadata={"help": "With a run_dir student of several teachers: which of them model_name_or_path is (its name in the run)."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     split: str = field(default="train", metadata={"help": "Split the images are drawn from."})
@@ -62,18 +65,28 @@ class DiagnoseArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for the models (off by default)."})
 
 
-def check_arguments(args: DiagnoseArguments) -> dict | None:
-    """Cheap checks before any model is loaded; returns the run's distillation config."""
+def check_arguments(args: DiagnoseArguments) -> tuple[dict | None, Path | None]:
+    """Cheap checks before any model is loaded; returns the run's distillation settings for the teacher
+    diagnosed (its blocks, student blocks) and the folder holding its adapters."""
     if args.num_images < 1 or not 1 <= args.figure_images <= args.num_images:
         raise ValueError(f"num_images={args.num_images} / figure_images={args.figure_images}: need 1 <= figure_images <= num_images")
     if args.outlier_ratio <= 1:
         raise ValueError(f"outlier_ratio={args.outlier_ratio} must be above 1")
     if args.run_dir is None:
-        return None
-    config = Path(args.run_dir) / DISTILLATION_DIR / CONFIG_FILE
-    if not config.is_file():
+        if args.teacher is not None:
+            raise ValueError("teacher: names a teacher of a run; give the run with --run_dir")
+        return None, None
+    folder = Path(args.run_dir) / DISTILLATION_DIR
+    if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"run_dir={args.run_dir!r} holds no {DISTILLATION_DIR}/{CONFIG_FILE}; give a scripts/distill.py output folder")
-    return json.loads(config.read_text())
+    teachers = distilled_teachers(json.loads((folder / CONFIG_FILE).read_text()))
+    if list(teachers) == [None]:
+        if args.teacher is not None:
+            raise ValueError(f"teacher: the run learnt from one teacher; leave --teacher unset (got {args.teacher!r})")
+        return teachers[None], folder
+    if args.teacher not in teachers:
+        raise ValueError(f"teacher: the run learnt from several teachers; give the one model_name_or_path is, one of {sorted(teachers)}")
+    return teachers[args.teacher], folder / args.teacher
 
 
 @torch.no_grad()
@@ -87,7 +100,7 @@ def block_outputs(model, pixel_values: torch.Tensor, batch_size: int = 64) -> li
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = StrictArgumentParser(DiagnoseArguments).parse(sys.argv[1:] if argv is None else argv)
-    distillation = check_arguments(args)
+    distillation, adapter_dir = check_arguments(args)
     dataset = load_image_dataset(args.dataset_name, args.dataset_config, args.split, args.image_column, streaming=False)
     dataset = dataset.select(range(min(args.num_images, len(dataset))))
 
@@ -95,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_vit = resolve_vit(teacher, "model_name_or_path")
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     mean, std, _ = image_processor_stats(processor, teacher_vit.input_normalization)
-    transform = ImageTransform(build_transforms(mean, std, teacher_vit.image_size, train=False), args.image_column)
-    pixel_values = torch.stack(transform({args.image_column: dataset[args.image_column]})["pixel_values"])
+    pixel_values = _pixel_values(dataset, args.image_column, mean, std, teacher_vit.image_size)
     shown = (pixel_values[: args.figure_images] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])
     shown = shown.clamp(0, 1).permute(0, 2, 3, 1)
 
@@ -107,11 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_outputs = block_outputs(teacher, pixel_values)
     adapters, pairs = {}, {}
     if distillation:
-        adapted = peft.PeftModel.from_pretrained(teacher, str(Path(args.run_dir) / DISTILLATION_DIR))
-        adapters = adapted.base_model.singer_layers
+        if (adapter_dir / "adapter_config.json").is_file():
+            adapters = peft.PeftModel.from_pretrained(teacher, str(adapter_dir)).base_model.singer_layers
         student = load_backbone(args.run_dir)
         student_vit = resolve_vit(student, "run_dir")
-        student_outputs = block_outputs(student, pixel_values)
+        # The student reads the images as its own processor gives them (with several teachers, not this teacher's);
+        # one saved without a processor read the teacher's.
+        student_pixels = pixel_values
+        if (Path(args.run_dir) / "preprocessor_config.json").is_file():
+            student_mean, student_std, _ = image_processor_stats(AutoImageProcessor.from_pretrained(args.run_dir))
+            student_pixels = _pixel_values(dataset, args.image_column, student_mean, student_std, student_vit.image_size)
+        student_outputs = block_outputs(student, student_pixels)
         pairs = dict(zip(distillation["teacher_layers"], distillation["student_layers"]))
     views: dict[str, torch.Tensor] = {}  # "<view> block <i>" → B×N×D, grouped by teacher block
     prefix: dict[str, int] = {}
@@ -156,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: max/median norm {ratio['mean']:.2f} (max {ratio['max']:.2f}), "
               f"outliers (> {args.outlier_ratio:g}× median) {100 * values['outlier_share']:.2f} % of patch tokens")  # fmt: skip
     return report
+
+
+def _pixel_values(dataset, image_column: str, mean, std, image_size: int) -> torch.Tensor:
+    """The dataset's images resized, centre-cropped and normalised as an image processor gives them."""
+    transform = ImageTransform(build_transforms(mean, std, image_size, train=False), image_column)
+    return torch.stack(transform({image_column: dataset[image_column]})["pixel_values"])
 
 
 def cli() -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .architectures import resolve_vit
-from .layout import check_not_group
+from .layout import check_not_group, distilled_teachers
 
 OUTPUTS = ("features", "pooled_features", "last_hidden_state")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -149,8 +149,7 @@ def _deepest_distilled_block(folder: Path) -> int:
             "the final row)"
         )
     try:
-        layers = json.loads(record.read_text())["student_layers"]
-        return int(layers[-1])
+        return max(int(part["student_layers"][-1]) for part in distilled_teachers(json.loads(record.read_text())).values())
     except (ValueError, KeyError, IndexError, TypeError):
         raise ValueError(f"student_dir: {DISTILLATION_RECORD.as_posix()} in {folder.name} has no list of student_layers") from None
 

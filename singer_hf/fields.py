@@ -15,6 +15,8 @@ from typing import Literal
 from .checks import block_indices, checked_field, integer_at_least, number_at_least, one_of, open_interval
 
 INIT_METHODS = ("nullspace", "random")
+NORMALIZATIONS = ("none", "phi-s")
+"""The values of `TeacherFields.normalization`."""
 
 
 @dataclass
@@ -73,6 +75,28 @@ class MethodFields(AdapterFields):
 
     def method_values(self) -> dict:
         return {name: getattr(self, name) for name in MethodFields.__dataclass_fields__}
+
+
+@dataclass
+class TeacherFields:
+    """How one teacher takes part when a student learns from several (agglomerative distillation)."""
+
+    weight: float = checked_field(1.0, help="This teacher's share of each student's loss.", check=number_at_least(0))
+    layers: list[int] | None = checked_field(
+        None, help="Its distilled blocks (0-based); default: each method's, scaled to its depth.", check=block_indices(optional=True)
+    )
+    normalization: str = checked_field(
+        "none",
+        help=(
+            "Normalisation of its KD targets: 'none' (its features as they are), or 'phi-s' (PHI-S: rotated and scaled "
+            "to unit variance in every dimension, with statistics estimated from its unrefined features before "
+            "training; recommended with several teachers, so that no teacher outweighs another by its feature scale)."
+        ),
+        check=one_of(NORMALIZATIONS),
+    )
+
+    def teacher_values(self) -> dict:
+        return {name: getattr(self, name) for name in TeacherFields.__dataclass_fields__}
 
 
 @dataclass

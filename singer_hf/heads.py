@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .layout import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, NORMALIZATION_PREFIX
+from .layout import CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, NORMALIZATION_PREFIX, distilled_teachers
 from .normalization import TargetNormalization
 
 
@@ -54,8 +54,8 @@ def load_teacher_heads(student_dir: str | Path, teacher: str | None = None) -> T
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"student_dir: {student_dir} has no {DISTILLATION_DIR}/{CONFIG_FILE}; give the folder of a distilled student")
     summary = json.loads((folder / CONFIG_FILE).read_text())
-    teachers = summary.get("teachers")
-    if teachers is None:
+    teachers = distilled_teachers(summary)
+    if list(teachers) == [None]:
         if teacher is not None:
             raise ValueError(f"teacher: this student learnt from one teacher; leave teacher unset (got {teacher!r})")
         entry = summary

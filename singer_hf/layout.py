@@ -82,6 +82,13 @@ def _trained_in_group(folder: Path) -> bool:
         return False
 
 
+def distilled_teachers(summary: dict) -> dict[str | None, dict]:
+    """Each teacher's part of a `distillation_config.json` (its blocks, and with several teachers its weight,
+    normalisation and images) by name: `{None: summary}` for a student of one teacher."""
+    teachers = summary.get("teachers")
+    return dict(teachers) if isinstance(teachers, dict) and teachers else {None: summary}
+
+
 def teacher_dir(distillation_dir: Path, model: DistillationModel, teacher: str) -> Path:
     """Where one teacher's adapters and heads go inside `distillation/`: itself, or a subfolder per teacher."""
     return distillation_dir if len(model.teachers) == 1 else distillation_dir / teacher

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .fields import MethodFields, RunFields, TrainingDefaults
 from .artifacts import VIEWS
-from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD
+from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, RUN_RECORD, distilled_teachers
 from .locations import hub_id, public_name, without_local_paths
 from .methods import METHODS, get_method
 from .modeling import DistillationModelConfig
@@ -80,7 +81,7 @@ _TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 def write_student_card(
     output_dir: str | os.PathLike,
     *,
-    teacher_name: str,
+    teacher_name: str | Mapping[str, str],
     dataset_name: str,
     distillation: dict,
     training: dict | None = None,
@@ -99,7 +100,8 @@ def write_student_card(
     Args:
         output_dir: the student folder (`FeatureDistillationTrainer.save_model`'s output); created if missing.
             Its `config.json`, when present, gives the student's depth.
-        teacher_name: the teacher's Hub id or local path (a local path is shown by its folder name).
+        teacher_name: the teacher's Hub id or local path (a local path is shown by its folder name); for a
+            student of several teachers, each teacher's by its name (the keys of `distillation["teachers"]`).
         dataset_name: the training data's Hub id or local path (same rule).
         distillation: the contents of `distillation/distillation_config.json` as `FeatureDistillationTrainer`
             writes them: the `DistillationModelConfig` fields plus the resolved `teacher_layers` and
@@ -121,13 +123,13 @@ def write_student_card(
         distillation_included: whether the folder the card describes holds `distillation/` (a
             published student holds it only when asked); the card describes that folder if so.
     """
-    teacher = _source(teacher_name)
-    dataset = _source(dataset_name)
+    names = teacher_name if isinstance(teacher_name, Mapping) else {None: teacher_name}
+    teachers = {key: dict(zip(("name", "hub_id"), _source(name))) for key, name in names.items()}
     return _render(
         Path(output_dir),
-        teacher=teacher,
-        dataset=dataset,
-        source_licenses=(None, None),
+        teachers=teachers,
+        dataset=_source(dataset_name),
+        dataset_license=None,
         distillation=distillation,
         training=_scrub(dict(training or {})),
         license=license,
@@ -146,7 +148,7 @@ def write_student_card(
 def record_run(
     output_dir: str | os.PathLike,
     *,
-    teacher_name: str,
+    teacher_name: str | Mapping[str, str],
     dataset_name: str,
     training_args,
     student: str | None = None,
@@ -154,8 +156,9 @@ def record_run(
 ) -> dict:
     """Keep what only the training script knows, for cards rendered later (`student_card_from_run`).
 
-    Writes `distillation/run_record.json`: the teacher and the data (a local path by its folder
-    name only, with the `license` their own cards declare, when a card is at hand), the student as the
+    Writes `distillation/run_record.json`: the teacher (`teacher_name`: its Hub id or path, or each of several
+    by its name) and the data (a local path by its folder name only, with the `license` their own cards
+    declare, when a card is at hand), the student as the
     script describes it (e.g. "ViT (4 blocks, width 64) from scratch"), the training arguments
     (scrubbed like the card) and the hardware; for a student trained in a group, `group`: its name and
     the names of the group's students (its folder is then a subfolder of the run's). Returns the record.
@@ -166,8 +169,12 @@ def record_run(
     training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
     if group:  # each student's method settings are its distillation_config.json's, not the run's arguments'
         training = {k: v for k, v in training.items() if k not in MethodFields.__dataclass_fields__}
+    source = lambda name: {**dict(zip(("name", "hub_id"), _source(name))), "license": card_license(name)}  # noqa: E731
+    several = isinstance(teacher_name, Mapping) and len(teacher_name) > 1
+    if isinstance(teacher_name, Mapping) and not several:
+        (teacher_name,) = teacher_name.values()
     record = {
-        "teacher": {**dict(zip(("name", "hub_id"), _source(teacher_name))), "license": card_license(teacher_name)},
+        **({"teachers": {key: source(name) for key, name in teacher_name.items()}} if several else {"teacher": source(teacher_name)}),
         "dataset": {**dict(zip(("name", "hub_id"), _source(dataset_name))), "license": card_license(dataset_name, "dataset")},
         "student": _scrub(student),
         "training": training,
@@ -204,9 +211,9 @@ def student_card_from_run(
     trainer_state = _read_json(state_file, "run_dir", "the trainer state") if state_file.is_file() else None
     return _render(
         Path(output_dir) if output_dir is not None else run_dir,
-        teacher=(record["teacher"]["name"], record["teacher"]["hub_id"]),
+        teachers=record["teachers"] if "teachers" in record else {None: record["teacher"]},
         dataset=(record["dataset"]["name"], record["dataset"]["hub_id"]),
-        source_licenses=(record["teacher"].get("license"), record["dataset"].get("license")),
+        dataset_license=record["dataset"].get("license"),
         distillation=distillation,
         training=record["training"],
         license=license,
@@ -233,9 +240,9 @@ def trainer_state_file(run_dir: Path, record: dict) -> Path:
 def _render(
     output_dir: Path,
     *,
-    teacher: tuple[str, str | None],
+    teachers: dict[str | None, dict],
     dataset: tuple[str, str | None],
-    source_licenses: tuple[str | None, str | None],
+    dataset_license: str | None,
     distillation: dict,
     training: dict,
     license: str | None,
@@ -251,7 +258,8 @@ def _render(
     student: str | None = None,
     group: dict | None = None,
 ) -> ModelCard:
-    (teacher, teacher_hub), (dataset, dataset_hub) = teacher, dataset
+    """`teachers`: each teacher's {name, hub_id, license} by its name in the run (None for one teacher)."""
+    dataset, dataset_hub = dataset
     model_name = public_name(str(output_dir)) if repo_id is None else repo_id.split("/")[-1]
     student_config = _student_config(student_dir)
     student_depth = student_config.get("num_hidden_layers") if isinstance(student_config.get("num_hidden_layers"), int) else None
@@ -262,32 +270,45 @@ def _render(
     if method not in METHODS:
         raise ValueError(f"distillation: unknown method {method!r}; expected one of {sorted(METHODS)}")
     method_class = get_method(method)
-    teacher_layers, student_layers = distillation.get("teacher_layers"), distillation.get("student_layers")
-    if not teacher_layers or not student_layers or len(teacher_layers) != len(student_layers):
-        raise ValueError(
-            "distillation: needs `teacher_layers` and `student_layers` of the same length, as in "
-            f"distillation/distillation_config.json; got {teacher_layers!r} and {student_layers!r}"
-        )
+    parts = distilled_teachers(distillation)
+    if set(parts) != set(teachers):
+        raise ValueError(f"distillation: its teachers {sorted(map(str, parts))} differ from the run record's {sorted(map(str, teachers))}")
     known = {f.name for f in fields(DistillationModelConfig)}
     config = DistillationModelConfig(**{k: v for k, v in distillation.items() if k in known})
+    final_role, other_role = method_class.final_role, method_class.other_role
+    teacher_rows = []
+    for key, part in parts.items():
+        teacher_layers, student_layers = part.get("teacher_layers"), part.get("student_layers")
+        if not teacher_layers or not student_layers or len(teacher_layers) != len(student_layers):
+            raise ValueError(
+                "distillation: needs `teacher_layers` and `student_layers` of the same length"
+                + ("" if key is None else f" for teacher {key!r}") + " as in "
+                f"distillation/distillation_config.json; got {teacher_layers!r} and {student_layers!r}"
+            )
+        source = teachers[key]
+        teacher_rows.append({
+            "key": key, "name": source["name"], "is_hub": source.get("hub_id") is not None, "license": source.get("license"),
+            "weight": part.get("weight", 1.0), "normalization": part.get("normalization", "none"), "image_size": part.get("image_size"),
+            "has_adapters": method_class.adapter_config(config, list(teacher_layers)) is not None,
+            "layer_pairs": [
+                {"teacher": int(t), "student": int(s), "role": final_role if i == len(teacher_layers) - 1 else other_role}
+                for i, (t, s) in enumerate(zip(teacher_layers, student_layers))
+            ],
+        })  # fmt: skip
     # The loss weights as used (the file keeps None for "the method's default"), so that the JSON
     # shown agrees with the settings table; weights the method does not use are left out.
     weight_fields = {field for field, _ in method_class.loss_weights.values()}
     distillation = {k: v for k, v in distillation.items() if not (k.endswith("_weight") and k not in weight_fields)}
     distillation.update({method_class.loss_weights[term][0]: value for term, value in config.weights().items()})
 
-    last = int(student_layers[-1])
+    last = max(row["layer_pairs"][-1]["student"] for row in teacher_rows)
     feature_is_last = student_depth is not None and last == student_depth - 1
     unused = list(range(last + 1, student_depth)) if student_depth is not None else []
-    final_role, other_role = method_class.final_role, method_class.other_role
-    layer_pairs = [
-        {"teacher": int(t), "student": int(s), "role": final_role if i == len(teacher_layers) - 1 else other_role}
-        for i, (t, s) in enumerate(zip(teacher_layers, student_layers))
-    ]
+    teacher_hubs = [teachers[key]["hub_id"] for key in parts if teachers[key].get("hub_id")]
     results = _scrub(results) if results else None
     baseline_results = [_scrub(other) for other in baseline_results]
     variables = dict(
-        title=f"{_describe_student(student_config)} distilled from `{teacher}` with {method_class.label}",
+        title=f"{_describe_student(student_config)} distilled from {_listed('`' + row['name'] + '`' for row in teacher_rows)} with {method_class.label}",
         model_name=model_name,
         repo_id=repo_id or model_name,
         has_pooler=has_pooler,
@@ -295,16 +316,13 @@ def _render(
         group_size=len(group["students"]) if group else 0,
         group_others=[name for name in group["students"] if name != group["name"]] if group else [],
         license=license,
-        teacher_license=source_licenses[0],
-        dataset_license=source_licenses[1],
-        teacher=teacher,
-        teacher_is_hub=teacher_hub is not None,
+        dataset_license=dataset_license,
+        teachers=teacher_rows,
         dataset=dataset,
         dataset_is_hub=dataset_hub is not None,
         method=method,
         method_label=method_class.label,
         method_summary=method_class.summary,
-        layer_pairs=layer_pairs,
         settings=method_class.settings(config),
         training=_training_rows(training),
         budget=_budget_rows(trainer_state, training, hardware),
@@ -320,7 +338,7 @@ def _render(
         feature_is_last=feature_is_last,
         student_depth=student_depth,
         unused_student_blocks=unused,
-        has_adapters=method_class.adapter_config(config, list(teacher_layers)) is not None,
+        has_adapters=any(row["has_adapters"] for row in teacher_rows),
         heads_description=method_class.heads_description,
         distillation_json=json.dumps(distillation, indent=2, default=str),
         distillation_included=distillation_included,
@@ -331,12 +349,12 @@ def _render(
         library_name="transformers",
         license=license,
         tags=list(TAGS),
-        base_model=teacher_hub,
+        base_model=(teacher_hubs[0] if len(teacher_hubs) == 1 else teacher_hubs) or None,
         # The Hub accepts adapter, merge, quantized or finetune (huggingface_hub does not check the
         # field); "distillation" is none of them. finetune, what the Hub infers for a base_model
         # without other markers, is the closest: the student's weights were trained on the teacher's
         # signal. The card's body says it is a distilled student.
-        base_model_relation="finetune" if teacher_hub else None,
+        base_model_relation="finetune" if teacher_hubs else None,
         datasets=[dataset_hub] if dataset_hub else None,
         pipeline_tag=PIPELINE_TAG,
         eval_results=_eval_results(results) if results else None,
@@ -391,6 +409,12 @@ def _artifact_variables(student_dir: Path) -> dict:
         }
     }
 
+
+
+def _listed(items) -> str:
+    """"a", "a and b", "a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _source(name: str) -> tuple[str, str | None]:

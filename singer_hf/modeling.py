@@ -19,10 +19,11 @@ from transformers.utils import ModelOutput
 from .alignment import TokenAlignment
 from .architectures import BlockOutputs, ResolvedViT, backbone_of, resolve_vit
 from .artifacts import ArtifactViews
-from .checks import block_indices, channel_values, check_fields, checked_field, integer_at_least, number_at_least, one_of
+from .checks import channel_values, check_fields, checked_field, integer_at_least
 from .data import image_processor_stats
 from .methods import DistillationMethod, MethodFields, get_method
-from .normalization import NORMALIZATIONS, FeatureMoments, TargetNormalization
+from .fields import TeacherFields
+from .normalization import FeatureMoments, TargetNormalization
 from .tuner import SingerConfig, SingerModel
 
 
@@ -84,17 +85,19 @@ def plan_layers(
     config: DistillationModelConfig,
     teacher_layers: list[int] | None = None,
     teacher_image_size: int | None = None,
+    layers_argument: str = "teacher_layers",
 ) -> tuple[list[int], list[int]]:
     """(teacher blocks, student blocks) to distil, after checking that the two models fit together;
     `teacher_layers` (default: the config's, else the method's) chooses the teacher blocks, and
-    `teacher_image_size` the size the teacher reads (default: the student's).
+    `teacher_image_size` the size the teacher reads (default: the student's); errors about the blocks
+    name `layers_argument`.
 
     Needs only the models' structure, not their weights: scripts run it on models built on the meta
     device to fail before anything is downloaded or loaded.
     """
     _check_compatible(teacher, student, teacher_image_size)
     teacher_layers = list(teacher_layers) if teacher_layers is not None else config.layers_for(teacher.depth)
-    teacher.check_blocks(teacher_layers, "teacher_layers")
+    teacher.check_blocks(teacher_layers, layers_argument)
     config.method_class.check_teacher(teacher, teacher_layers)
     return teacher_layers, map_layers(teacher_layers, teacher.depth, student.depth)
 
@@ -112,25 +115,12 @@ def outgrown_teacher(teacher: ResolvedViT, student: ResolvedViT) -> str | None:
 
 
 @dataclass
-class TeacherSettings:
+class TeacherSettings(TeacherFields):
     """How one teacher takes part when a student learns from several (agglomerative distillation):
-    its share of the loss, its blocks, the normalisation of its KD targets, and the images it reads
-    (its own processor's statistics and size; the students' images re-normalised and resized on the
-    device, see `DistillationModel.teacher_pixels`)."""
+    its share of the loss, its blocks, the normalisation of its KD targets (`fields.TeacherFields`), and
+    the images it reads (its own processor's statistics and size; the students' images re-normalised
+    and resized on the device, see `DistillationModel.teacher_pixels`)."""
 
-    weight: float = checked_field(1.0, help="This teacher's share of each student's loss.", check=number_at_least(0))
-    layers: list[int] | None = checked_field(
-        None, help="Its distilled blocks; default: each method's, scaled to its depth.", check=block_indices(optional=True)
-    )
-    normalization: str = checked_field(
-        "none",
-        help=(
-            "Normalisation of its KD targets: 'none' (its features as they are), or 'phi-s' (PHI-S: rotated and scaled "
-            "to unit variance in every dimension, with statistics estimated from its unrefined features before "
-            "training; recommended with several teachers, so that no teacher outweighs another by its feature scale)."
-        ),
-        check=one_of(NORMALIZATIONS),
-    )
     image_mean: list[float] | None = checked_field(
         None, help="The per-channel mean its image processor normalises with; default: the students'.", check=channel_values(positive=False)
     )
@@ -381,8 +371,12 @@ class DistillationModel(nn.Module):
     @property
     def adapters(self) -> dict[int, nn.Module]:
         """The one teacher's adapter layers by block, for methods that train adapters (else empty)."""
-        teacher = self.teacher
-        return teacher.base_model.singer_layers if isinstance(teacher, peft.PeftModel) else {}
+        return self.adapter_layers(self._only("teacher", self.teachers))
+
+    def adapter_layers(self, teacher: str) -> dict[int, nn.Module]:
+        """Teacher `teacher`'s adapter layers by block (each holding every student's adapter), else empty."""
+        model = self.teachers[teacher]
+        return model.base_model.singer_layers if isinstance(model, peft.PeftModel) else {}
 
     @property
     def frozen_student_parameters(self) -> list[str]:

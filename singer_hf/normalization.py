@@ -25,10 +25,6 @@ import torch
 from scipy.linalg import hadamard
 from torch import nn
 
-NORMALIZATIONS = ("none", "phi-s")
-"""The values of `TeacherSettings.normalization`."""
-
-
 class FeatureMoments:
     """Running first and second moments of token features (float64), to fit `TargetNormalization`."""
 

@@ -35,7 +35,7 @@ except ImportError:
     from httpx import HTTPError as ClientError
 
 from .evaluation.results import SCHEMA, SCHEMA_VERSION
-from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD, check_not_group
+from .layout import ARTIFACT_FIGURES, ARTIFACT_STATS_FILE, ARTIFACTS_DIR, CONFIG_FILE, DISTILLATION_DIR, HEADS_FILE, RUN_RECORD, check_not_group, distilled_teachers
 from .locations import without_local_paths
 from .methods import method_label
 from .model_card import student_card_from_run, trainer_state_file
@@ -174,7 +174,9 @@ def _stage(
     names = [name for name in STUDENT_FILES if (run_dir / name).is_file()]
     names += sorted(path.name for path in run_dir.glob("model*.safetensors"))
     if include_distillation:
-        names += [f"{DISTILLATION_DIR}/{name}" for name in DISTILLATION_FILES if (run_dir / DISTILLATION_DIR / name).is_file()]
+        summary = json.loads((run_dir / DISTILLATION_DIR / CONFIG_FILE).read_text())
+        for teacher in ("", *(f"{name}/" for name in distilled_teachers(summary) if name is not None)):  # several: a subfolder each
+            names += [f"{DISTILLATION_DIR}/{teacher}{name}" for name in DISTILLATION_FILES if (run_dir / DISTILLATION_DIR / teacher / name).is_file()]
     names += [f"{ARTIFACTS_DIR}/{name}" for name in (ARTIFACT_STATS_FILE, *ARTIFACT_FIGURES) if (run_dir / ARTIFACTS_DIR / name).is_file()]
     for name in names:
         _copy(run_dir / name, folder / name)
@@ -226,7 +228,8 @@ def _commit_message(run_dir: Path) -> str:
     steps, state_file = "", trainer_state_file(run_dir, record)
     if state_file.is_file():
         steps = f", {json.loads(state_file.read_text()).get('global_step', 0):,} steps"
-    return f"Upload {method_label(method)} student distilled from {record['teacher']['name']}{steps}"
+    teachers = [teacher["name"] for teacher in record["teachers"].values()] if "teachers" in record else [record["teacher"]["name"]]
+    return f"Upload {method_label(method)} student distilled from {' and '.join(teachers)}{steps}"
 
 
 # -- upload ------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_a_recipe_sets_the_parser_defaults_as_written(tmp_path):
 def test_default_image_processor_for_a_bare_teacher(distill, workspace, tmp_path):
     argv = _set(_argv(workspace, tmp_path), "--teacher_name_or_path", str(workspace / "bare_teacher"))
     model_args, _, _ = distill.parse_arguments([*argv, "--image_processor_name_or_path", "default"])
-    processor = distill.load_image_processor(model_args, make_vit(seed=0))
+    processor = distill.load_image_processor(model_args.image_processor_name_or_path, model_args.teacher_name_or_path, make_vit(seed=0))
     assert isinstance(processor, transformers.ViTImageProcessor) and processor.size["height"] == IMAGE
 
 

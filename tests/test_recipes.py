@@ -2,6 +2,7 @@
 own settings, as a user runs it.
 
 A recipe with a `students:` list trains them together; each student's folder, logs and card are checked.
+A recipe with a `teachers:` list distils all of them into its student, each teacher swapped for its stand-in.
 
 Swapped, because it cannot exist offline or on 2 CPU cores: the teacher (a tiny checkpoint of the same
 family, depth, prefix tokens, MLP and patch size, so the recipe's `teacher_layers` hold; see tests/standins.py), the
@@ -21,6 +22,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from singer_hf.layout import distilled_teachers
 from singer_hf.methods import get_method
 from standins import hub_teacher, save_hf, save_timm, vit_processor, write_images
 
@@ -49,11 +51,16 @@ def test_every_recipe_is_tested():
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[path.stem for path in RECIPES])
 def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplog, capsys):
     recipe = yaml.safe_load(recipe_path.read_text())
-    teacher = _stand_in_teacher(recipe, tmp_path / "teacher")
+    if "teachers" in recipe:  # each teacher of the list swapped for its stand-in, the rest of its entry kept
+        teachers = [{**entry, "teacher_name_or_path": str(_stand_in_teacher(entry, tmp_path / entry["name"]))} for entry in recipe["teachers"]]
+        (tmp_path / "teachers.yaml").write_text(yaml.safe_dump(teachers))
+        models = ["--teachers", str(tmp_path / "teachers.yaml")]
+    else:
+        models = ["--teacher_name_or_path", str(_stand_in_teacher(recipe, tmp_path / "teacher"))]
     data = write_images(tmp_path / "train.parquet", column=recipe.get("image_column", "image"))
     output = tmp_path / "run"
     argv = [
-        str(recipe_path), "--teacher_name_or_path", str(teacher), "--dataset_name", str(data),
+        str(recipe_path), *models, "--dataset_name", str(data),
         "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--artifact_stats", "false",  # the end-of-run figures (seconds of matplotlib per run): tests/test_artifacts.py
     ]  # fmt: skip
@@ -68,7 +75,8 @@ def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplo
         labels = ", ".join(f"{name} ({get_method(student['method']).label})" for name, student in students.items())
         assert f"Distillation of {len(students)} students from one teacher pass: {labels}" in caplog.text
     else:
-        assert f"{get_method(recipe['method']).label} distillation" in caplog.text
+        several = f" from {len(recipe['teachers'])} teachers" if "teachers" in recipe else ""
+        assert f"{get_method(recipe['method']).label} distillation{several}" in caplog.text
     assert ("adapter on block" in caplog.text) == singer and ("adapters" in capsys.readouterr().out) == singer
     if "tensorboard" in str(recipe.get("report_to")):
         events = list(output.rglob("events.out.tfevents.*"))
@@ -81,20 +89,32 @@ def test_recipe_runs_with_its_own_settings(distill, recipe_path, tmp_path, caplo
         singer = settings["method"] == "singer"
         research = (folder / "distillation" / "README.md").read_text()
         assert "More Information Needed" not in research and ("PeftModel.from_pretrained" in research) == singer
-        assert (folder / "distillation" / "adapter_model.safetensors").is_file() == singer
 
         summary = json.loads((folder / "distillation" / "distillation_config.json").read_text())
         assert summary["method"] == settings["method"]
-        if "teacher_layers" in settings:
-            assert summary["teacher_layers"] == settings["teacher_layers"]
+        # Each teacher's blocks, weight and normalisation as its entry says; its files in a subfolder of its own.
+        parts = distilled_teachers(summary)
+        for entry in recipe.get("teachers", [{"name": None, "layers": settings.get("teacher_layers")}]):
+            part = parts[entry["name"]]
+            if entry["layers"] is not None:
+                assert part["teacher_layers"] == entry["layers"]
+            if entry["name"] is not None:
+                assert (part["weight"], part["normalization"]) == (entry["weight"], entry["normalization"])
+                assert (folder / "distillation" / entry["name"] / "heads.safetensors").is_file()
+        adapters = "distillation/*/adapter_model.safetensors" if len(parts) > 1 else "distillation/adapter_model.safetensors"
+        assert len(list(folder.glob(adapters))) == (len(parts) if singer else 0)
         terms = get_method(settings["method"]).loss_weights
-        assert all((f"loss/{name}/{term}" if name else f"loss_{term}") in entry for term in terms for entry in logged), logged
+        if len(parts) > 1:
+            keys = ["/".join(filter(None, ["loss", name, teacher, term])) for teacher in parts for term in terms]
+        else:
+            keys = [f"loss/{name}/{term}" if name else f"loss_{term}" for term in terms]
+        assert all(key in entry for key in keys for entry in logged), logged
 
         # What the model card tells a user to do, on the published folder.
         student = transformers.AutoModel.from_pretrained(folder)
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         with torch.no_grad():
             hidden = student(**processor(images=image, return_tensors="pt"), output_hidden_states=True).hidden_states
-        feature = hidden[summary["student_layers"][-1] + 1]
+        feature = hidden[max(part["student_layers"][-1] for part in parts.values()) + 1]
         assert feature.shape[-1] == student.config.hidden_size and torch.isfinite(feature).all()
         assert ("Trained in a group" in (folder / "README.md").read_text()) == (name is not None)

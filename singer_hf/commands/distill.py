@@ -29,7 +29,7 @@ from singer_hf.data import (
     student_image_processor,
     with_image_transform,
 )
-from singer_hf.modeling import DEFAULT_NAME, DistillationModelConfig, outgrown_teacher, plan_layers
+from singer_hf.modeling import DistillationModelConfig, TeacherSettings, outgrown_teacher, plan_layers
 from singer_hf.layout import DISTILLATION_DIR
 from singer_hf.locations import public_name
 from singer_hf.publishing import PublishError, check_publishable
@@ -40,13 +40,15 @@ from singer_hf.tuner import basis_block
 from .distill_arguments import (
     IMAGENET_JPEG_BYTES,
     STUDENT_SIZES,
-    UNNAMED_STUDENT,
+    UNNAMED,
     DataArguments,
     ModelArguments,
     StudentArguments,
     StudentEntry,
+    TeacherEntry,
     check_command_line,
     run_students,
+    run_teachers,
 )
 
 logger = logging.getLogger("singer_hf.distill")
@@ -66,42 +68,50 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Fea
     return StrictArgumentParser((ModelArguments, DataArguments, FeatureDistillationArguments)).parse(argv)
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments):
+def check_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: FeatureDistillationArguments, teachers: dict[str, TeacherEntry]
+):
     """What can be checked without weights or data (after `check_command_line`), so that a mistake fails in a
     second, not after a download."""
     if data_args.shuffle_buffer < 0:
         raise UsageError(f"shuffle_buffer: must be >= 0 examples (0: no shuffling), got {data_args.shuffle_buffer}")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("max_steps: a streamed dataset has no length; set --max_steps to a positive number of steps")
-    teacher = Path(model_args.teacher_name_or_path).expanduser()
-    if model_args.image_processor_name_or_path is None and teacher.is_dir():
-        _check_teacher_folder(teacher)
+    for name, entry in teachers.items():
+        folder = Path(entry.teacher_name_or_path).expanduser()
+        if entry.image_processor_name_or_path is None and folder.is_dir():
+            _check_teacher_folder(folder, teacher_argument("teacher_name_or_path", name, teachers))
     resuming = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir) is not None
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
 
 
-def _check_teacher_folder(teacher: Path) -> None:
+def teacher_argument(argument: str, name: str, teachers: dict) -> str:
+    """How errors name a teacher's argument: "teacher_name_or_path", or "teacher_name_or_path (teacher 'dino')"."""
+    return argument if list(teachers) == [UNNAMED] else f"{argument} (teacher {name!r})"
+
+
+def _check_teacher_folder(teacher: Path, argument: str) -> None:
     if not (teacher / "config.json").is_file():
-        raise UsageError(f"teacher_name_or_path: {teacher.name} holds no config.json; give a folder written by save_pretrained")
+        raise UsageError(f"{argument}: {teacher.name} holds no config.json; give a folder written by save_pretrained")
     timm = "architecture" in json.loads((teacher / "config.json").read_text())  # timm keeps preprocessing in config.json
     if not timm and not (teacher / "preprocessor_config.json").is_file():
         raise UsageError(
-            f"teacher_name_or_path: {teacher.name} has no preprocessor_config.json (the image mean, std and size the "
-            "teacher was trained with); save the teacher's image processor there, pass --image_processor_name_or_path "
-            "FOLDER_OR_HUB_ID, or --image_processor_name_or_path default for its model family's default processor"
+            f"{argument}: {teacher.name} has no preprocessor_config.json (the image mean, std and size the "
+            "teacher was trained with); save the teacher's image processor there, pass image_processor_name_or_path "
+            "FOLDER_OR_HUB_ID, or image_processor_name_or_path default for its model family's default processor"
         )
 
 
-def load_image_processor(model_args: ModelArguments, teacher):
-    """The teacher's image processor, or the one `--image_processor_name_or_path` names.
+def load_image_processor(name_or_path: str | None, teacher_name_or_path: str, teacher, trust_remote_code: bool = False):
+    """The image processor `name_or_path` names, by default the teacher's own.
 
     "default" builds the teacher family's own default (e.g. ViT: mean = std = 0.5; DINOv2: ImageNet
     statistics) at the teacher's image size: the convention checkpoints of that family ship with,
     which is what a teacher saved without its processor most likely expects.
     """
-    name = model_args.image_processor_name_or_path or model_args.teacher_name_or_path
+    name = name_or_path or teacher_name_or_path
     if name != "default":
-        return AutoImageProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        return AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     vit = resolve_vit(teacher)
     classes = IMAGE_PROCESSOR_MAPPING.get(type(vit.backbone.config), None)
     if classes is None:
@@ -114,14 +124,45 @@ def load_image_processor(model_args: ModelArguments, teacher):
     return processor
 
 
-def check_models_fit(model_args: ModelArguments, students: dict[str, StudentEntry]) -> None:
-    """Teacher/student/layer compatibility from the configs and the image processor alone, for every
-    student: the models are built on the meta device, no weights are read."""
+def load_processors(model_args: ModelArguments, teachers: dict[str, TeacherEntry], models: dict) -> tuple[dict, object]:
+    """Each teacher's image processor, and the students' (the first teacher's, or with several teachers the
+    one --image_processor_name_or_path names)."""
+    remote = model_args.trust_remote_code
+    processors = {
+        name: load_image_processor(entry.image_processor_name_or_path, entry.teacher_name_or_path, models[name], remote)
+        for name, entry in teachers.items()
+    }
+    first = next(iter(teachers))
+    if model_args.teachers is None or model_args.image_processor_name_or_path is None:
+        return processors, processors[first]
+    return processors, load_image_processor(model_args.image_processor_name_or_path, teachers[first].teacher_name_or_path, models[first], remote)
+
+
+def teacher_settings(model_args: ModelArguments, teachers: dict[str, TeacherEntry], models: dict, processors: dict) -> dict | None:
+    """With --teachers, each teacher's `TeacherSettings`: its entry's weight, layers and normalisation, and the
+    statistics and size its own processor gives. None for the one --teacher_name_or_path."""
+    if model_args.teachers is None:
+        return None
+    return {
+        name: TeacherSettings.from_image_processor(processors[name], resolve_vit(models[name]).input_normalization, **entry.teacher_values())
+        for name, entry in teachers.items()
+    }
+
+
+def check_models_fit(model_args: ModelArguments, teachers: dict[str, TeacherEntry], students: dict[str, StudentEntry]) -> None:
+    """Teacher/student/layer compatibility from the configs and the image processors alone, for every
+    teacher and student: the models are built on the meta device, no weights are read."""
     remote = model_args.trust_remote_code
     with torch.device("meta"):
-        teacher = AutoModel.from_config(AutoConfig.from_pretrained(model_args.teacher_name_or_path, trust_remote_code=remote))
-        image_size = image_processor_stats(load_image_processor(model_args, teacher))[2]
-    teacher_view = resolve_vit(teacher, "teacher")
+        models = {
+            name: AutoModel.from_config(AutoConfig.from_pretrained(entry.teacher_name_or_path, trust_remote_code=remote))
+            for name, entry in teachers.items()
+        }
+        processors, images = load_processors(model_args, teachers, models)
+    first = next(iter(teachers))
+    image_size = image_processor_stats(images)[2]
+    settings = teacher_settings(model_args, teachers, models, processors) or {first: TeacherSettings()}
+    views = {name: resolve_vit(model, teacher_argument("teacher_name_or_path", name, teachers)) for name, model in models.items()}
     for name, entry in students.items():
         try:
             with torch.device("meta"):
@@ -130,20 +171,30 @@ def check_models_fit(model_args: ModelArguments, students: dict[str, StudentEntr
                     built_for = resolve_vit(student, "student_name_or_path").image_size
                     if built_for != image_size:
                         raise UsageError(
-                            f"student_name_or_path: the student is built for {built_for}px images but the teacher's image "
-                            f"processor gives {image_size}px; the saved student and its processor must agree"
+                            f"student_name_or_path: the student is built for {built_for}px images but the "
+                            f"{'teacher' if len(teachers) == 1 else 'students'}' image processor gives {image_size}px; "
+                            "the saved student and its processor must agree"
                         )
                 else:
-                    student = load_student(entry, teacher, image_size)
+                    student = load_student(entry, models[first], image_size)
             student = resolve_vit(student, "student")
-            plan_layers(teacher_view, student, distillation_config(entry))
+            for teacher, view in views.items():
+                try:
+                    layers_argument = "teacher_layers" if len(teachers) == 1 else "layers"
+                    plan_layers(view, student, distillation_config(entry), settings[teacher].layers, settings[teacher].image_size, layers_argument)
+                except ValueError as error:
+                    if len(teachers) == 1:
+                        raise
+                    raise UsageError(f"teachers entry {teacher!r}: {error}") from None
         except ValueError as error:  # UsageError included: which student, in a group
-            if list(students) == [UNNAMED_STUDENT]:
+            if list(students) == [UNNAMED]:
                 raise
             raise UsageError(f"students entry {name!r}: {error}") from None
-        larger = outgrown_teacher(teacher_view, student)
-        if larger is not None:
-            logger.warning("student: %s is %s than its teacher; a distilled student is usually smaller", student_description(entry, student), larger)
+        for teacher, view in views.items():
+            larger = outgrown_teacher(view, student)
+            if larger is not None:
+                of = "its teacher" if len(teachers) == 1 else f"teacher {teacher!r}"
+                logger.warning("student: %s is %s than %s; a distilled student is usually smaller", student_description(entry, student), larger, of)
 
 
 def distillation_config(entry: StudentEntry) -> DistillationModelConfig:
@@ -218,49 +269,72 @@ def student_description(student_args: StudentArguments, student: ResolvedViT) ->
     return f"{public_name(student_args.student_name_or_path)} ({student.model_type}, {shape})"
 
 
+def title(model: DistillationModel) -> str:
+    """The run's first log line: the method, or what the group of students and teachers is."""
+    methods = {name: model.methods[name][next(iter(model.teachers))].label for name in model.students}
+    several = len(model.teachers) > 1
+    if len(methods) == 1:
+        return f"{next(iter(methods.values()))} distillation" + (f" from {len(model.teachers)} teachers" if several else "")
+    labels = ", ".join(f"{name} ({label})" for name, label in methods.items())
+    source = f"one pass of {len(model.teachers)} teachers" if several else "one teacher pass"
+    return f"Distillation of {len(methods)} students from {source}: {labels}"
+
+
 def describe(
-    model: DistillationModel, model_args: ModelArguments, students: dict[str, StudentEntry], data_args: DataArguments,
+    model: DistillationModel, teachers: dict[str, TeacherEntry], students: dict[str, StudentEntry], data_args: DataArguments,
     training_args: FeatureDistillationArguments,
 ) -> str:
-    teacher = resolve_vit(model.teacher)
     count = lambda module, trainable=True: sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)  # noqa: E731
-    resized = f", run at {model.image_size}px" if teacher.image_size != model.image_size else ""
-    lines = [
-        f"Teacher: {model_args.teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
-        f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size})",
-    ]
+    several = len(model.teachers) > 1
+    lines = [f"Teachers ({len(model.teachers)}), each frozen, run once per step:"] if several else []
+    for name, teacher_model in model.teachers.items():
+        teacher, size = resolve_vit(teacher_model), model.teacher_image_sizes[name]
+        resized = f", run at {size}px" if teacher.image_size != size else ""
+        settings = model.teacher_settings[name]
+        part = f"; weight {settings.weight:g}, KD targets {'as they are' if settings.normalization == 'none' else settings.normalization}"
+        lines.append(
+            (f"  {name}: " if several else "Teacher: ")
+            + f"{teachers[name].teacher_name_or_path} ({teacher.model_type}, {teacher.depth} blocks, width {teacher.width}, "
+            f"prefix tokens {teacher.num_prefix_tokens}, built for {teacher.image_size}px{resized}, patch {teacher.patch_size}"
+            + (f"; {count(teacher_model, False):,} parameters{part}" if several else "")
+            + ")"
+        )
     group = len(model.students) > 1
     for name, student_model in model.students.items():
-        student, method, config = resolve_vit(student_model), model.methods[name][DEFAULT_NAME], model.configs[name]
+        student, config = resolve_vit(student_model), model.configs[name]
         indent = "  " if group else ""
+        regridded = [t for t, method in model.methods[name].items() if method.alignment.student_grid != method.alignment.teacher_grid]
         lines += [
             (f"Student {name}" if group else "Student") + f": {student_description(students[name], student)}, "
             f"{model.image_size}px, patch {student.patch_size}"
-            + ("" if student.patch_size == teacher.patch_size else "; KD resamples its patch tokens onto the teacher's grid"),
-            f"{indent}Method: {config.method}; teacher → student blocks: "
-            + ", ".join(f"{t}→{s}" for t, s in zip(method.teacher_layers, method.student_layers)),
+            + (f"; KD resamples its patch tokens onto the grid of {'the teacher' if not several else ', '.join(regridded)}" if regridded else ""),
         ]
-        adapter_name = model.adapter_name(name)
-        adapters = {layer: adapter for layer, adapter in model.adapters.items() if adapter_name in adapter.singer_down}
-        for layer, adapter in adapters.items():
-            found = adapter.nullspace_row_count[adapter_name]
-            rank = adapter.singer_down[adapter_name].shape[1]
-            source = basis_block(layer, method.teacher_layers)
-            gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
-            threshold = f"τ·σ_max (τ={config.null_threshold})" if gated else f"τ={config.null_threshold}"
-            lines.append(
-                f"{indent}  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
-                f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
-            )
-        adapter_count = sum(adapter.singer_down[adapter_name].numel() + adapter.singer_up[adapter_name].numel() for adapter in adapters.values())
+        adapter_count = 0
+        for teacher_name, method in model.methods[name].items():
+            teacher = resolve_vit(model.teachers[teacher_name])
+            blocks = ", ".join(f"{t}→{s}" for t, s in zip(method.teacher_layers, method.student_layers))
+            lines.append(f"{indent}Method: {config.method}; " + (f"teacher {teacher_name}" if several else "teacher") + f" → student blocks: {blocks}")
+            adapter_name = model.adapter_name(name)
+            adapters = {layer: adapter for layer, adapter in model.adapter_layers(teacher_name).items() if adapter_name in adapter.singer_down}
+            for layer, adapter in adapters.items():
+                found = adapter.nullspace_row_count[adapter_name]
+                rank = adapter.singer_down[adapter_name].shape[1]
+                source = basis_block(layer, method.teacher_layers)
+                gated = teacher.mlp(source).gated  # a gated MLP's value path is read with the relative rule
+                threshold = f"τ·σ_max (τ={config.null_threshold})" if gated else f"τ={config.null_threshold}"
+                lines.append(
+                    f"{indent}  adapter on block {layer}: {found}/{rank} nullspace directions below {threshold} "
+                    f"(block {source}'s {'gated ' if gated else ''}MLP), {rank - found} random"
+                )
+                adapter_count += adapter.singer_down[adapter_name].numel() + adapter.singer_up[adapter_name].numel()
         frozen = count(student_model, False)
         lines.append(
             f"{indent}Trainable parameters: student {count(student_model):,}, projectors/heads {count(model.methods[name]):,}"
-            + (f", adapters {adapter_count:,}" if adapters else "")
-            + ("" if group else f"; teacher frozen {count(model.teacher, False):,}")
+            + (f", adapters {adapter_count:,}" if adapter_count else "")
+            + ("" if group or several else f"; teacher frozen {count(model.teacher, False):,}")
             + (f"; student frozen (no loss reaches them) {frozen:,}" if frozen else "")
         )
-    if group:
+    if group and not several:
         lines.append(f"Teacher frozen {count(model.teacher, False):,} parameters, run once per step for the {len(model.students)} students")
     lines.append(f"Data: {data_args.dataset_name} [{data_args.train_split}], streaming={data_args.streaming}")
     if data_args.streaming and data_args.shuffle_buffer:
@@ -298,24 +372,29 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     logging.getLogger("singer_hf").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
-    check_arguments(model_args, data_args, training_args)
     students = run_students(model_args, training_args)
+    teachers = run_teachers(model_args, students)
+    check_arguments(model_args, data_args, training_args, teachers)
     repo_ids = check_hub_repos(training_args, list(students)) if training_args.push_to_hub and training_args.should_save else None
-    check_models_fit(model_args, students)
+    check_models_fit(model_args, teachers, students)
     collator = PixelValuesCollator(data_args.image_column, data_args.max_bad_image_share, data_args.bad_image_window)
     dataset = open_split(data_args, training_args, data_args.train_split, train=True)
     eval_dataset = None if data_args.eval_split is None else open_split(data_args, training_args, data_args.eval_split, train=False)
 
-    teacher = load_backbone(
-        model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True
-    )
-    image_processor = load_image_processor(model_args, teacher)
-    models = build_students(students, teacher, image_processor_stats(image_processor)[2], model_args.trust_remote_code)
+    teacher_models = {
+        name: load_backbone(entry.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code, use_safetensors=True)
+        for name, entry in teachers.items()
+    }
+    processors, image_processor = load_processors(model_args, teachers, teacher_models)
+    first = resolve_vit(next(iter(teacher_models.values())))
+    settings = teacher_settings(model_args, teachers, teacher_models, processors)
+    models = build_students(students, first.backbone, image_processor_stats(image_processor)[2], model_args.trust_remote_code)
     configs = {name: distillation_config(entry) for name, entry in students.items()}
-    model = DistillationModel(teacher, models, configs)
-    labels = ", ".join(f"{name} ({method.label})" for name, method in ((name, model.methods[name][DEFAULT_NAME]) for name in models))
-    title = f"{model.method.label} distillation" if len(models) == 1 else f"Distillation of {len(models)} students from one teacher pass: {labels}"
-    logger.info("%s\n%s", title, describe(model, model_args, students, data_args, training_args))
+    model = DistillationModel(
+        teacher_models if settings is not None else teacher_models[UNNAMED], models, configs, teacher_settings=settings,
+        image_statistics=None if settings is None else image_processor_stats(image_processor, first.input_normalization)[:2],
+    )  # fmt: skip
+    logger.info("%s\n%s", title(model), describe(model, teachers, students, data_args, training_args))
 
     train_dataset, augmentation = with_transforms(dataset, data_args, image_processor, train=True, seed=training_args.seed)
     if eval_dataset is not None:
@@ -333,7 +412,7 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[EpochCallback(augmentation)],
-        processing_class=student_image_processor(image_processor, resolve_vit(teacher).input_normalization),
+        processing_class=student_image_processor(image_processor, first.input_normalization),
     )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # "true": the last
     if checkpoint is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():
@@ -351,7 +430,7 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     trainer.create_model_card(
-        finetuned_from=model_args.teacher_name_or_path, dataset=data_args.dataset_name,
+        finetuned_from={name: entry.teacher_name_or_path for name, entry in teachers.items()}, dataset=data_args.dataset_name,
         students={name: student_description(students[name], resolve_vit(student)) for name, student in model.students.items()},
     )  # fmt: skip
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
@@ -360,8 +439,8 @@ def main(argv: list[str] | None = None, *, command_line_checked: bool = False) -
         folders = [folder.resolve() for folder in trainer.student_folders()]
         saved = []
         for name, folder in zip(model.students, folders):
-            method = model.methods[name][DEFAULT_NAME]
-            artefacts = "adapters and projectors" if method.adapter_config(model.configs[name], method.teacher_layers) else "projectors and heads"
+            adapters = any(method.adapter_config(model.configs[name], method.teacher_layers) for method in model.methods[name].values())
+            artefacts = "adapters and projectors" if adapters else "projectors and heads"
             saved.append(f"{folder} ({artefacts} in {folder / DISTILLATION_DIR})")
         print(
             f"\nDone: {result.global_step} steps, last logged losses {losses}\n"

@@ -35,7 +35,7 @@ from singer_hf.cli import (
     run_cli,
     source_fields,
 )
-from singer_hf.fields import MethodFields, RunFields, TrainingDefaults
+from singer_hf.fields import MethodFields, RunFields, TeacherFields, TrainingDefaults
 
 DESCRIPTION = "Distil a ViT teacher into a ViT student with SiNGER (or the FitNet / ViTKD baselines)."
 # Library noise a user can do nothing about: PEFT calls a deprecated transformers helper, and
@@ -69,7 +69,20 @@ class StudentArguments:
 class ModelArguments(StudentArguments):
     _argument_group_name = "models"
 
-    teacher_name_or_path: str = field(metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT)."})
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher: Hub id or local folder (HF or timm ViT). Or several, with --teachers."}
+    )
+    teachers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers distilled into every student at once: a YAML/JSON file holding a list of teachers "
+            "(in a recipe, the list itself). Each entry: a name (its log keys and distillation/ subfolder), "
+            "teacher_name_or_path, image_processor_name_or_path (default: the teacher's own), weight, layers and "
+            "normalization ('phi-s' recommended). The students read the images as --image_processor_name_or_path "
+            "gives them, by default as the first teacher's processor does; every other teacher gets them "
+            "re-normalised and resized to its own processor's statistics and size."
+        },
+    )
     students: str | None = field(
         default=None,
         metadata={
@@ -83,11 +96,23 @@ class ModelArguments(StudentArguments):
     image_processor_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Image processor (mean, std, size) to use instead of the teacher's: a Hub id or folder, or "
-            "'default' for the teacher family's default processor at the teacher's image size."
+            "help": "Image processor (mean, std, size) to use instead of the teacher's (with --teachers: the students' "
+            "processor, default the first teacher's): a Hub id or folder, or 'default' for the teacher family's "
+            "default processor at the teacher's image size."
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub code for the models (off by default)."})
+
+
+@dataclass(kw_only=True)
+class TeacherEntry(TeacherFields):
+    """One teacher of a run: its name, its model and processor, and how it takes part (`fields.TeacherFields`)."""
+
+    name: str = field(metadata={"help": "The teacher's name: its log keys (loss/<teacher>/<term>) and distillation/ subfolder."})
+    teacher_name_or_path: str = field(metadata={"help": "Hub id or local folder (HF or timm ViT)."})
+    image_processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Its image processor (mean, std, size): default its own; 'default': its family's."}
+    )
 
 
 @dataclass(kw_only=True)
@@ -97,12 +122,13 @@ class StudentEntry(StudentArguments, MethodFields):
     name: str = field(metadata={"help": "The student's name: its output subfolder, its log keys (loss/<name>/<term>)."})
 
 
-UNNAMED_STUDENT = "default"
-"""The name of a run's one student when no `--students` are given (`singer_hf.modeling.DEFAULT_NAME`)."""
-STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-RESERVED_NAMES = ("runs", "distillation", UNNAMED_STUDENT)
-"""Names a student cannot take: the run's own subfolders (tensorboard's `runs/`, `checkpoint-N/`) and the
-name of the one unnamed student."""
+UNNAMED = "default"
+"""The name of a run's one student or teacher when no `--students` / `--teachers` are given
+(`singer_hf.modeling.DEFAULT_NAME`)."""
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+RESERVED_NAMES = ("runs", "distillation", "artifacts", UNNAMED)
+"""Names a student or teacher cannot take: the run's own subfolders (tensorboard's `runs/`,
+`checkpoint-N/`), a student's, and the name of the one unnamed student or teacher."""
 
 
 @dataclass
@@ -153,44 +179,74 @@ def check_command_line(argv: list[str]) -> None:
         parser = StrictArgumentParser((ModelArguments, DataArguments, FeatureDistillationArguments))
     else:
         description = DESCRIPTION + " A YAML/JSON recipe anywhere on the command line supplies defaults; flags override it."
-        usage = "%(prog)s [RECIPE.yaml] --teacher_name_or_path NAME (--student_size SIZE | --student_name_or_path NAME) --dataset_name NAME [FLAGS]"
+        usage = (
+            "%(prog)s [RECIPE.yaml] (--teacher_name_or_path NAME | --teachers FILE) (--student_size SIZE | "
+            "--student_name_or_path NAME | --students FILE) --dataset_name NAME [FLAGS]"
+        )
         parser = StrictArgumentParser(OWN_ARGUMENTS, usage=usage, description=description)
         parser.add_source_fields("training: the other transformers.TrainingArguments", trainer_fields)
     model_args, data_args, distillation, *_ = parser.parse(argv)
     check_fields(distillation)
     students = run_students(model_args, distillation)
-    names = {
-        "teacher_name_or_path": model_args.teacher_name_or_path,
-        **{_student_argument("student_name_or_path", name, students): entry.student_name_or_path for name, entry in students.items()},
-        "image_processor_name_or_path": None if model_args.image_processor_name_or_path == "default" else model_args.image_processor_name_or_path,
-        "dataset_name": data_args.dataset_name,
-    }
+    teachers = run_teachers(model_args, students)
+    names = {}
+    for name, entry in teachers.items():
+        names[_entry_argument("teacher_name_or_path", "teacher", name, teachers)] = entry.teacher_name_or_path
+        if entry.image_processor_name_or_path != "default":
+            names[_entry_argument("image_processor_name_or_path", "teacher", name, teachers)] = entry.image_processor_name_or_path
+    for name, entry in students.items():
+        names[_entry_argument("student_name_or_path", "student", name, students)] = entry.student_name_or_path
+    if model_args.teachers is not None and model_args.image_processor_name_or_path not in (None, "default"):
+        names["image_processor_name_or_path"] = model_args.image_processor_name_or_path
+    names["dataset_name"] = data_args.dataset_name
     for argument, name in names.items():
         check_local_path(argument, name)
     check_hub_reachable(names)
 
 
+def run_teachers(model_args: ModelArguments, students: dict[str, StudentEntry]) -> dict[str, TeacherEntry]:
+    """The run's teachers by name, in order (the first sets the students' patch size and, by default, their
+    images): the one teacher of `--teacher_name_or_path` (`UNNAMED`, its processor
+    `--image_processor_name_or_path`), or the `--teachers` entries. Needs neither torch nor the models."""
+    if model_args.teachers is None:
+        if model_args.teacher_name_or_path is None:
+            raise UsageError("teacher_name_or_path: give the teacher (a Hub id or a local folder), or several with --teachers FILE")
+        entry = TeacherEntry(
+            name=UNNAMED, teacher_name_or_path=model_args.teacher_name_or_path,
+            image_processor_name_or_path=model_args.image_processor_name_or_path,
+        )  # fmt: skip
+        return {UNNAMED: entry}
+    if model_args.teacher_name_or_path is not None:
+        raise UsageError("teachers: give either --teacher_name_or_path (one teacher) or --teachers (several), not both")
+    teachers = {}
+    parser = StrictArgumentParser(TeacherEntry)
+    for name, values in _named_entries(model_args.teachers, "teachers", "teacher", "its log keys and distillation/ subfolder"):
+        (teachers[name],) = parser.parse_mapping(values, f"teachers entry {name!r}")
+        try:
+            check_fields(teachers[name])
+        except ValueError as error:
+            raise UsageError(f"teachers entry {name!r}: {error}") from None
+    if len(teachers) > 1:
+        given = [name for name, entry in students.items() if entry.teacher_layers is not None]
+        if given:
+            where = "" if given == [UNNAMED] else f" (students {given})"
+            raise UsageError(
+                f"teacher_layers{where}: with several teachers, give each teacher's blocks as `layers` in its teachers entry"
+            )
+    return teachers
+
+
 def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict[str, StudentEntry]:
     """The run's students by name, each with its model and method settings checked: the one student of the
-    arguments (`UNNAMED_STUDENT`), or the `--students` entries, which take what they leave out from the
+    arguments (`UNNAMED`), or the `--students` entries, which take what they leave out from the
     arguments. Needs neither torch nor the models."""
     shared_model = {name: getattr(model_args, name) for name in StudentArguments.__dataclass_fields__}
     if model_args.students is None:
-        entries = {UNNAMED_STUDENT: StudentEntry(name=UNNAMED_STUDENT, **shared_model, **distillation.method_values())}
+        entries = {UNNAMED: StudentEntry(name=UNNAMED, **shared_model, **distillation.method_values())}
     else:
         entries = {}
         parser = StrictArgumentParser(StudentEntry)
-        for index, values in enumerate(_student_list(model_args.students), 1):
-            if not isinstance(values, dict):
-                raise UsageError(f"students: entry {index} must be a mapping of field names to values, got {values!r}")
-            name = values.get("name")
-            if not isinstance(name, str) or not STUDENT_NAME.match(name) or name in RESERVED_NAMES or name.startswith("checkpoint-"):
-                raise UsageError(
-                    f"students: entry {index} needs a name of letters, digits, '_' and '-' (its output subfolder; not "
-                    f"{', '.join(RESERVED_NAMES)} or checkpoint-N), got {name!r}"
-                )
-            if name in entries:
-                raise UsageError(f"students: two entries are named {name!r}; each student needs its own name (its output subfolder)")
+        for name, values in _named_entries(model_args.students, "students", "student", "its output subfolder"):
             (parsed,) = parser.parse_mapping(values, f"students entry {name!r}")
             own_model = any(values.get(key) is not None for key in ("student_size", "student_name_or_path"))
             given = {key: getattr(parsed, key) for key in values}
@@ -202,34 +258,54 @@ def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict
     for name, entry in entries.items():
         if (entry.student_name_or_path is None) == (entry.student_size is None):
             raise UsageError(
-                f"{_student_argument('student_name_or_path / student_size', name, entries)}: give exactly one "
+                f"{_entry_argument('student_name_or_path / student_size', 'student', name, entries)}: give exactly one "
                 "(a model to start from, or tiny/small/base)"
             )
     return entries
 
 
-def _student_list(value: str | list) -> list:
-    """The list of `--students`: a recipe's `students:` list, JSON text, or a YAML/JSON file holding it."""
+def _named_entries(value: str | list, argument: str, kind: str, role: str) -> list[tuple[str, dict]]:
+    """(name, mapping) of each entry of a `--students` / `--teachers` list, names checked: `role` says what
+    the name is used for."""
+    entries, names = [], set()
+    for index, values in enumerate(_entry_list(value, argument), 1):
+        if not isinstance(values, dict):
+            raise UsageError(f"{argument}: entry {index} must be a mapping of field names to values, got {values!r}")
+        name = values.get("name")
+        if not isinstance(name, str) or not ENTRY_NAME.match(name) or name in RESERVED_NAMES or name.startswith("checkpoint-"):
+            raise UsageError(
+                f"{argument}: entry {index} needs a name of letters, digits, '_' and '-' ({role}; not "
+                f"{', '.join(RESERVED_NAMES)} or checkpoint-N), got {name!r}"
+            )
+        if name in names:
+            raise UsageError(f"{argument}: two entries are named {name!r}; each {kind} needs its own name ({role})")
+        names.add(name)
+        entries.append((name, values))
+    return entries
+
+
+def _entry_list(value: str | list, argument: str) -> list:
+    """The list of `--students` / `--teachers`: a recipe's list, JSON text, or a YAML/JSON file holding it."""
     if isinstance(value, list):
-        students = value
+        entries = value
     elif value.lstrip().startswith("["):
         try:
-            students = json.loads(value)
+            entries = json.loads(value)
         except json.JSONDecodeError as error:
-            raise UsageError(f"students: not a valid JSON list ({error})") from None
+            raise UsageError(f"{argument}: not a valid JSON list ({error})") from None
     else:
         if not Path(value).expanduser().is_file():
-            raise UsageError(f"students: {value} does not exist; give a YAML/JSON file holding the list of students")
-        students = read_mapping_file(str(Path(value).expanduser()), "students")
-    if not isinstance(students, list) or not students:
+            raise UsageError(f"{argument}: {value} does not exist; give a YAML/JSON file holding the list of {argument}")
+        entries = read_mapping_file(str(Path(value).expanduser()), argument)
+    if not isinstance(entries, list) or not entries:
         shown = value if isinstance(value, str) and len(value) < 80 else "the value"
-        raise UsageError(f"students: {shown} must hold a non-empty list of students (each a mapping with a name)")
-    return students
+        raise UsageError(f"{argument}: {shown} must hold a non-empty list of {argument} (each a mapping with a name)")
+    return entries
 
 
-def _student_argument(argument: str, name: str, students: dict) -> str:
-    """How errors name a student's argument: "student_size", or "student_size (student 'tiny')" in a group."""
-    return argument if list(students) == [UNNAMED_STUDENT] else f"{argument} (student {name!r})"
+def _entry_argument(argument: str, kind: str, name: str, entries: dict) -> str:
+    """How errors name an entry's argument: "student_size", or "student_size (student 'tiny')" in a group."""
+    return argument if list(entries) == [UNNAMED] else f"{argument} ({kind} {name!r})"
 
 
 def cli() -> None:

@@ -165,8 +165,7 @@ class ConsoleProgressCallback(ProgressCallback):
         self.hidden = hidden
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {key: value for key, value in (logs or {}).items() if not key.startswith(self.hidden)}
-        return super().on_log(args, state, control, logs=shown, **kwargs)
+        return super().on_log(args, state, control, logs=_shown(logs, self.hidden), **kwargs)
 
 
 class ConsolePrinterCallback(PrinterCallback):
@@ -176,5 +175,9 @@ class ConsolePrinterCallback(PrinterCallback):
         self.hidden = hidden
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {key: value for key, value in (logs or {}).items() if not key.startswith(self.hidden)}
-        return super().on_log(args, state, control, logs=shown, **kwargs)
+        return super().on_log(args, state, control, logs=_shown(logs, self.hidden), **kwargs)
+
+
+def _shown(logs: dict | None, hidden: str) -> dict:
+    """`logs` without the keys under `hidden`, in training's logs and evaluation's (`eval_` + key)."""
+    return {key: value for key, value in (logs or {}).items() if not key.removeprefix("eval_").startswith(hidden)}

@@ -4,7 +4,9 @@ card table and published files."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -63,12 +65,18 @@ def run(distill, tmp_path_factory, monkeypatch_module):
         "--eval_split", "train", "--max_eval_samples", str(EVAL_IMAGES), "--per_device_eval_batch_size", str(EVAL_IMAGES),
         "--eval_strategy", "steps", "--eval_steps", "4", "--report_to", "tensorboard",
     ]  # fmt: skip
-    distill.main(argv)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        distill.main(argv)
+    (root / "printed.txt").write_text(printed.getvalue())
     return root, output
 
 
 def test_statistics_are_logged_to_trainer_state_and_tensorboard(run):
     root, output = run
+    # The console shows the losses, not the dozens of statistics (per view, block and statistic).
+    printed = (root / "printed.txt").read_text()
+    assert "'loss_kd'" in printed and "'eval_loss'" in printed and "artifacts/" not in printed
     logs = json.loads((output / "trainer_state.json").read_text())["log_history"]
     keys = {f"artifacts/{view}/{layer}/{stat}" for view in VIEWS for layer in LAYERS for stat in STATISTICS}
     train_logs = [entry for entry in logs if "loss" in entry]

@@ -4,7 +4,8 @@ high-norm artifact tokens, measured by linear probes and artifact statistics.
 
     python benchmarks/evidence.py                      # the whole study (about an hour on 2 CPU cores)
     python benchmarks/evidence.py --seeds 1 --student_steps 20 --base_teacher_steps 20 \
-        --finetune_steps 10 --probe_images 1000 --output_dir outputs/evidence-smoke   # a smoke run
+        --finetune_steps 10 --probe_images 1000 --train_images 4000 --teacher_test_images 1000 \
+        --output_dir outputs/evidence-smoke   # a smoke run
 
 1. Teachers. A base ViT (the demo's: 6 blocks, 128 wide, 28 px, 4 px patches) is trained on the
    labels (singer_hf/demo/teacher.py); two teachers are derived from it with the same budget:
@@ -91,6 +92,10 @@ class EvidenceArguments:
     plant_block: int = field(default=2, metadata={"help": "Teacher block whose MLP gets the register neurons."})
     artifact_share: float = field(default=0.025, metadata={"help": "Share of patch tokens the register neurons fire on."})
     artifact_ratio: float = field(default=8.0, metadata={"help": "Norm they write, in medians of the block's patch norms."})
+    train_images: int = field(
+        default=60_000, metadata={"help": "Training images the teachers are fine-tuned on (the first N after a fixed shuffle; >= 4000)."}
+    )
+    teacher_test_images: int = field(default=10_000, metadata={"help": "Test images the base teacher's accuracy is measured on."})
     probe_images: int = field(default=10_000, metadata={"help": "Training and test images of each linear probe (each)."})
     stats_images: int = field(default=5_000, metadata={"help": "Test images the artifact statistics are computed on."})
     workers: int = field(default=2, metadata={"help": "Runs in parallel (one CPU thread each)."})
@@ -114,6 +119,11 @@ def check_arguments(args: EvidenceArguments) -> None:
         raise ValueError(f"artifact_ratio: must be above the outlier cut-off {OUTLIER_RATIO}, got {args.artifact_ratio}")
     if args.probe_images < 100 or args.stats_images < 100:
         raise ValueError(f"probe_images / stats_images: must be >= 100, got {args.probe_images} / {args.stats_images}")
+    if not 4_000 <= args.train_images <= 60_000 or not 100 <= args.teacher_test_images <= 10_000:
+        raise ValueError(
+            f"train_images / teacher_test_images: must be in 4000..60000 (register neurons are planted from the first 4000) / "
+            f"100..10000, got {args.train_images} / {args.teacher_test_images}"
+        )
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -144,9 +154,11 @@ def build_teachers(args: EvidenceArguments, output: Path) -> dict:
     base = output / "teachers" / "base"
     start = time.perf_counter()
     print(f"[teachers] training the base teacher ({args.base_teacher_steps} steps) ...", flush=True)
-    _, base_accuracy = train_demo_teacher(DemoTeacherArguments(output_dir=str(base), max_steps=args.base_teacher_steps))
+    _, base_accuracy = train_demo_teacher(
+        DemoTeacherArguments(output_dir=str(base), max_steps=args.base_teacher_steps, max_test_samples=args.teacher_test_images)
+    )
     processor = AutoImageProcessor.from_pretrained(str(base))
-    train_images, train_labels = fashion_mnist_images("train", 60_000, processor)
+    train_images, train_labels = fashion_mnist_images("train", args.train_images, processor)
     record = {"base": {"steps": args.base_teacher_steps, "test_accuracy": base_accuracy, "seconds": time.perf_counter() - start}}
     for name in TEACHERS:
         start = time.perf_counter()

@@ -48,6 +48,8 @@ GROUP_RECIPES = {
         "vit_t_singer": "vit_l_to_vit_t_singer", "vit_s_singer": "vit_l_to_vit_s_singer", "vit_t_fitnet": "vit_l_to_vit_t_fitnet",
     },
 }  # fmt: skip
+# Recipes distilling several teachers -> {teacher: the single-teacher recipe whose teacher and blocks it takes}.
+TEACHER_RECIPES = {"dinov3_siglip2_to_vit_b": {"dino": "dinov3_l_to_vit_s_singer", "siglip": "siglip2_so400m_to_vit_s_singer"}}
 # Paper layers (docs/method.md §3, §6) by teacher depth.
 LAYERS = {("singer", 24): [17, 23], ("singer", 12): [8, 11], ("fitnet", 24): [11, 17, 23], ("fitnet", 12): [5, 8, 11]}
 
@@ -67,7 +69,20 @@ def timm_depth(architecture: str) -> int:
 
 def test_every_paper_recipe_is_there():
     found = {path.stem for path in CONFIGS.glob("*.yaml") if path.name != "demo.yaml"}
-    assert found == set(RECIPES) | set(NEWER_RECIPES) | set(GROUP_RECIPES)
+    assert found == set(RECIPES) | set(NEWER_RECIPES) | set(GROUP_RECIPES) | set(TEACHER_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(TEACHER_RECIPES))
+def test_each_teacher_of_a_several_teachers_recipe_is_distilled_as_in_its_own_recipe(name, distill_script, tmp_path):
+    """Each teacher's model and blocks are those of its single-teacher recipe, the method settings the same."""
+    model_args, _, args = distill_script.parse_arguments([str(CONFIGS / f"{name}.yaml"), "--output_dir", str(tmp_path)])
+    teachers = distill_script.run_teachers(model_args, distill_script.run_students(model_args, args))
+    assert list(teachers) == list(TEACHER_RECIPES[name])
+    for teacher, recipe in TEACHER_RECIPES[name].items():
+        own_model, _, own = distill_script.parse_arguments([str(CONFIGS / f"{recipe}.yaml"), "--output_dir", str(tmp_path)])
+        entry = teachers[teacher]
+        assert (entry.teacher_name_or_path, entry.layers) == (own_model.teacher_name_or_path, own.teacher_layers)
+        assert {**args.method_values(), "teacher_layers": None} == {**own.method_values(), "teacher_layers": None}
 
 
 @pytest.mark.parametrize("name", sorted(GROUP_RECIPES))

@@ -11,7 +11,8 @@ import torch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = ["--seeds", "1", "--student_steps", "2", "--base_teacher_steps", "2", "--finetune_steps", "2",
-         "--probe_images", "100", "--stats_images", "200", "--workers", "1"]  # fmt: skip
+         "--probe_images", "100", "--stats_images", "200", "--train_images", "4000", "--teacher_test_images", "200",
+         "--workers", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -170,9 +170,10 @@ def check_models_fit(model_args: ModelArguments, teachers: dict[str, TeacherEntr
                     student = AutoModel.from_config(AutoConfig.from_pretrained(entry.student_name_or_path, trust_remote_code=remote))
                     built_for = resolve_vit(student, "student_name_or_path").image_size
                     if built_for != image_size:
+                        whose = "teacher's" if len(teachers) == 1 else "students'"
                         raise UsageError(
                             f"student_name_or_path: the student is built for {built_for}px images but the "
-                            f"{'teacher' if len(teachers) == 1 else 'students'}' image processor gives {image_size}px; "
+                            f"{whose} image processor gives {image_size}px; "
                             "the saved student and its processor must agree"
                         )
                 else:

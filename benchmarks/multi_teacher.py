@@ -19,8 +19,8 @@ Fashion-MNIST (28 px). Two teachers, built here and kept in `output_dir`:
   (`TeacherSettings.image_mean/std/size`), on another patch grid (8×8 vs the student's 7×7).
 
 Students (4 blocks, width 64, from scratch, the same schedule each), per seed: from the labels
-teacher alone, from the rotation teacher alone, from both (SiNGER with and without PHI-S target
-normalisation, FitNet with PHI-S), plus the untrained student (the floor). Each student and
+teacher alone, from the rotation teacher alone, from both (SiNGER and FitNet, each with and without
+PHI-S target normalisation), plus the untrained student (the floor). Each student and
 teacher is probed linearly (the demo's L-BFGS probe on the last block's CLS token and mean patch
 token, concatenated) on both tasks: the 10 classes and the rotation (test images rotated by a
 random multiple of 90°). Mean ± std over the seeds.
@@ -40,25 +40,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import ViTConfig, ViTModel, set_seed
+from transformers import ViTConfig, ViTForImageClassification, ViTModel, set_seed
 
-from singer_hf import DistillationModel, DistillationModelConfig, TeacherSettings, resolve_vit
-from singer_hf.cli import StrictArgumentParser, run_cli
-from singer_hf.demo.fashion_mnist import load_fashion_mnist
-from singer_hf.demo.probe import linear_probe_accuracy
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the register-neuron planting
+from register_neurons import blank_patches, finetune_after, plant_register_neurons  # noqa: E402
+
+from singer_hf import DistillationModel, DistillationModelConfig, TeacherSettings, resolve_vit  # noqa: E402
+from singer_hf.cli import StrictArgumentParser, run_cli  # noqa: E402
+from singer_hf.demo.fashion_mnist import load_fashion_mnist  # noqa: E402
+from singer_hf.demo.probe import linear_probe_accuracy  # noqa: E402
+from singer_hf.diagnostics import artifact_stats  # noqa: E402
 
 FASHION_STATS = ([0.2860] * 3, [0.3530] * 3)
 ROTATION_STATS = ([0.5] * 3, [0.5] * 3)
 TEACHERS = {
     "labels": dict(layers=6, width=96, image_size=28, stats=FASHION_STATS, classes=10),
     "rotation": dict(layers=4, width=128, image_size=32, stats=ROTATION_STATS, classes=4),
+    # The labels teacher with high-norm artifact tokens planted (register neurons in block 2, as in the
+    # evidence study: 2.5 % of the patch tokens, 8× the median norm), blocks 3–5 then fine-tuned on the labels.
+    "labels-artifact": dict(layers=6, width=96, image_size=28, stats=FASHION_STATS, classes=10, derived_from="labels"),
 }
+PLANT_BLOCK, FINETUNE_STEPS = 2, 150
 STUDENTS = {
     "labels-singer": ("labels teacher alone, SiNGER", {"labels": "none"}, "singer"),
     "rotation-singer": ("rotation teacher alone, SiNGER", {"rotation": "none"}, "singer"),
     "both-singer": ("both, SiNGER, no normalisation", {"labels": "none", "rotation": "none"}, "singer"),
     "both-singer-phis": ("both, SiNGER, PHI-S", {"labels": "phi-s", "rotation": "phi-s"}, "singer"),
+    "both-fitnet": ("both, FitNet, no normalisation", {"labels": "none", "rotation": "none"}, "fitnet"),
     "both-fitnet-phis": ("both, FitNet, PHI-S", {"labels": "phi-s", "rotation": "phi-s"}, "fitnet"),
+    "artifact-singer": ("both (labels teacher with artifacts), SiNGER", {"labels-artifact": "none", "rotation": "none"}, "singer"),
+    "artifact-fitnet": ("both (labels teacher with artifacts), FitNet", {"labels-artifact": "none", "rotation": "none"}, "fitnet"),
 }
 TASKS = ("classes", "rotation")
 
@@ -136,6 +147,31 @@ def train_teacher(name: str, args: StudyArguments, images: torch.Tensor, labels:
         optimizer.step()
         schedule.step()
     model.save_pretrained(str(folder))
+
+
+def plant_artifacts(images: torch.Tensor, labels: torch.Tensor, source: Path, folder: Path) -> None:
+    """The labels teacher with register neurons planted in block `PLANT_BLOCK` (benchmarks/register_neurons.py),
+    its later blocks, final norm and a new head fine-tuned on the labels."""
+    print(f"[teachers] planting artifacts in the labels teacher's block {PLANT_BLOCK}, fine-tuning after it ...", flush=True)
+    spec = TEACHERS["labels"]
+    torch.manual_seed(0)
+    model = ViTForImageClassification.from_pretrained(str(source), num_labels=spec["classes"])
+    pixels = normalise(images[:4000], spec["stats"])
+    plant_register_neurons(model, pixels, blank_patches(images[:4000, 0], 4), block=PLANT_BLOCK)
+    finetune_after(model, PLANT_BLOCK, normalise(images, spec["stats"]), labels, FINETUNE_STEPS)
+    model.vit.save_pretrained(str(folder))
+
+
+def artifact_report(model, images: torch.Tensor, stats, image_size: int) -> dict:
+    """Outlier share and max/median patch norm of the last two blocks' outputs (the distilled ones)."""
+    view = resolve_vit(model)
+    with torch.no_grad():
+        outputs = view.block_outputs(normalise(images, stats, image_size))
+    return {
+        str(block): {"outlier_share": (stats_ := artifact_stats(outputs[block], view.num_prefix_tokens))["outlier_share"],
+                     "max_median": stats_["max_median_ratio"]["mean"]}
+        for block in (view.depth - 2, view.depth - 1)
+    }  # fmt: skip
 
 
 def wait_for_teacher(folder: Path) -> ViTModel:
@@ -230,7 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, folder in teacher_dirs.items():  # each teacher trained by the first process to claim it
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not (folder / "config.json").exists() and claim(folder.with_suffix(".claimed")):
-            train_teacher(name, args, images, labels, folder)
+            if "derived_from" in TEACHERS[name]:
+                wait_for_teacher(teacher_dirs[TEACHERS[name]["derived_from"]])
+                plant_artifacts(images, labels, teacher_dirs[TEACHERS[name]["derived_from"]], folder)
+            else:
+                train_teacher(name, args, images, labels, folder)
     teachers = {name: wait_for_teacher(folder) for name, folder in teacher_dirs.items()}
     generator = torch.Generator().manual_seed(1)
     probe_sets = {}
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, teacher in teachers.items():
         spec = TEACHERS[name]
         results["teachers"][name] = probe(teacher, probe_sets, spec["stats"], spec["image_size"])
+        results.setdefault("teacher_artifacts", {})[name] = artifact_report(teacher, probe_sets["classes"][1][0][:500], spec["stats"], spec["image_size"])
         print(f"[teachers] {name}: " + ", ".join(f"{task} {value:.2f} %" for task, value in results["teachers"][name].items()), flush=True)
     for seed in range(args.seeds):
         for kind in kinds:
@@ -293,6 +334,12 @@ def markdown(args: StudyArguments, results: dict) -> str:
         entry = results["summary"][kind]
         both = [(a + b) / 2 for a, b in zip(entry["classes"]["values"], entry["rotation"]["values"])]
         lines.append(f"| {title} | {cell(entry['classes'])} | {cell(entry['rotation'])} | {cell(mean_std(both))} |")
+    lines += ["", "The teachers' distilled blocks, on 500 test images: share of patch tokens above 4× their image's median "
+              "norm, and each image's largest patch norm over its median (mean over the images)", "",
+              "| teacher | block | outlier share | max/median |", "|---|---|---|---|"]  # fmt: skip
+    for name, blocks in results["teacher_artifacts"].items():
+        for block, values in blocks.items():
+            lines.append(f"| {name} | {block} | {100 * values['outlier_share']:.2f} % | {values['max_median']:.2f} |")
     lines += ["", f"Whole study (this process): {results['seconds'] / 60:.0f} min, {results['threads']} thread(s).", ""]
     return "\n".join(lines)
 

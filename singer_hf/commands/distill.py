@@ -47,6 +47,7 @@ from .distill_arguments import (
     StudentEntry,
     TeacherEntry,
     check_command_line,
+    entry_argument,
     run_students,
     run_teachers,
 )
@@ -80,14 +81,9 @@ def check_arguments(
     for name, entry in teachers.items():
         folder = Path(entry.teacher_name_or_path).expanduser()
         if entry.image_processor_name_or_path is None and folder.is_dir():
-            _check_teacher_folder(folder, teacher_argument("teacher_name_or_path", name, teachers))
+            _check_teacher_folder(folder, entry_argument("teacher_name_or_path", "teacher", name, teachers))
     resuming = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir) is not None
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
-
-
-def teacher_argument(argument: str, name: str, teachers: dict) -> str:
-    """How errors name a teacher's argument: "teacher_name_or_path", or "teacher_name_or_path (teacher 'dino')"."""
-    return argument if list(teachers) == [UNNAMED] else f"{argument} (teacher {name!r})"
 
 
 def _check_teacher_folder(teacher: Path, argument: str) -> None:
@@ -162,7 +158,7 @@ def check_models_fit(model_args: ModelArguments, teachers: dict[str, TeacherEntr
     first = next(iter(teachers))
     image_size = image_processor_stats(images)[2]
     settings = teacher_settings(model_args, teachers, models, processors) or {first: TeacherSettings()}
-    views = {name: resolve_vit(model, teacher_argument("teacher_name_or_path", name, teachers)) for name, model in models.items()}
+    views = {name: resolve_vit(model, entry_argument("teacher_name_or_path", "teacher", name, teachers)) for name, model in models.items()}
     for name, entry in students.items():
         try:
             with torch.device("meta"):

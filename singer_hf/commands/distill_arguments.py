@@ -191,11 +191,11 @@ def check_command_line(argv: list[str]) -> None:
     teachers = run_teachers(model_args, students)
     names = {}
     for name, entry in teachers.items():
-        names[_entry_argument("teacher_name_or_path", "teacher", name, teachers)] = entry.teacher_name_or_path
+        names[entry_argument("teacher_name_or_path", "teacher", name, teachers)] = entry.teacher_name_or_path
         if entry.image_processor_name_or_path != "default":
-            names[_entry_argument("image_processor_name_or_path", "teacher", name, teachers)] = entry.image_processor_name_or_path
+            names[entry_argument("image_processor_name_or_path", "teacher", name, teachers)] = entry.image_processor_name_or_path
     for name, entry in students.items():
-        names[_entry_argument("student_name_or_path", "student", name, students)] = entry.student_name_or_path
+        names[entry_argument("student_name_or_path", "student", name, students)] = entry.student_name_or_path
     if model_args.teachers is not None and model_args.image_processor_name_or_path not in (None, "default"):
         names["image_processor_name_or_path"] = model_args.image_processor_name_or_path
     names["dataset_name"] = data_args.dataset_name
@@ -258,7 +258,7 @@ def run_students(model_args: ModelArguments, distillation: MethodFields) -> dict
     for name, entry in entries.items():
         if (entry.student_name_or_path is None) == (entry.student_size is None):
             raise UsageError(
-                f"{_entry_argument('student_name_or_path / student_size', 'student', name, entries)}: give exactly one "
+                f"{entry_argument('student_name_or_path / student_size', 'student', name, entries)}: give exactly one "
                 "(a model to start from, or tiny/small/base)"
             )
     return entries
@@ -303,7 +303,7 @@ def _entry_list(value: str | list, argument: str) -> list:
     return entries
 
 
-def _entry_argument(argument: str, kind: str, name: str, entries: dict) -> str:
+def entry_argument(argument: str, kind: str, name: str, entries: dict) -> str:
     """How errors name an entry's argument: "student_size", or "student_size (student 'tiny')" in a group."""
     return argument if list(entries) == [UNNAMED] else f"{argument} ({kind} {name!r})"
 

@@ -22,5 +22,6 @@ system-deps:
 demo: setup
 	$(PY) scripts/demo.py
 
+# Two processes, each test file in one of them (its module fixtures built once).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile

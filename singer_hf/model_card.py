@@ -169,7 +169,9 @@ def record_run(
     training = {k: v for k, v in _scrub(training_args.to_dict()).items() if k not in _NOT_SHOWN}
     if group:  # each student's method settings are its distillation_config.json's, not the run's arguments'
         training = {k: v for k, v in training.items() if k not in MethodFields.__dataclass_fields__}
-    source = lambda name: {**dict(zip(("name", "hub_id"), _source(name))), "license": card_license(name)}  # noqa: E731
+    def source(name: str) -> dict:
+        return {**dict(zip(("name", "hub_id"), _source(name))), "license": card_license(name)}
+
     several = isinstance(teacher_name, Mapping) and len(teacher_name) > 1
     if isinstance(teacher_name, Mapping) and not several:
         (teacher_name,) = teacher_name.values()

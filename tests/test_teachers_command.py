@@ -161,3 +161,22 @@ def test_flags_that_contradict_the_teachers_are_refused_in_one_line(distill, wor
         distill.check_command_line(_argv(workspace, tmp_path / "out", "--teachers", str(workspace / "teachers.yaml"), *flags))
     with pytest.raises(UsageError, match="^teacher_name_or_path: give the teacher"):
         distill.check_command_line(_argv(workspace, tmp_path / "out"))
+
+
+def test_the_run_publishes_each_teachers_files_exports_and_is_diagnosed_per_teacher(run, workspace, tmp_path):
+    from singer_hf.commands import diagnose
+    from singer_hf.export import check_export_arguments
+    from singer_hf.publishing import publish_student
+
+    staged = publish_student(run, "me/student", dry_run=tmp_path / "upload", include_distillation=True)
+    for teacher in ("vit", "dino"):
+        assert {f"distillation/{teacher}/{name}" for name in ("heads.safetensors", "adapter_model.safetensors", "adapter_config.json")} <= set(staged.files)
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert 'subfolder="distillation/<teacher>"' in card and str(workspace) not in card
+    assert check_export_arguments(run, tmp_path / "student.onnx")[1] == 3  # the deepest student block any teacher distils
+
+    common = ["--dataset_name", str(workspace / "data.parquet"), "--run_dir", str(run), "--num_images", "4", "--figure_images", "2"]
+    report = diagnose.main(["--model_name_or_path", str(workspace / "dino"), "--teacher", "dino", "--output_dir", str(tmp_path / "d"), *common])
+    assert {"teacher block 5", "refined teacher block 5", "student block 3"} <= set(report["views"])
+    with pytest.raises(ValueError, match=r"^teacher: the run learnt from several teachers; give the one model_name_or_path is, one of \['dino', 'vit'\]"):
+        diagnose.main(["--model_name_or_path", str(workspace / "dino"), "--output_dir", str(tmp_path / "e"), *common])

@@ -491,9 +491,10 @@ class DistillationModel(nn.Module):
         settings = self.teacher_settings[name]
         pixels = pixel_values
         if settings.image_mean is not None and (settings.image_mean, settings.image_std) != tuple(self.image_statistics):
+            # (x·s + m − m_t) / s_t, one affine map per channel: back to [0, 1] and to the teacher's statistics at once.
             mean, std = self.image_statistics
-            pixels = TF.normalize(pixels, mean=[-m / s for m, s in zip(mean, std)], std=[1 / s for s in std])  # back to [0, 1]
-            pixels = TF.normalize(pixels, mean=settings.image_mean, std=settings.image_std)
+            shift = [(teacher_mean - m) / s for teacher_mean, m, s in zip(settings.image_mean, mean, std)]
+            pixels = TF.normalize(pixels, mean=shift, std=[teacher_std / s for teacher_std, s in zip(settings.image_std, std)])
         size = self.teacher_image_sizes[name]
         if size != pixels.shape[-1]:
             pixels = TF.resize(pixels, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
